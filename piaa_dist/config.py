@@ -105,6 +105,7 @@ class RunConfig:
     max_failures: int = 2  #: Ray Train restarts from the last checkpoint
     log_every: int = 10
     validate_every: int = 100  #: meta-steps between validation SROCC measurements
+    amp: bool = True  #: bf16 autocast of forward passes on CUDA (CPU always runs float32)
     mlflow_uri: str = ""  #: empty = $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db in the cwd
     experiment: str = "piaa-dist"
     register_name: str = "blg-piaa"  #: registered model name ("" = do not register)
