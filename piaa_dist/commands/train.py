@@ -1,0 +1,148 @@
+"""``piaa-dist train``: meta-train the BLG-PIAA meta-learner, in-process or on Ray Train.
+
+    piaa-dist train --data URL --config jobs/configs/NAME.yaml [key=value ...] --out DIR
+                    [--workers N] [--s3-endpoint URL] [--mlflow-uri URI]
+
+Writes ``DIR/model/`` (weights + config + info, see :mod:`piaa_dist.checkpoint`) and keeps
+checkpoints under ``DIR/checkpoints/`` (or ``run.storage_path``); running the same command
+again resumes from the latest checkpoint. ``jobs/train.py`` (``ray job submit``) calls
+:func:`train_main` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+HELP = "Meta-train the BLG-PIAA meta-learner (in-process or on Ray Train)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's arguments (shared with ``jobs/train.py``)."""
+    parser.add_argument("--data", default=None,
+                        help="dataset root: local folder or s3://bucket/prefix (default data.url)")
+    parser.add_argument("--config", default=None, help="job config YAML (jobs/configs/NAME.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. meta.inner_lr=0.01 meta.meta_steps=50")
+    parser.add_argument("--out", required=True, help="output folder (model/, checkpoints/)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="Ray Train workers; 0 runs in this process (default run.workers)")
+    parser.add_argument("--s3-endpoint", default=None,
+                        help="S3 endpoint URL (default data.s3_endpoint, then $AWS_ENDPOINT_URL)")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="MLflow tracking URI (default run.mlflow_uri, $MLFLOW_TRACKING_URI, "
+                             "then sqlite:///mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+
+
+class _Tracking:
+    """MLflow logging through :mod:`piaa_dist.orchestration.tracking` when it is available.
+
+    Optional by design: training must not depend on the tracking server being reachable
+    (a missing module or an unusable URI turns logging off with a warning).
+    """
+
+    def __init__(self, cfg: Any, uri: str | None, enabled: bool):
+        self.logger = None
+        if not enabled:
+            return
+        try:
+            from piaa_dist.orchestration import tracking
+        except ImportError:
+            log.info("MLflow tracking module not available; not logging to MLflow")
+            return
+        self.tracking = tracking
+        self.logger = tracking.RunLogger(cfg, uri=uri, kind="train")
+
+    def metrics_callback(self):
+        return None if self.logger is None else self.logger.metrics_callback()
+
+    def finish(self, cfg: Any, model_dir: Path, result: Any) -> dict:
+        if self.logger is None:
+            return {}
+        return self.logger.finish_train(model_dir, result.metrics)
+
+
+def train_main(
+    *,
+    data: str | None,
+    out: str | Path,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    workers: int | None = None,
+    s3_endpoint: str | None = None,
+    mlflow_uri: str | None = None,
+    mlflow: bool = True,
+    ray_address: str | None = None,
+    progress: bool = True,
+):
+    """Load the config, meta-train, write ``out/model`` and log the run.
+
+    Returns:
+        ``(result, model_dir)``: the :class:`~piaa_dist.orchestration.ray_train.TrainResult`
+        and the written model folder.
+
+    Raises:
+        ConfigError: bad config/overrides, or no data URL given anywhere.
+    """
+    from piaa_dist.checkpoint import save_model
+    from piaa_dist.config import ConfigError, load_config, with_overrides
+    from piaa_dist.orchestration.ray_train import run_distributed
+
+    cfg = load_config(config, overrides)
+    updates: dict[str, Any] = {}
+    if data:
+        updates["data.url"] = data
+    if s3_endpoint:
+        updates["data.s3_endpoint"] = s3_endpoint
+    if workers is not None:
+        updates["run.workers"] = workers
+    if updates:
+        cfg = with_overrides(cfg, updates)
+    if not cfg.data.url:
+        raise ConfigError("no dataset: pass --data URL (or set data.url in the config)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tracking = _Tracking(cfg, mlflow_uri, enabled=mlflow)
+    result = run_distributed(
+        cfg, cfg.data.url, out,
+        workers=cfg.run.workers,
+        s3_endpoint=cfg.data.s3_endpoint or None,
+        metrics_callback=tracking.metrics_callback(),
+        progress=progress and cfg.run.workers == 0,
+        ray_address=ray_address,
+    )
+    info = {
+        "kind": "blg-piaa-meta-learner",
+        "step": result.step,
+        "workers": result.workers,
+        "data": cfg.data.url,
+        "checkpoint": result.checkpoint,
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+    }
+    model_dir = save_model(out / "model", result.model, cfg, info)
+    info.update(tracking.finish(cfg, model_dir, result))
+    log.info("meta-learner (step %d) written to %s", result.step, model_dir)
+    return result, model_dir, info
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``piaa-dist train``."""
+    result, model_dir, info = train_main(
+        data=args.data, out=args.out, config=args.config, overrides=args.overrides,
+        workers=args.workers, s3_endpoint=args.s3_endpoint, mlflow_uri=args.mlflow_uri,
+        mlflow=not args.no_mlflow, ray_address=args.ray_address,
+    )
+    summary = {"model": str(model_dir), **{k: v for k, v in info.items() if k != "metrics"}}
+    summary["metrics"] = info.get("metrics", {})
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
