@@ -44,12 +44,16 @@ class DataConfig:
 class ModelConfig:
     """Backbone and aesthetic head."""
 
+    # Defaults are the cheap CPU configuration. The paper's (GPU, data.image_size=224):
+    # backbone=resnet18, feature_dim=1000, head_hidden=[1024, 512], dropout=0.5
+    # (piaa_dist.model.PAPER_MODEL).
     backbone: str = "convnet"  #: "convnet" (small, CPU) or "resnet18" (the paper's)
-    pretrained: str = "auto"  #: "auto" (cache if present), "none", or a path to a weights file
+    pretrained: str = "auto"  #: "auto" (torch hub cache if present), "none", or a weights file path
     width: int = 32  #: channels of the convnet backbone
-    feature_dim: int = 1000  #: backbone output size fed to the head (1000 as in the paper)
-    head_hidden: tuple[int, ...] = (1024, 512)  #: hidden sizes of the head MLP
-    dropout: float = 0.5  #: head dropout (the paper's 0.5)
+    conv_blocks: int = 4  #: conv3x3-BN-ReLU-maxpool blocks of the convnet backbone
+    feature_dim: int = 128  #: backbone output size fed to the head (the paper: 1000)
+    head_hidden: tuple[int, ...] = (64, 32)  #: hidden sizes of the head MLP (the paper: 1024, 512)
+    dropout: float = 0.2  #: head dropout (the paper: 0.5)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class MetaConfig:
     inner_lr: float = 0.01  #: step size of the inner loop
     inner_optimizer: str = "sgd"  #: "sgd" or "adam" (differentiable, functional)
     inner_params: str = "all"  #: "all" or "head": which parameters the inner loop adapts
+    inner_head_lr_scale: float = 1.0  #: head inner lr = inner_lr × this (reference code: 10)
     meta_batch: int = 4  #: user tasks per meta-step (the paper's 4)
     meta_lr: float = 1e-3  #: outer (meta) learning rate
     meta_steps: int = 300  #: number of meta-updates
@@ -100,12 +105,12 @@ class RunConfig:
     cpus_per_worker: float = 1.0
     use_gpu: str = "auto"  #: "auto", "yes" or "no"
     threads_per_worker: int = 1  #: torch intra-op threads per worker (fair CPU comparisons)
+    amp: bool = True  #: bf16 autocast of forward passes on CUDA (CPU always runs float32)
     checkpoint_every: int = 50  #: meta-steps between checkpoints
     storage_path: str = ""  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
     max_failures: int = 2  #: Ray Train restarts from the last checkpoint
     log_every: int = 10
     validate_every: int = 100  #: meta-steps between validation SROCC measurements
-    amp: bool = True  #: bf16 autocast of forward passes on CUDA (CPU always runs float32)
     mlflow_uri: str = ""  #: empty = $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db in the cwd
     experiment: str = "piaa-dist"
     register_name: str = "blg-piaa"  #: registered model name ("" = do not register)
