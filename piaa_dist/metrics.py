@@ -1,0 +1,126 @@
+"""Rank and linear correlation for personalized IAA, and paired confidence intervals.
+
+Conventions:
+
+* ``srocc`` is Spearman's rank correlation with **average ranks for ties** (what
+  ``scipy.stats.spearmanr`` computes): the Pearson correlation of the two rank vectors.
+* **Degenerate rule**: when either input is constant (including a single element) the
+  correlation is undefined (0/0); these functions return ``0.0`` then — a model that predicts
+  the same score for every image ranks nothing, which is "no better than chance", not NaN
+  poisoning an average over users and repeats.
+* Non-finite values (NaN/inf, e.g. from a diverged model) are an error, not silently ranked.
+
+Inputs may be numpy arrays, torch tensors (any device; detached) or sequences of numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().to("cpu").double().numpy()
+    arr = np.asarray(x, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return arr
+
+
+def _pair(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    p, t = _as_array(pred, "pred"), _as_array(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target differ in length: {p.size} vs {t.size}")
+    return p, t
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2:
+        return 0.0
+    da, db = a - a.mean(), b - b.mean()
+    sa, sb = float(np.sqrt(np.dot(da, da))), float(np.sqrt(np.dot(db, db)))
+    # Constant input (exactly, or up to rounding of the mean) → the documented 0.0.
+    if sa <= 1e-12 * max(1.0, float(np.abs(a).max())) or sb <= 1e-12 * max(
+        1.0, float(np.abs(b).max())
+    ):
+        return 0.0
+    r = float(np.dot(da, db) / (sa * sb))
+    return float(min(1.0, max(-1.0, r)))
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (``scipy.stats.rankdata`` 'average')."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Boundaries of runs of equal values in sorted order.
+    new_run = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
+    run_id = np.cumsum(new_run) - 1
+    starts = np.flatnonzero(new_run)
+    ends = np.concatenate([starts[1:], [x.size]])
+    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = avg[run_id]
+    return ranks
+
+
+def srocc(pred: Any, target: Any) -> float:
+    """Spearman rank-order correlation (average ranks for ties).
+
+    Args:
+        pred: predicted scores, shape ``[N]``.
+        target: true scores, shape ``[N]``.
+
+    Returns:
+        Correlation in ``[-1, 1]``; ``0.0`` if either input is constant or ``N < 2``.
+
+    Raises:
+        ValueError: different lengths or non-finite values.
+    """
+    p, t = _pair(pred, target)
+    if p.size < 2:
+        return 0.0
+    return _pearson(rankdata(p), rankdata(t))
+
+
+def plcc(pred: Any, target: Any) -> float:
+    """Pearson linear correlation; ``0.0`` if either input is constant or ``N < 2``.
+
+    Raises:
+        ValueError: different lengths or non-finite values.
+    """
+    p, t = _pair(pred, target)
+    return _pearson(p, t)
+
+
+def mean_ci95(diffs: Any) -> tuple[float, float, float]:
+    """Mean and two-sided 95% t-interval of the mean, for paired differences.
+
+    Use it on per-user differences (method A − method B, each user's mean over repeats):
+    the comparison is significant when the whole interval lies above zero.
+
+    Args:
+        diffs: ``[n]`` paired differences.
+
+    Returns:
+        ``(mean, low, high)``. With ``n == 1`` the interval is undefined and
+        ``(mean, nan, nan)`` is returned (so ``low > 0`` is False); with zero spread it is
+        ``(mean, mean, mean)``.
+
+    Raises:
+        ValueError: empty input or non-finite values.
+    """
+    from scipy import stats
+
+    d = _as_array(diffs, "diffs")
+    n = d.size
+    if n == 0:
+        raise ValueError("mean_ci95 needs at least one difference")
+    mean = float(d.mean())
+    if n == 1:
+        return mean, float("nan"), float("nan")
+    sem = float(d.std(ddof=1)) / np.sqrt(n)
+    half = float(stats.t.ppf(0.975, df=n - 1)) * sem
+    return mean, mean - half, mean + half
