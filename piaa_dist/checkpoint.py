@@ -83,7 +83,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -176,7 +177,7 @@ def save_model(
     _atomic_write(out / CONFIG_FILE, dump_config(cfg).encode())
     info[_CHECKPOINT_KEY] = {
         "format": MODEL_FORMAT,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
         "tensors": len(state),
         "torch": torch.__version__,
     }
@@ -239,7 +240,7 @@ def load_model(
     meta = raw_info.pop(_CHECKPOINT_KEY, None) or {}
     expected = meta.get("weights_sha256")
     if expected:
-        actual = _sha256(weights)
+        actual = sha256_file(weights)
         if actual != expected:
             raise CheckpointError(
                 f"{weights}: SHA-256 {actual[:12]}… does not match {expected[:12]}… recorded in "
@@ -367,7 +368,7 @@ def save_training_state(directory: str | Path, state: Mapping[str, Any]) -> Path
     out.mkdir(parents=True, exist_ok=True)
     weights = out / STATE_TENSORS_FILE
     _atomic_write(weights, _tensor_bytes(tensors, {"format": STATE_FORMAT}))
-    doc["tensors_sha256"] = _sha256(weights)
+    doc["tensors_sha256"] = sha256_file(weights)
     text = json.dumps(doc, allow_nan=False)
     _atomic_write(out / STATE_JSON_FILE, text.encode())  # last: marks the folder complete
     log.debug("saved training state (%d tensors) to %s", len(tensors), out)
@@ -394,7 +395,7 @@ def load_training_state(
         )
     weights = folder / STATE_TENSORS_FILE
     expected = doc.get("tensors_sha256")
-    if expected and weights.is_file() and _sha256(weights) != expected:
+    if expected and weights.is_file() and sha256_file(weights) != expected:
         raise CheckpointError(
             f"{weights}: SHA-256 does not match {STATE_JSON_FILE}; the file was modified or replaced"
         )
@@ -425,4 +426,5 @@ __all__ = [
     "read_model_info",
     "save_model",
     "save_training_state",
+    "sha256_file",
 ]

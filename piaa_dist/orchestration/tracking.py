@@ -1,0 +1,577 @@
+"""MLflow 3 runs, the model registry and ``models:/NAME@ALIAS`` resolution, without pickles.
+
+* :func:`tracking_uri` picks the tracking URI: a flag, else ``$MLFLOW_TRACKING_URI``, else a
+  SQLite file in the working directory (MLflow 3's default backend).
+* :class:`RunLogger` is a context manager over one MLflow run: flat config params, per-step
+  metrics, dict/text/figure artifacts; the run ends FAILED when the block raises. It does
+  nothing on non-zero ranks, so every Ray Train worker can hold one and only rank 0 logs.
+* :func:`register_model` uploads a model folder (``checkpoint.save_model``'s three plain files)
+  as run artifacts and registers exactly those files as a model version with
+  ``MlflowClient.create_model_version(source=<run artifact URI>)``; ``mlflow.pytorch.log_model``
+  is deliberately not used, because it serializes the model (pickle or ``pt2``) and loading it
+  back executes code. Aliases replace the deprecated stages.
+* :func:`resolve_model` turns ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+  ``runs:/RUN/PATH`` or a local folder into a local folder holding those files, and
+  :func:`load_model_uri` loads it with ``checkpoint.load_model`` (weights only).
+
+All MLflow calls go through an explicit ``MlflowClient(tracking_uri)``, never the global
+"active run" of ``mlflow.start_run``: Ray Tune runs several trials in one process and Ray Train
+V2 workers have had bugs with the fluent API. ``mlflow`` and ``matplotlib`` are imported lazily
+so a rank that never logs never pays for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from piaa_dist import checkpoint
+from piaa_dist.config import JobConfig, flat_params
+from piaa_dist.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Registered model version tags written by :func:`register_model`.
+TAG_FORMAT = "piaa_dist.format"
+TAG_SHA256 = "piaa_dist.weights_sha256"
+#: Artifact folder (inside the run) that holds a registered model's files.
+MODEL_ARTIFACT_PATH = "model"
+
+_PARAM_VALUE_LIMIT = 6000  # MLflow's maximum param value length
+_BATCH = 100  # MLflow's maximum params per log_batch call
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+class TrackingError(UserError):
+    """A tracking/registry operation failed in a way the user can fix (bad URI, unknown model)."""
+
+
+def _configure_environment() -> None:
+    """Environment that keeps MLflow off the network (set before importing mlflow).
+
+    ``setdefault`` so an operator can still opt back in.
+    """
+    # The pip requirements check and telemetry are the two network calls MLflow 3 makes by itself.
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+_configure_environment()  # before anything in this process imports mlflow through us
+
+
+def tracking_uri(flag: str = "") -> str:
+    """The tracking URI to use.
+
+    Args:
+        flag: an explicit URI (``--mlflow-uri`` / ``run.mlflow_uri``). A bare path ending in
+            ``.db`` is taken as a SQLite file.
+
+    Returns:
+        ``flag``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+    """
+    uri = (flag or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if "://" not in uri and uri.endswith(".db"):
+        return f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def _client(uri: str = "") -> "MlflowClient":
+    _configure_environment()
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    """Artifact root beside a SQLite tracking DB (``<db dir>/mlruns``), else None.
+
+    Without this MLflow puts artifacts under ``./mlruns`` of whatever the cwd is when the
+    experiment is created, which scatters one store over several folders.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    if not path or path == ":memory:":
+        return None
+    return (Path(path).parent / "mlruns").as_uri() if Path(path).is_absolute() else None
+
+
+def _is_already_exists(err: Exception) -> bool:
+    return getattr(err, "error_code", "") == "RESOURCE_ALREADY_EXISTS"
+
+
+def get_or_create_experiment(name: str, uri: str = "") -> str:
+    """Experiment id for ``name``, creating it (artifacts beside a SQLite DB) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = _sqlite_artifact_root(tracking_uri(uri))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+    try:
+        return client.create_experiment(name, artifact_location=f"{root}/{slug}" if root else None)
+    except MlflowException as err:
+        if _is_already_exists(err):  # another process (a Tune trial) created it meanwhile
+            return client.get_experiment_by_name(name).experiment_id
+        raise
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:_PARAM_VALUE_LIMIT]
+
+
+def _rank_from_env() -> int:
+    # Ray Train (and torchrun) set RANK in every worker; absent means a single process.
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class RunLogger:
+    """One MLflow run as a context manager; a no-op on non-zero ranks.
+
+    Example::
+
+        with RunLogger("piaa-dist", uri=cfg.run.mlflow_uri, run_name="train") as run:
+            run.log_params(cfg)
+            run.log_metrics({"query_loss": 0.1}, step=3)
+            run.log_figure(plot_srocc_vs_shots(result), "srocc_vs_shots.png")
+        register_model(run.run_id, model_dir, "blg-piaa", alias="champion")
+
+    Args:
+        experiment: experiment name (created when missing).
+        uri: tracking URI flag (see :func:`tracking_uri`).
+        run_name: display name of the run.
+        tags: run tags.
+        rank: this process's rank; default ``$RANK`` (0 when unset). Only rank 0 logs.
+        run_id: continue an existing run instead of creating one (a resumed training job).
+        parent_run_id: make this a nested run (a Tune trial under its sweep's run).
+    """
+
+    def __init__(
+        self,
+        experiment: str = "piaa-dist",
+        *,
+        uri: str = "",
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        rank: int | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.uri = tracking_uri(uri)
+        self.run_name = run_name
+        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.rank = _rank_from_env() if rank is None else int(rank)
+        self.run_id: str | None = run_id
+        self.parent_run_id = parent_run_id
+        self._client: MlflowClient | None = None
+        self._ended = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """True when this logger writes (rank 0 and started)."""
+        return self.rank == 0 and self._client is not None and not self._ended
+
+    def start(self) -> "RunLogger":
+        """Create (or reopen) the run. Idempotent; does nothing on non-zero ranks."""
+        if self.rank != 0 or self._client is not None:
+            return self
+        self._client = _client(self.uri)
+        if self.run_id:
+            # Reopening a run (resume after a failure): mark it running again.
+            self._client.update_run(self.run_id, status="RUNNING")
+            if self.tags:
+                self.set_tags(self.tags)
+        else:
+            tags = dict(self.tags)
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            exp_id = get_or_create_experiment(self.experiment, self.uri)
+            run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        return self
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED). Idempotent."""
+        if self.active:
+            self._client.set_terminated(self.run_id, status=status)
+            self._ended = True
+
+    def __enter__(self) -> "RunLogger":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            if self.active:
+                try:  # keep the reason next to the status; never mask the original error
+                    self._client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+                except Exception:  # noqa: BLE001
+                    log.warning("could not record the error on run %s", self.run_id, exc_info=True)
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log_params(self, params: JobConfig | Mapping[str, Any]) -> None:
+        """Log a JobConfig (as ``config.flat_params``) or a flat mapping as run params."""
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        flat = flat_params(params) if isinstance(params, JobConfig) else dict(params)
+        items = [Param(str(k), _param_value(v)) for k, v in flat.items()]
+        for i in range(0, len(items), _BATCH):
+            self._client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numeric metrics at ``step``; non-numeric values are skipped."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            try:
+                items.append(Metric(str(key), float(value), now, int(step or 0)))
+            except (TypeError, ValueError):
+                log.debug("metric %s=%r is not numeric; not logged", key, value)
+        for i in range(0, len(items), 1000):  # MLflow's per-call metric limit
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        """Log one metric."""
+        self.log_metrics({key: value}, step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+        if not self.active:
+            return
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, str(value))
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """Log a dict as a JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact."""
+        if self.active:
+            self._client.log_dict(self.run_id, dict(data), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log a text artifact."""
+        if self.active:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: "Figure", artifact_file: str) -> None:
+        """Log a matplotlib figure (PNG when ``artifact_file`` ends in .png)."""
+        if self.active:
+            self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file or folder."""
+        if not self.active:
+            return
+        p = Path(path)
+        if p.is_dir():
+            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_evaluation(self, result: Mapping[str, Any], prefix: str = "eval") -> None:
+        """Log an evaluate result (issue 3's JSON): the table, summary metrics and the plot.
+
+        Metrics are ``{prefix}.{method}.k{shots}.srocc_mean`` (and ``srocc_std``,
+        ``plcc_mean``) plus ``{prefix}.ceiling.{name}``.
+        """
+        if not self.active:
+            return
+        metrics: dict[str, float] = {}
+        for method, by_shots in (result.get("methods") or {}).items():
+            for shots, row in (by_shots or {}).items():
+                for key in ("srocc_mean", "srocc_std", "plcc_mean"):
+                    if isinstance(row, Mapping) and row.get(key) is not None:
+                        metrics[f"{prefix}.{method}.k{shots}.{key}"] = row[key]
+        for name, value in (result.get("ceilings") or {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"{prefix}.ceiling.{name}"] = value
+        self.log_metrics(metrics)
+        self.log_dict(result, f"{prefix}/evaluate.json")
+        fig = plot_srocc_vs_shots(result)
+        self.log_figure(fig, f"{prefix}/srocc_vs_shots.png")
+
+    def register_model(self, model_dir: str | Path, name: str, alias: str = "") -> int | None:
+        """:func:`register_model` for this run (None on non-zero ranks)."""
+        if self.rank != 0 or self.run_id is None:
+            return None
+        return register_model(self.run_id, model_dir, name, alias, uri=self.uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def register_model(
+    run_id: str,
+    model_dir: str | Path,
+    name: str,
+    alias: str = "",
+    *,
+    uri: str = "",
+    description: str = "",
+) -> int:
+    """Upload a model folder to a run and register it as a new version of ``name``.
+
+    Only the files of :data:`piaa_dist.checkpoint.MODEL_FILES` are uploaded (weights as
+    safetensors, config.yaml, info.json); anything else in the folder stays behind. The version's
+    source is the run's artifact URI of those files, so ``models:/NAME/VERSION`` downloads
+    plain files: no MLmodel, no pickled flavor.
+
+    Args:
+        run_id: the MLflow run that produced the model.
+        model_dir: a folder written by ``checkpoint.save_model``.
+        name: registered model name (created when missing).
+        alias: when set, moved to the new version (``models:/NAME@ALIAS`` then resolves to it).
+        uri: tracking URI flag (see :func:`tracking_uri`); the registry uses the same store.
+        description: version description.
+
+    Returns:
+        The new version number.
+
+    Raises:
+        CheckpointError: ``model_dir`` is not a model folder.
+    """
+    from mlflow.exceptions import MlflowException
+
+    folder = Path(model_dir)
+    if not checkpoint.is_model_dir(folder):
+        raise checkpoint.CheckpointError(
+            f"{folder}: not a model folder (needs {checkpoint.WEIGHTS_FILE} and {checkpoint.CONFIG_FILE})"
+        )
+    client = _client(uri)
+    for fname in checkpoint.MODEL_FILES:
+        if (folder / fname).is_file():
+            client.log_artifact(run_id, str(folder / fname), MODEL_ARTIFACT_PATH)
+    run = client.get_run(run_id)
+    # The concrete artifact location (file:, s3:, mlflow-artifacts:), as MLflow's own docs do
+    # with RunsArtifactRepository.get_underlying_uri: the version stays downloadable even
+    # without resolving the run.
+    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if not _is_already_exists(err):
+            raise
+    sha = checkpoint.sha256_file(folder / checkpoint.WEIGHTS_FILE)
+    mv = client.create_model_version(
+        name,
+        source=source,
+        run_id=run_id,
+        tags={TAG_FORMAT: checkpoint.MODEL_FORMAT, TAG_SHA256: sha},
+        description=description or None,
+    )
+    version = int(mv.version)
+    if alias:
+        # Re-pointing an existing alias is how "promote to champion" works in MLflow 3.
+        client.set_registered_model_alias(name, alias, str(version))
+    client.set_tag(run_id, "piaa_dist.registered_model", f"{name}/{version}")
+    log.info(
+        "registered %s version %d%s from run %s", name, version, f" (@{alias})" if alias else "", run_id
+    )
+    return version
+
+
+def _download(client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
+    """Download exactly the model files from an artifact URI into ``dst``."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    for fname in checkpoint.MODEL_FILES:
+        try:
+            download_artifacts(
+                artifact_uri=f"{source.rstrip('/')}/{fname}", dst_path=str(dst), tracking_uri=uri
+            )
+        except (MlflowException, OSError) as err:
+            if fname == checkpoint.INFO_FILE:  # optional for folders saved by hand
+                continue
+            raise TrackingError(f"cannot download {fname} from {source}: {err}") from None
+
+
+def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = None) -> Path:
+    """A local model folder for ``ref``.
+
+    Args:
+        ref: a local folder (or ``file://`` URI), ``models:/NAME@ALIAS``,
+            ``models:/NAME/VERSION`` or ``runs:/RUN_ID/PATH``.
+        uri: tracking URI flag (see :func:`tracking_uri`).
+        dst: where to download registry/run models (default: a new temporary folder).
+
+    Returns:
+        The folder; for registry models it holds only the model files (weights, config, info).
+
+    Raises:
+        TrackingError: unknown model, alias or version, an unsupported URI, or a download
+            whose weights do not match the hash recorded at registration.
+        CheckpointError: a local path that is not a model folder.
+    """
+    text = str(ref)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):
+        folder = Path(text)
+        if not checkpoint.is_model_dir(folder):
+            raise checkpoint.CheckpointError(
+                f"{folder}: not a model folder (needs {checkpoint.WEIGHTS_FILE} and {checkpoint.CONFIG_FILE})"
+            )
+        return folder
+
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    expected_sha = None
+    m = _MODELS_URI.match(text)
+    if m:
+        name = m["name"]
+        try:
+            mv = (
+                client.get_model_version_by_alias(name, m["alias"])
+                if m["alias"]
+                else client.get_model_version(name, m["version"])
+            )
+        except MlflowException as err:
+            raise TrackingError(f"{text}: not found in the registry at {tracking_uri(uri)}: {err.message}") from None
+        source = client.get_model_version_download_uri(name, mv.version)
+        expected_sha = (mv.tags or {}).get(TAG_SHA256)
+        label = f"{name}-v{mv.version}"
+        log.info("%s -> %s version %s (%s)", text, name, mv.version, source)
+    elif text.startswith("runs:/"):
+        source, label = text, "run"
+    elif text.startswith("models:/"):
+        raise TrackingError(f"{text}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    else:
+        raise TrackingError(
+            f"{text}: unsupported model reference (use a folder, models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or runs:/RUN_ID/PATH)"
+        )
+
+    out = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"piaa-{label}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    _download(client, source, out, tracking_uri(uri))
+    if expected_sha:
+        actual = checkpoint.sha256_file(out / checkpoint.WEIGHTS_FILE)
+        if actual != expected_sha:
+            raise TrackingError(
+                f"{text}: downloaded {checkpoint.WEIGHTS_FILE} has SHA-256 {actual[:12]}…, the "
+                f"registry recorded {expected_sha[:12]}…; the artifact was modified after registration"
+            )
+    return out
+
+
+def load_model_uri(
+    ref: str | Path,
+    map_location: Any = "cpu",
+    *,
+    uri: str = "",
+    build: Callable[[Any], "nn.Module"] | None = None,
+) -> tuple["nn.Module", JobConfig, dict[str, Any]]:
+    """:func:`resolve_model` then ``checkpoint.load_model``: ``(model, cfg, info)``, weights only."""
+    return checkpoint.load_model(resolve_model(ref, uri=uri), map_location, build=build)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_srocc_vs_shots(eval_json: Mapping[str, Any] | str | Path) -> "Figure":
+    """SROCC against shots per method (mean ± std over repeats), ceilings as horizontal lines.
+
+    Args:
+        eval_json: the evaluate result (issue 3's format) as a dict, a JSON string, or a path:
+            ``{"methods": {name: {"10": {"srocc_mean", "srocc_std", ...}}}, "ceilings": {...}}``.
+            A ceiling may be a number (one line) or a ``{shots: value}`` mapping (drawn dashed
+            across those shots).
+
+    Returns:
+        A matplotlib Figure (Agg canvas; no pyplot global state, safe in worker threads).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(eval_json, Path) or (isinstance(eval_json, str) and not eval_json.lstrip().startswith("{")):
+        eval_json = json.loads(Path(eval_json).read_text())
+    elif isinstance(eval_json, str):
+        eval_json = json.loads(eval_json)
+
+    fig = Figure(figsize=(6.0, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    all_shots: set[int] = set()
+    for method, by_shots in sorted((eval_json.get("methods") or {}).items()):
+        rows = sorted(
+            ((int(k), v) for k, v in (by_shots or {}).items() if isinstance(v, Mapping) and v.get("srocc_mean") is not None),
+            key=lambda kv: kv[0],
+        )
+        if not rows:
+            continue
+        xs = [k for k, _ in rows]
+        ys = [float(v["srocc_mean"]) for _, v in rows]
+        es = [float(v.get("srocc_std") or 0.0) for _, v in rows]
+        all_shots.update(xs)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=method)
+    colors = iter(["0.2", "0.5", "tab:gray", "tab:brown", "tab:olive"])
+    for name, value in sorted((eval_json.get("ceilings") or {}).items()):
+        color = next(colors, "0.4")
+        if isinstance(value, Mapping):  # per-shot ceiling
+            pts = sorted((int(k), float(v)) for k, v in value.items() if v is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color=color, label=f"{name} (ceiling)")
+        elif value is not None:
+            ax.axhline(float(value), ls="--", lw=1.2, color=color, label=f"{name} (ceiling)")
+    if all_shots:
+        if max(all_shots) >= 5 * max(1, min(all_shots)):
+            ax.set_xscale("log")
+        ax.set_xticks(sorted(all_shots))
+        ax.set_xticklabels([str(s) for s in sorted(all_shots)])
+        ax.minorticks_off()
+    ax.set_xlabel("shots k (rated images of the new user)")
+    ax.set_ylabel("SROCC (mean over users; ± std over repeats)")
+    ax.set_title("Personalized IAA: SROCC vs shots")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "MODEL_ARTIFACT_PATH",
+    "RunLogger",
+    "TrackingError",
+    "get_or_create_experiment",
+    "load_model_uri",
+    "plot_srocc_vs_shots",
+    "register_model",
+    "resolve_model",
+    "tracking_uri",
+]

@@ -1,0 +1,300 @@
+"""MLflow runs, registry and model resolution against a real SQLite-backed MLflow (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from piaa_dist import checkpoint
+from piaa_dist.config import JobConfig, flat_params, with_overrides
+from piaa_dist.orchestration import tracking
+from piaa_dist.orchestration.tracking import (
+    RunLogger,
+    TrackingError,
+    plot_srocc_vs_shots,
+    register_model,
+    resolve_model,
+    tracking_uri,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+EVAL = {
+    "methods": {
+        "blg-piaa": {
+            "10": {"srocc_mean": 0.41, "srocc_std": 0.03, "plcc_mean": 0.44, "per_user": {"u1": 0.4}},
+            "100": {"srocc_mean": 0.55, "srocc_std": 0.02, "plcc_mean": 0.57, "per_user": {"u1": 0.5}},
+        },
+        "giaa-finetune": {
+            "10": {"srocc_mean": 0.33, "srocc_std": 0.04, "plcc_mean": 0.35, "per_user": {}},
+            "100": {"srocc_mean": 0.47, "srocc_std": 0.03, "plcc_mean": 0.50, "per_user": {}},
+        },
+    },
+    "ceilings": {"oracle": 0.83, "average_user": 0.37},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store per module: creating its schema costs seconds, so tests share it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def cfg() -> JobConfig:
+    # A small real model (piaa_dist.model.build_model): the fresh process rebuilds it from config.
+    return with_overrides(JobConfig(), {"model.width": 8, "model.feature_dim": 16, "model.head_hidden": [8]})
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _model(cfg: JobConfig, seed: int) -> torch.nn.Module:
+    from piaa_dist.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # non-default BN statistics, so buffers are checked too
+        model.train()
+        model(torch.randn(4, 3, 32, 32))
+    return model
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri() == "http://mlflow:5000"
+    assert tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+    assert tracking_uri("runs.db") == f"sqlite:///{tmp_path / 'runs.db'}"
+    assert os.environ["MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK"] == "1"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_run_logs_params_metrics_and_artifacts(store, cfg, tmp_path):
+    with RunLogger("exp-a", uri=store, run_name="train", tags={"kind": "train"}) as run:
+        run.log_params(cfg)
+        for step in range(3):
+            run.log_metrics({"query_loss": 1.0 / (step + 1), "note": "skipped"}, step=step)
+        run.log_dict({"a": 1}, "meta/info.json")
+        run.log_text("hello", "notes.txt")
+        run.log_evaluation(EVAL)
+        run_id = run.run_id
+    client = _client(store)
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    params = got.data.params
+    flat = flat_params(cfg)
+    assert len(params) == len(flat)
+    assert params["meta.inner_lr"] == str(cfg.meta.inner_lr)
+    assert json.loads(params["model.head_hidden"]) == [8]
+    history = client.get_metric_history(run_id, "query_loss")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.333333)]
+    assert "note" not in got.data.metrics
+    assert got.data.metrics["eval.blg-piaa.k10.srocc_mean"] == pytest.approx(0.41)
+    assert got.data.metrics["eval.ceiling.oracle"] == pytest.approx(0.83)
+    assert got.data.tags["kind"] == "train"
+
+    files = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for d in ("meta", "eval") for a in client.list_artifacts(run_id, d)
+    }
+    assert {"notes.txt", "meta/info.json", "eval/evaluate.json", "eval/srocc_vs_shots.png"} <= files
+    local = Path(client.download_artifacts(run_id, "eval", str(tmp_path)))
+    assert (local / "srocc_vs_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((local / "evaluate.json").read_text()) == EVAL
+    # artifacts live beside the SQLite DB, not in whatever the cwd was
+    db_dir = Path(store[len("sqlite:///"):]).parent
+    assert got.info.artifact_uri.startswith((db_dir / "mlruns").as_uri())
+
+
+def test_failed_block_marks_run_failed_and_reraises(store):
+    with pytest.raises(ZeroDivisionError):
+        with RunLogger("exp-a", uri=store) as run:
+            run.log_metric("x", 1.0, step=0)
+            1 / 0
+    got = _client(store).get_run(run.run_id)
+    assert got.info.status == "FAILED"
+    assert "ZeroDivisionError" in got.data.tags["error"]
+
+
+def test_nonzero_rank_is_a_noop(store, monkeypatch):
+    client = _client(store)
+    exp = tracking.get_or_create_experiment("exp-a", store)
+    before = len(client.search_runs([exp]))
+    with RunLogger("exp-a", uri=store, rank=1) as run:
+        run.log_params({"a": 1})
+        run.log_metrics({"x": 1.0}, step=1)
+        run.log_figure(plot_srocc_vs_shots(EVAL), "f.png")
+        assert run.run_id is None and not run.active
+        assert run.register_model("/nonexistent", "m") is None
+    monkeypatch.setenv("RANK", "3")  # what Ray Train sets in its workers
+    with RunLogger("exp-a", uri=store) as run:
+        assert run.run_id is None
+    assert len(client.search_runs([exp])) == before
+
+
+def test_reopen_run_by_id(store):
+    with RunLogger("exp-a", uri=store) as run:
+        run.log_metric("loss", 2.0, step=0)
+    with RunLogger("exp-a", uri=store, run_id=run.run_id) as again:
+        again.log_metric("loss", 1.0, step=1)
+    hist = _client(store).get_metric_history(run.run_id, "loss")
+    assert [m.step for m in hist] == [0, 1]
+    assert _client(store).get_run(run.run_id).info.status == "FINISHED"
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _fresh_process_state(ref: str, store: str, out: Path) -> dict[str, torch.Tensor]:
+    """Resolve + load ``ref`` in a new interpreter; return the state dict it saw."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from safetensors.torch import save_file
+        from piaa_dist.orchestration.tracking import load_model_uri
+        model, cfg, info = load_model_uri({ref!r}, uri={store!r})
+        assert "mlflow.pytorch" not in sys.modules  # no flavor loader involved
+        save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, {str(out)!r})
+        print(info["tag"])
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return {"__tag__": proc.stdout.strip().splitlines()[-1], **load_file(str(out))}
+
+
+def test_register_alias_resolve_and_load_in_fresh_process(store, cfg, tmp_path):
+    marker = tmp_path / "PWNED"
+    models = {}
+    versions = {}
+    for i in (1, 2):
+        model = _model(cfg, seed=i)
+        folder = checkpoint.save_model(tmp_path / f"m{i}", model, cfg, {"tag": f"model-{i}"})
+        (folder / "model.pt").write_bytes(pickle.dumps(_Payload(marker)))  # must never ship
+        with RunLogger("exp-reg", uri=store) as run:
+            versions[i] = run.register_model(folder, "blg-test", alias="champion")
+        models[i] = model
+    assert versions[2] == versions[1] + 1
+
+    client = _client(store)
+    # the alias moved to the new version
+    assert int(client.get_model_version_by_alias("blg-test", "champion").version) == versions[2]
+    mv = client.get_model_version("blg-test", str(versions[2]))
+    assert mv.tags[tracking.TAG_SHA256] == checkpoint.sha256_file(tmp_path / "m2" / "model.safetensors")
+    # only the plain model files were uploaded: no pickle, no MLmodel flavor
+    uploaded = sorted(Path(a.path).name for a in client.list_artifacts(mv.run_id, "model"))
+    assert uploaded == sorted(checkpoint.MODEL_FILES)
+
+    # a fresh interpreter resolves models:/NAME@champion and gets identical weights and buffers
+    state = _fresh_process_state("models:/blg-test@champion", store, tmp_path / "seen.safetensors")
+    assert state.pop("__tag__") == "model-2"
+    expected = models[2].state_dict()
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    # an explicit version still gives the old weights
+    folder = resolve_model(f"models:/blg-test/{versions[1]}", uri=store, dst=tmp_path / "v1")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(checkpoint.MODEL_FILES)
+    loaded, _, info = checkpoint.load_model(folder)
+    assert info["tag"] == "model-1"
+    for k, v in models[1].state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert not marker.exists()
+
+
+def test_planted_pickle_and_tampering_in_artifact_store(store, cfg, tmp_path):
+    marker = tmp_path / "PWNED"
+    folder = checkpoint.save_model(tmp_path / "m", _model(cfg, 3), cfg, {"tag": "x"})
+    with RunLogger("exp-reg", uri=store) as run:
+        version = run.register_model(folder, "blg-tamper", alias="champion")
+    client = _client(store)
+    source = client.get_model_version_download_uri("blg-tamper", str(version))
+    store_dir = Path(source.replace("file://", ""))
+    assert (store_dir / "model.safetensors").is_file()
+
+    # a pickle planted next to the registered files is neither downloaded nor executed
+    (store_dir / "model.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    got = resolve_model("models:/blg-tamper@champion", uri=store, dst=tmp_path / "dl")
+    assert sorted(p.name for p in got.iterdir()) == sorted(checkpoint.MODEL_FILES)
+    tracking.load_model_uri(got)
+    assert not marker.exists()
+
+    # weights altered in the store after registration: refused, naming the reason
+    data = bytearray((store_dir / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (store_dir / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TrackingError, match="SHA-256.*modified after registration"):
+        resolve_model("models:/blg-tamper@champion", uri=store, dst=tmp_path / "dl2")
+    # replaced with garbage *and* the hashes faked: the safetensors parser still refuses
+    (store_dir / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    client.set_model_version_tag(
+        "blg-tamper", str(version), tracking.TAG_SHA256, checkpoint.sha256_file(store_dir / "model.safetensors")
+    )
+    info = json.loads((store_dir / "info.json").read_text())
+    info["_checkpoint"]["weights_sha256"] = checkpoint.sha256_file(store_dir / "model.safetensors")
+    (store_dir / "info.json").write_text(json.dumps(info))
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid safetensors file"):
+        tracking.load_model_uri("models:/blg-tamper@champion", uri=store)
+    assert not marker.exists()
+
+
+def test_resolve_errors_are_clear(store, tmp_path):
+    with pytest.raises(TrackingError, match="models:/nope@champion: not found"):
+        resolve_model("models:/nope@champion", uri=store)
+    with pytest.raises(TrackingError, match="expected models:/NAME@ALIAS"):
+        resolve_model("models:/a/b/c", uri=store)
+    with pytest.raises(TrackingError, match="unsupported model reference"):
+        resolve_model("s3://bucket/model", uri=store)
+    with pytest.raises(checkpoint.CheckpointError, match="not a model folder"):
+        resolve_model(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a model folder"):
+        register_model("0" * 32, tmp_path, "x", uri=store)
+
+
+def test_resolve_local_folder_and_file_uri(cfg, tmp_path):
+    folder = checkpoint.save_model(tmp_path / "m", _model(cfg, 4), cfg, {})
+    assert resolve_model(folder) == folder
+    assert resolve_model(folder.as_uri()) == folder
+
+
+def test_plot_srocc_vs_shots_draws_methods_and_ceilings(tmp_path):
+    fig = plot_srocc_vs_shots(EVAL)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert {"blg-piaa", "giaa-finetune", "oracle (ceiling)", "average_user (ceiling)"} <= set(labels)
+    flat_lines = [ln for ln in ax.get_lines() if len(set(ln.get_ydata())) == 1]
+    assert {round(float(ln.get_ydata()[0]), 2) for ln in flat_lines} >= {0.83, 0.37}
+    assert [int(t) for t in ax.get_xticks()] == [10, 100]
+    path = tmp_path / "f.png"
+    fig.savefig(path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    # also from a JSON file, and without ceilings (data with no truth sidecar)
+    (tmp_path / "e.json").write_text(json.dumps({"methods": EVAL["methods"]}))
+    assert plot_srocc_vs_shots(tmp_path / "e.json").axes[0].get_legend_handles_labels()[1] == [
+        "blg-piaa",
+        "giaa-finetune",
+    ]
