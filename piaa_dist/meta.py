@@ -300,9 +300,9 @@ def adapt(
 
     Args:
         model: the module.
-        params: meta parameters, name → tensor. Adapted tensors must require grad or be
-            leaves (a detached tensor is made to require grad); to get a result that is
-            not connected to the model's parameters, pass detached copies.
+        params: meta parameters, name → tensor. An adapted tensor that does not require
+            grad starts as a new leaf; pass detached copies (e.g. at meta-test time) to get
+            a result that is not connected to the model's parameters.
         buffers: BatchNorm buffers (not modified).
         support: ``(images, targets)``.
         steps: number of optimizer steps (0 returns ``params`` unchanged).
