@@ -1,0 +1,300 @@
+"""Ray Tune sweeps over the bilevel hyperparameters, each trial a Ray Train run (V2 API).
+
+A trial is a plain function (Ray Train V2's Tune integration): it builds the same
+``TorchTrainer`` that ``piaa-dist train`` uses (:func:`piaa_dist.orchestration.ray_train.build_trainer`)
+with the trial's hyperparameters and fits it; ``TuneReportCallback`` forwards rank 0's reports
+to Tune. The metric is ``val_srocc``: the meta-learner fine-tuned on held-out *training* users
+(``data.validation_users``), never on test users. ASHA stops weak trials at validation
+milestones (``time_attr="step"``).
+
+Sizing: the trial function itself reserves no CPU (it only waits on its trainer; the Train
+controller is a zero-CPU actor too), and each trial's Train workers reserve
+``run.cpus_per_worker`` each. With ``tune.max_concurrent`` trials of ``workers_per_trial``
+workers the sweep needs ``max_concurrent * workers_per_trial * cpus_per_worker`` CPUs; the
+defaults (1 trial × 1 worker × 1 CPU) run to the end on a 2-CPU laptop, and a cluster raises
+``tune.max_concurrent`` / ``--workers-per-trial``.
+
+MLflow: the sweep is one parent run; every trial is a nested run (params + per-step metrics,
+logged from the Train controller on the driver's node), and the best trial's meta-learner is
+written as a model folder and registered by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from piaa_dist.config import JobConfig, config_from_dict, config_to_dict, with_overrides
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_srocc"
+#: the hyperparameters a sweep searches (flat ``section.key`` names of JobConfig)
+SEARCHED = ("meta.inner_lr", "meta.inner_steps", "data.shots", "meta.meta_lr")
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What a finished sweep hands back.
+
+    Attributes:
+        best_config: the full job config of the best trial.
+        best_score: its best validation SROCC.
+        best_checkpoint: path/URL of the best trial's last checkpoint.
+        model: the best trial's meta-learner (loaded from that checkpoint).
+        trials: one row per trial: ``{"trial_id", "status", "val_srocc", "step", <searched>}``.
+    """
+
+    best_config: JobConfig
+    best_score: float
+    best_checkpoint: str
+    model: Any
+    trials: list[dict]
+
+
+def search_space(cfg: JobConfig) -> dict[str, Any]:
+    """The Tune search space from ``cfg.tune`` (flat ``section.key`` names)."""
+    from ray import tune
+
+    t = cfg.tune
+    return {
+        "meta.inner_lr": tune.loguniform(*t.inner_lr),
+        "meta.inner_steps": tune.choice(list(t.inner_steps)),
+        "data.shots": tune.choice(list(t.shots)),
+        "meta.meta_lr": tune.loguniform(*t.meta_lr),
+    }
+
+
+def trial_config(base: JobConfig, params: Mapping[str, Any]) -> JobConfig:
+    """The job config of one trial: ``base`` with the searched values applied (validated)."""
+    updates = {k: params[k] for k in SEARCHED if k in params}
+    # Tune samples numpy scalars; the typed config wants plain Python numbers.
+    updates = {k: (v.item() if hasattr(v, "item") else v) for k, v in updates.items()}
+    return with_overrides(base, updates)
+
+
+class _TrialMetrics:
+    """Picklable metrics callback: logs a trial's reports to its nested MLflow run.
+
+    Runs in the Train controller (driver's node), so a local SQLite store is reachable.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id, self._run = uri, run_id, None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        if self._run is None:
+            self._run = RunLogger(uri=self.uri, run_id=self.run_id, rank=0).start()
+        self._run.log_metrics(
+            {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))},
+            step=step,
+        )
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "run_id": self.run_id, "_run": None}
+
+
+def _trial(config: dict) -> None:
+    """Tune trial (runs in a Ray actor): one Ray Train meta-training run with these params."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from piaa_dist.orchestration.ray_train import build_trainer
+
+    base = config_from_dict(config["base"])
+    cfg = trial_config(base, config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    metrics_callback = None
+    if config.get("mlflow_uri"):
+        from piaa_dist.config import flat_params
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        run = RunLogger(
+            cfg.run.experiment, uri=config["mlflow_uri"], run_name=f"trial-{trial_id}",
+            rank=0, parent_run_id=config.get("parent_run_id"),
+            tags={"piaa_dist.kind": "tune-trial", "piaa_dist.trial_id": trial_id},
+        ).start()
+        run.log_params(flat_params(cfg))
+        metrics_callback = _TrialMetrics(run.uri, run.run_id)
+    trainer = build_trainer(
+        cfg, config["data_url"],
+        workers=config["workers_per_trial"],
+        storage_path=config["storage_path"],
+        name=f"trial-{trial_id}",
+        s3_endpoint=config["s3_endpoint"] or None,
+        callbacks=[TuneReportCallback()],
+        metrics_callback=metrics_callback,
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        if metrics_callback is not None:
+            from piaa_dist.orchestration.tracking import RunLogger
+
+            RunLogger(uri=config["mlflow_uri"], run_id=metrics_callback.run_id, rank=0).start().end("FAILED")
+        raise
+    if metrics_callback is not None:
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        RunLogger(uri=config["mlflow_uri"], run_id=metrics_callback.run_id, rank=0).start().end("FINISHED")
+
+
+def _best_checkpoint(result: Any) -> str | None:
+    """The last checkpoint path a trial reported (ASHA may stop it between checkpoints)."""
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df:
+        return result.metrics.get("checkpoint_path")
+    paths = [p for p in df["checkpoint_path"].tolist() if isinstance(p, str) and p]
+    return paths[-1] if paths else None
+
+
+def _load_checkpoint_model(cfg: JobConfig, path: str, storage: str, s3_endpoint: str | None) -> Any:
+    """Load the meta-learner from a trial's Ray Train checkpoint.
+
+    ``path`` is what Ray reported: a local path, or ``bucket/key`` inside the S3 filesystem
+    when the storage path is ``s3://``.
+    """
+    from ray.train import Checkpoint
+
+    from piaa_dist.orchestration.ray_train import resolve_storage, result_from_checkpoint
+
+    fs = None
+    if storage.startswith("s3://"):
+        _, fs = resolve_storage(storage, s3_endpoint)
+        if fs is None:  # real AWS: default credentials chain and region
+            import pyarrow.fs
+
+            fs = pyarrow.fs.S3FileSystem()
+        path = path[len("s3://"):] if path.startswith("s3://") else path
+    checkpoint = Checkpoint(path, filesystem=fs)
+    return result_from_checkpoint(cfg, checkpoint, {}, 0).model
+
+
+def run_sweep(
+    cfg: JobConfig,
+    data_url: str,
+    out_dir: str | Path,
+    *,
+    samples: int | None = None,
+    workers_per_trial: int = 1,
+    storage_path: str | None = None,
+    s3_endpoint: str | None = None,
+    mlflow_uri: str | None = None,
+    parent_run_id: str | None = None,
+    ray_address: str | None = None,
+    name: str = "tune",
+) -> SweepResult:
+    """Run a Tune sweep of Ray Train meta-training trials and return the best trial.
+
+    Args:
+        cfg: base job config; ``cfg.tune`` holds the ranges, scheduler and concurrency.
+        data_url: dataset root (local folder or ``s3://``).
+        out_dir: sweep output folder; trial checkpoints default to ``<out_dir>/checkpoints``.
+        samples: number of trials (default ``cfg.tune.samples``).
+        workers_per_trial: Ray Train workers in each trial.
+        storage_path: root for Tune's and the trials' storage (local or ``s3://``).
+        s3_endpoint: S3 endpoint for data and storage.
+        mlflow_uri: log every trial as a nested MLflow run (``None`` = no MLflow).
+        parent_run_id: the sweep's MLflow run (trials nest under it).
+        ray_address: Ray cluster to connect to (default ``$RAY_ADDRESS``, else a local Ray).
+        name: experiment name under the storage path.
+
+    Raises:
+        RuntimeError: no trial reported a validation SROCC (all failed, or
+            ``run.validate_every`` never fired: it must divide into ``meta.meta_steps``).
+    """
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from piaa_dist.orchestration.ray_train import _absolute_url, ensure_ray, resolve_storage
+
+    if cfg.run.validate_every <= 0:
+        raise ValueError("tune needs run.validate_every > 0: validation SROCC is the metric")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = samples or cfg.tune.samples
+    storage = storage_path or cfg.run.storage_path or str((out_dir / "checkpoints").resolve())
+    s3_endpoint = s3_endpoint or cfg.data.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or ""
+    tune_storage, tune_fs = resolve_storage(storage, s3_endpoint or None)
+
+    param_space: dict[str, Any] = dict(search_space(cfg))
+    param_space.update(
+        base=config_to_dict(cfg),
+        data_url=_absolute_url(data_url),
+        workers_per_trial=workers_per_trial,
+        storage_path=storage,
+        s3_endpoint=s3_endpoint,
+        mlflow_uri=mlflow_uri or "",
+        parent_run_id=parent_run_id or "",
+    )
+    steps = cfg.meta.meta_steps
+    scheduler = ASHAScheduler(
+        time_attr="step",
+        max_t=steps,
+        # a trial always gets `grace_period` validation rounds before it can be stopped
+        grace_period=min(steps, max(1, cfg.tune.grace_period) * cfg.run.validate_every),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
+    started = ensure_ray(ray_address)
+    try:
+        tuner = tune.Tuner(
+            # The trial driver only waits on its TorchTrainer: reserve no CPU for it, or a 2-CPU
+            # machine deadlocks with the driver holding the CPU its workers need.
+            tune.with_resources(_trial, tune.PlacementGroupFactory([{"CPU": 0}])),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", scheduler=scheduler, num_samples=samples,
+                max_concurrent_trials=cfg.tune.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=tune_storage, storage_filesystem=tune_fs,
+                verbose=0,
+            ),
+        )
+        grid = tuner.fit()
+        rows, best = [], None
+        for result in grid:
+            df = result.metrics_dataframe
+            scores = [] if df is None or METRIC not in df else [
+                s for s in df[METRIC].tolist() if isinstance(s, float) and not math.isnan(s)
+            ]
+            params = {k: result.config.get(k) for k in SEARCHED}
+            row = {
+                "trial_id": (result.metrics or {}).get("trial_id", ""),
+                "status": "ERROR" if result.error else "TERMINATED",
+                METRIC: max(scores) if scores else None,
+                "step": (result.metrics or {}).get("step"),
+                **{k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()},
+            }
+            rows.append(row)
+            if scores and (best is None or max(scores) > best[0]):
+                best = (max(scores), result)
+        if best is None:
+            errors = [str(r.error) for r in grid if r.error]
+            raise RuntimeError(
+                "no Tune trial reported val_srocc"
+                + (f"; trial errors: {errors[:3]}" if errors else "")
+            )
+        score, result = best
+        best_cfg = trial_config(cfg, result.config)
+        ckpt = _best_checkpoint(result)
+        if ckpt is None:
+            raise RuntimeError(f"best trial {result.path} reported no checkpoint")
+        model = _load_checkpoint_model(best_cfg, ckpt, storage, s3_endpoint or None)
+        log.info("best trial: val_srocc=%.4f %s", score,
+                 {k: result.config.get(k) for k in SEARCHED})
+        return SweepResult(best_cfg, float(score), ckpt, model, rows)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+__all__ = ["METRIC", "SEARCHED", "SweepResult", "run_sweep", "search_space", "trial_config"]
