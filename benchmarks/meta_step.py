@@ -3,7 +3,8 @@
 Each flavour runs in its own subprocess (so peak memory is that flavour's alone): it builds the
 model, makes random user tasks of the configured shape, runs warm-up meta-steps, then times
 ``--steps`` meta-steps of ``meta_gradient`` over a meta-batch of tasks and reports user tasks
-per second. Peak memory is the child's peak resident set size (``ru_maxrss``, which includes
+per second (wall clock, and per second of the process's CPU time, which a busy machine
+distorts less). Peak memory is the child's peak resident set size (``ru_maxrss``, which includes
 the Python interpreter and torch itself); "step RSS" is that peak minus the RSS after imports
 and model build, i.e. what the meta-steps added. On CUDA the peak allocated device memory is
 reported as well.
@@ -88,18 +89,20 @@ def _child(args: argparse.Namespace) -> dict:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0  # this process's CPU time: robust to a busy machine
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     out = {
         "flavour": args.flavour,
         "device": str(device),
         "tasks_per_s": args.steps * args.meta_batch / elapsed,
         "s_per_meta_step": elapsed / args.steps,
+        "tasks_per_cpu_s": args.steps * args.meta_batch / cpu,
         "peak_rss_mib": peak_rss,
         "rss_before_mib": rss_before,
         "meta_step_rss_mib": peak_rss - rss_before,
@@ -172,14 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         setup["torch"] = torch.__version__
     except ImportError:  # pragma: no cover
         pass
-    header = (f"{'flavour':<13} {'tasks/s':>8} {'s/meta-step':>12} {'peak RSS MiB':>13} "
+    header = (f"{'flavour':<13} {'tasks/s':>8} {'tasks/cpu-s':>12} {'s/meta-step':>12} "
+              f"{'peak RSS MiB':>13} "
               f"{'step RSS MiB':>13}" + (f" {'peak CUDA MiB':>14}" if rows and
                                           "peak_cuda_alloc_mib" in rows[0] else ""))
     print(f"meta_step: {setup}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        line = (f"{r['flavour']:<13} {r['tasks_per_s']:>8.2f} {r['s_per_meta_step']:>12.3f} "
+        line = (f"{r['flavour']:<13} {r['tasks_per_s']:>8.2f} {r['tasks_per_cpu_s']:>12.2f} "
+                f"{r['s_per_meta_step']:>12.3f} "
                 f"{r['peak_rss_mib']:>13.0f} {r['meta_step_rss_mib']:>13.0f}")
         if "peak_cuda_alloc_mib" in r:
             line += f" {r['peak_cuda_alloc_mib']:>14.0f}"
