@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/piaa-dist demo --out $(OUT)
+	$(BIN)/piaa-dist demo --out $(OUT) --readme README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q
