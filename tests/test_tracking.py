@@ -298,3 +298,27 @@ def test_plot_srocc_vs_shots_draws_methods_and_ceilings(tmp_path):
         "blg-piaa",
         "giaa-finetune",
     ]
+
+
+def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
+    """Tune trials / Train restarts opening a brand-new store at once must not race its schema."""
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from piaa_dist.orchestration.tracking import RunLogger
+        with RunLogger("race", uri={uri!r}, rank=0) as run:
+            run.log_metric("x", 1.0, step=int(sys.argv[1]))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    exp = _client(uri).get_experiment_by_name("race")
+    assert len(_client(uri).search_runs([exp.experiment_id])) == 3

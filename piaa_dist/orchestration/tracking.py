@@ -16,12 +16,13 @@
 
 All MLflow calls go through an explicit ``MlflowClient(tracking_uri)``, never the global
 "active run" of ``mlflow.start_run``: Ray Tune runs several trials in one process and Ray Train
-V2 workers have had bugs with the fluent API. ``mlflow`` and ``matplotlib`` are imported lazily
-so a rank that never logs never pays for them.
+V2 workers have had bugs with the fluent API. ``mlflow``, ``matplotlib`` and torch (via
+``piaa_dist.checkpoint``) are imported lazily, so a rank that never logs never pays for them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from piaa_dist import checkpoint
 from piaa_dist.config import JobConfig, flat_params
 from piaa_dist.errors import UserError
 
@@ -88,11 +88,48 @@ def tracking_uri(flag: str = "") -> str:
     return uri
 
 
+_READY_SQLITE: set[str] = set()  # SQLite stores this process has already initialized
+
+
 def _client(uri: str = "") -> "MlflowClient":
     _configure_environment()
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(uri))
+    resolved = tracking_uri(uri)
+    if resolved.startswith("sqlite:///") and resolved not in _READY_SQLITE:
+        _init_sqlite_store(resolved)
+    return MlflowClient(tracking_uri=resolved)
+
+
+def _init_sqlite_store(uri: str) -> None:
+    """Create/migrate a SQLite store under an inter-process lock.
+
+    MLflow creates the schema on first use; two processes doing that at once on a new file
+    (Tune trials, Train restarts) fail with "duplicate column" errors. A file lock (in the temp
+    dir, keyed by the DB path, so nothing is written beside the DB) serializes the first touch.
+    """
+    from mlflow import MlflowClient
+
+    path = uri[len("sqlite:///"):]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS: no lock, best effort
+        fcntl = None
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"piaa-dist-mlflow-{digest}.lock"
+    with open(lock_path, "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # tracking tables
+            client.search_registered_models(max_results=1)  # registry tables (same file)
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    _READY_SQLITE.add(uri)
 
 
 def _sqlite_artifact_root(uri: str) -> str | None:
@@ -364,6 +401,8 @@ def register_model(
     """
     from mlflow.exceptions import MlflowException
 
+    from piaa_dist import checkpoint
+
     folder = Path(model_dir)
     if not checkpoint.is_model_dir(folder):
         raise checkpoint.CheckpointError(
@@ -404,6 +443,8 @@ def register_model(
 
 def _download(client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
     """Download exactly the model files from an artifact URI into ``dst``."""
+    from piaa_dist import checkpoint
+
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -435,6 +476,8 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
             whose weights do not match the hash recorded at registration.
         CheckpointError: a local path that is not a model folder.
     """
+    from piaa_dist import checkpoint
+
     text = str(ref)
     if text.startswith("file://"):
         text = text[len("file://"):]
@@ -496,6 +539,8 @@ def load_model_uri(
     build: Callable[[Any], "nn.Module"] | None = None,
 ) -> tuple["nn.Module", JobConfig, dict[str, Any]]:
     """:func:`resolve_model` then ``checkpoint.load_model``: ``(model, cfg, info)``, weights only."""
+    from piaa_dist import checkpoint
+
     return checkpoint.load_model(resolve_model(ref, uri=uri), map_location, build=build)
 
 
