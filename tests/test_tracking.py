@@ -80,6 +80,8 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert tracking_uri() == "http://mlflow:5000"
     assert tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
     assert tracking_uri("runs.db") == f"sqlite:///{tmp_path / 'runs.db'}"
+    assert tracking_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path / 'sub' / 'm.db'}"
+    assert tracking_uri("sqlite:///:memory:") == "sqlite:///:memory:"
     assert os.environ["MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK"] == "1"
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 

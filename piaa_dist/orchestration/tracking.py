@@ -78,13 +78,20 @@ def tracking_uri(flag: str = "") -> str:
             ``.db`` is taken as a SQLite file.
 
     Returns:
-        ``flag``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+        ``flag``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``. A relative
+        SQLite path (``sqlite:///mlflow.db``) is made absolute against the current directory,
+        because Ray workers and job drivers run in other directories than the caller.
     """
     uri = (flag or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if "://" not in uri and uri.endswith(".db"):
         return f"sqlite:///{Path(uri).resolve()}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = uri[len(prefix):]
+        if path and path != ":memory:" and not path.startswith("/"):
+            return f"{prefix}{Path(path).resolve()}"
     return uri
 
 
