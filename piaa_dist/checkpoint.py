@@ -364,7 +364,7 @@ def save_training_state(directory: str | Path, state: Mapping[str, Any]) -> Path
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(state, "", tensors)
     doc = {"format": STATE_FORMAT, "state": skeleton}
-    text = json.dumps(doc, allow_nan=False)
+    json.dumps(doc, allow_nan=False)  # fail before writing anything if the structure is not JSON
     out.mkdir(parents=True, exist_ok=True)
     weights = out / STATE_TENSORS_FILE
     _atomic_write(weights, _tensor_bytes(tensors, {"format": STATE_FORMAT}))

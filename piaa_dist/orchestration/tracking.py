@@ -461,8 +461,6 @@ def _download(client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
                 artifact_uri=f"{source.rstrip('/')}/{fname}", dst_path=str(dst), tracking_uri=uri
             )
         except (MlflowException, OSError) as err:
-            if fname == checkpoint.INFO_FILE:  # optional for folders saved by hand
-                continue
             raise TrackingError(f"cannot download {fname} from {source}: {err}") from None
 
 
