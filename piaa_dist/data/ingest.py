@@ -373,6 +373,10 @@ def ingest(
     return report
 
 
+#: The name the orchestration layer imports.
+ingest_dataset = ingest
+
+
 def build_report(src: SourceRead, prep: _Prepared, *, source: str, out: str, max_side: int, quality: int,
                  shard_size: int, n_shards: int, total_bytes: int, rows: dict[str, list[Any]]) -> dict[str, Any]:
     """The ingest report: counts by kind and reason, examples of each skip, output summary."""

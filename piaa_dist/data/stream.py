@@ -45,6 +45,7 @@ _PURPOSE_BATCH = 1
 _PURPOSE_SPLIT = 2
 _PURPOSE_AUGMENT = 3
 _PURPOSE_EVAL = 4
+_PURPOSE_VALIDATION = 5
 
 
 def user_seed(user: str) -> int:
@@ -308,6 +309,26 @@ def sample_meta_batch(users: list[str], step: int, meta_batch: int, seed: int) -
     epoch, i = divmod(step, per_epoch)
     perm = _rng(seed, epoch, _PURPOSE_BATCH).permutation(len(users))
     return [users[j] for j in perm[i * meta_batch : (i + 1) * meta_batch]]
+
+
+def split_validation_users(users: Sequence[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Hold ``n`` training users out for validation: ``(meta-training users, validation users)``.
+
+    A seeded choice over the sorted users (pure in ``(users, n, seed)``); both lists are sorted.
+    ``n <= 0`` holds out nobody; ``n >= len(users)`` holds out everybody (the caller decides
+    whether that is an error).
+    """
+    pool = sorted(set(users))
+    n = max(0, min(int(n), len(pool)))
+    chosen = set(_rng(seed, _PURPOSE_VALIDATION).permutation(len(pool))[:n].tolist())
+    val = [u for i, u in enumerate(pool) if i in chosen]
+    rest = [u for i, u in enumerate(pool) if i not in chosen]
+    return rest, val
+
+
+def validation_users(users: Sequence[str], n: int, seed: int) -> list[str]:
+    """The validation users of :func:`split_validation_users` (sorted)."""
+    return split_validation_users(users, n, seed)[1]
 
 
 def task_sizes(n: int, shots: int, query_size: int) -> tuple[int, int]:

@@ -40,6 +40,7 @@ This module is in the math layer: numpy and PIL only.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -155,6 +156,14 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / max(size - 1, 1)
+    yy.setflags(write=False)
+    xx.setflags(write=False)
+    return yy, xx
+
+
 def render_image(attrs: Sequence[float], rng: np.random.Generator, size: int = 64) -> Image.Image:
     """Render one scene whose look is controlled by an attribute vector.
 
@@ -182,7 +191,7 @@ def render_image(attrs: Sequence[float], rng: np.random.Generator, size: int = 6
     val_subject = rng.uniform(0.6, 0.9)
 
     # Background: a two-colour linear gradient in a random direction.
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / max(size - 1, 1)
+    yy, xx = _grid(size)
     t = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) + 0.5
     t = np.clip(t, 0.0, 1.0)[..., None]
     c1 = _hsv_to_rgb(hue_bg, 0.5, 0.62)
@@ -424,46 +433,56 @@ def _image_names(rng: np.random.Generator, n: int) -> list[str]:
     return names
 
 
-def make_world(
-    out: str | Path,
-    spec: WorldSpec | None = None,
-    *,
-    workers: int = 4,
-    progress: Callable[[Iterable], Iterable] | None = None,
-) -> WorldSummary:
-    """Generate a synthetic world into ``out`` (created; existing world files are overwritten).
+@dataclass
+class World:
+    """A sampled world in memory (everything but the pixels): see :func:`sample_world`."""
 
-    Args:
-        out: destination folder.
-        spec: sizes and generative parameters (defaults: :class:`WorldSpec`).
-        workers: threads rendering images (PIL releases the GIL while encoding).
-        progress: optional wrapper around the image iterator (e.g. ``tqdm``).
+    spec: WorldSpec
+    image_names: list[str]
+    attrs: np.ndarray  #: [M, 8] attribute vectors
+    render_seeds: list[np.random.SeedSequence]  #: one per image (nuisance draws of rendering)
+    worker_ids: list[str]
+    is_test: np.ndarray  #: [U] bool
+    archetype: np.ndarray  #: [U] index into ARCHETYPES
+    gain: np.ndarray
+    personal: np.ndarray  #: [U, 8]
+    bias: np.ndarray
+    scale: np.ndarray
+    thresholds: np.ndarray  #: [U, 4]
+    n_ratings: np.ndarray
+    z_sd: float
+    raters_per_image: np.ndarray  #: [M]
+    #: (user index, image index, observed score, latent, average_latent), grouped by user
+    rows: list[tuple[int, int, int, float, float]]
 
-    Returns:
-        A :class:`WorldSummary` including the oracle and average-user ceilings.
+    def ceilings(self) -> dict[str, dict[str, float]]:
+        """Oracle and average-user ceilings for ``all``, ``train`` and ``test`` users."""
+        u = np.array([r[0] for r in self.rows])
+        obs = np.array([r[2] for r in self.rows], dtype=np.float64)
+        lat = np.array([r[3] for r in self.rows])
+        avg = np.array([r[4] for r in self.rows])
+        test = self.is_test[u]
+        return {
+            name: ceilings(lat[m], avg[m], obs[m], u[m])
+            for name, m in (("all", np.ones_like(test)), ("train", ~test), ("test", test))
+        }
+
+
+def sample_world(spec: WorldSpec | None = None) -> World:
+    """Draw a world's images' attributes, its users and their ratings (no pixels, no files).
+
+    Pure in ``spec``: the same spec always gives the same world.
     """
     spec = spec or WorldSpec()
-    out = Path(out)
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     # Independent streams per concern, so e.g. changing the image count does not reshuffle
     # which users are test users.
     root = np.random.SeedSequence(spec.seed)
     ss_names, ss_attrs, ss_users, ss_assign, ss_noise, ss_render = root.spawn(6)
 
     # --- images
-    rng = np.random.default_rng(ss_names)
-    image_names = _image_names(rng, spec.images)
+    image_names = _image_names(np.random.default_rng(ss_names), spec.images)
     attrs = np.random.default_rng(ss_attrs).uniform(-1.0, 1.0, size=(spec.images, len(ATTRIBUTES)))
     render_seeds = ss_render.spawn(spec.images)
-
-    def render(i: int) -> None:
-        img = render_image(attrs[i], np.random.default_rng(render_seeds[i]), spec.image_size)
-        (out / IMAGES_DIR / image_names[i]).write_bytes(_encode_jpeg(img, spec.jpeg_quality))
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        it = pool.map(render, range(spec.images))
-        for _ in progress(it) if progress else it:
-            pass
 
     # --- users
     rng = np.random.default_rng(ss_users)
@@ -511,37 +530,78 @@ def make_world(
         key = counts + rng.random(spec.images)
         chosen = np.argpartition(key, n_ratings[u] - 1)[: n_ratings[u]]
         counts[chosen] += 1
-        rated.append((u, rng.permutation(chosen)))
+        rated.append((int(u), rng.permutation(chosen)))
     rated.sort(key=lambda t: t[0])
 
     rng = np.random.default_rng(ss_noise)
-    rows: list[tuple[str, str, int, float, float]] = []
+    rows: list[tuple[int, int, int, float, float]] = []
     for u, imgs in rated:
         noisy = latent[u, imgs] + rng.normal(0.0, spec.noise_sd * scale[u], size=len(imgs))
         scores = 1 + (noisy[:, None] > thresholds[u][None, :]).sum(axis=1)
         for i, sc in zip(imgs, scores):
-            rows.append((worker_ids[u], image_names[i], int(sc), float(latent[u, i]), float(average_latent[i])))
+            rows.append((u, int(i), int(sc), float(latent[u, i]), float(average_latent[i])))
+    return World(
+        spec=spec, image_names=image_names, attrs=attrs, render_seeds=render_seeds,
+        worker_ids=worker_ids, is_test=is_test, archetype=archetype, gain=gain, personal=personal,
+        bias=bias, scale=scale, thresholds=thresholds, n_ratings=n_ratings, z_sd=z_sd,
+        raters_per_image=counts, rows=rows,
+    )
 
-    # --- files
+
+def make_world(
+    out: str | Path,
+    spec: WorldSpec | None = None,
+    *,
+    workers: int = 4,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> WorldSummary:
+    """Generate a synthetic world into ``out`` (created; existing world files are overwritten).
+
+    Args:
+        out: destination folder.
+        spec: sizes and generative parameters (defaults: :class:`WorldSpec`).
+        workers: threads rendering images (numpy and PIL release the GIL for part of it).
+        progress: optional wrapper around the image iterator (e.g. ``tqdm``).
+
+    Returns:
+        A :class:`WorldSummary` including the oracle and average-user ceilings.
+    """
+    w = sample_world(spec)
+    spec = w.spec
+    out = Path(out)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+
+    def render(i: int) -> None:
+        img = render_image(w.attrs[i], np.random.default_rng(w.render_seeds[i]), spec.image_size)
+        (out / IMAGES_DIR / w.image_names[i]).write_bytes(_encode_jpeg(img, spec.jpeg_quality))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        it = pool.map(render, range(spec.images))
+        for _ in progress(it) if progress else it:
+            pass
+
+    ids, names = w.worker_ids, w.image_names
     with open(out / RATINGS_FILE, "w", newline="") as f:
         # The real file's quirk: a space after every comma, in the header and in the rows.
         f.write("worker, imagePair, score\n")
-        for w, img, sc, _, _ in rows:
-            f.write(f"{w}, {img}, {sc}\n")
+        for u, i, sc, _, _ in w.rows:
+            f.write(f"{ids[u]}, {names[i]}, {sc}\n")
     with open(out / TEST_WORKERS_FILE, "w", newline="") as f:
         f.write("ID\n")
-        for u in np.flatnonzero(is_test):
-            f.write(f"{worker_ids[u]}\n")
+        for u in np.flatnonzero(w.is_test):
+            f.write(f"{ids[u]}\n")
     with open(out / SIDECAR_FILE, "w", newline="") as f:
         f.write("worker,imagePair,latent,average_latent\n")
-        for w, img, _, lat, avg in rows:
-            f.write(f"{w},{img},{lat:.6f},{avg:.6f}\n")
+        for u, i, _, lat, avg in w.rows:
+            f.write(f"{ids[u]},{names[i]},{lat:.6f},{avg:.6f}\n")
     with open(out / ATTRIBUTES_FILE, "w", newline="") as f:
         f.write("imagePair," + ",".join(ATTRIBUTES) + "\n")
-        for name, a in zip(image_names, attrs):
+        for name, a in zip(names, w.attrs):
             f.write(name + "," + ",".join(f"{v:.6f}" for v in a) + "\n")
 
+    # Ceilings from the files just written (rounded latents), so they match what ingest reads.
     ceil = world_ceilings(out)
+    n_test = int(w.is_test.sum())
     world = {
         "format": "piaa-dist synthetic world v1",
         "spec": asdict(spec),
@@ -554,32 +614,36 @@ def make_world(
             "axis_vivid": AXIS_VIVID,
             "axis_classic": AXIS_CLASSIC,
             "archetypes": [{"name": n, "vivid": a, "classic": b} for n, a, b in ARCHETYPES],
-            "z_sd": z_sd,
+            "z_sd": w.z_sd,
             "latent": "3 + bias_u + scale_u * z (noise-free score on the 1-5 scale)",
             "average_latent": "mean of latent over the training users",
             "observed": "1 + #{thresholds_u < latent + N(0, (noise_sd * scale_u)^2)}",
         },
         "users": [
             {
-                "worker": worker_ids[u],
-                "split": "test" if is_test[u] else "train",
-                "archetype": ARCHETYPES[archetype[u]][0],
-                "gain": round(float(gain[u]), 6),
-                "personal": [round(float(v), 6) for v in personal[u]],
-                "bias": round(float(bias[u]), 6),
-                "scale": round(float(scale[u]), 6),
-                "thresholds": [round(float(v), 6) for v in thresholds[u]],
-                "ratings": int(n_ratings[u]),
+                "worker": ids[u],
+                "split": "test" if w.is_test[u] else "train",
+                "archetype": ARCHETYPES[w.archetype[u]][0],
+                "gain": round(float(w.gain[u]), 6),
+                "personal": [round(float(v), 6) for v in w.personal[u]],
+                "bias": round(float(w.bias[u]), 6),
+                "scale": round(float(w.scale[u]), 6),
+                "thresholds": [round(float(v), 6) for v in w.thresholds[u]],
+                "ratings": int(w.n_ratings[u]),
             }
             for u in range(spec.users)
         ],
-        "raters_per_image": {"min": int(counts.min()), "max": int(counts.max()), "mean": float(counts.mean())},
+        "raters_per_image": {
+            "min": int(w.raters_per_image.min()),
+            "max": int(w.raters_per_image.max()),
+            "mean": float(w.raters_per_image.mean()),
+        },
         "ceilings": ceil,
     }
     (out / WORLD_FILE).write_text(json.dumps(world, indent=1) + "\n")
     log.info(
         "wrote a synthetic world to %s: %d users (%d test), %d images, %d ratings",
-        out, spec.users, n_test, spec.images, len(rows),
+        out, spec.users, n_test, spec.images, len(w.rows),
     )
     return WorldSummary(
         out=str(out),
@@ -587,6 +651,6 @@ def make_world(
         train_users=spec.users - n_test,
         test_users=n_test,
         images=spec.images,
-        ratings=len(rows),
+        ratings=len(w.rows),
         ceilings=ceil,
     )
