@@ -113,7 +113,9 @@ def parse_shard(data: bytes, url: str) -> list[dict[str, Any]]:
     import webdataset as wds
 
     try:
-        samples = list(wds.tariterators.tarfile_samples([{"url": url, "stream": io.BytesIO(data)}]))
+        # tar_file_expander reads the stream we hand it (tarfile_samples would reopen the URL).
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+        samples = list(wds.tariterators.group_by_keys(files))
     except Exception as err:  # tarfile.ReadError, ValueError on duplicate members, ...
         raise DataError(f"corrupt shard {url}: cannot parse as a tar: {err}") from None
     out = []
