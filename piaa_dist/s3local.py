@@ -68,19 +68,25 @@ def create_bucket(endpoint_url: str, bucket: str) -> None:
         pass
 
 
-def start_local_s3(bucket: str | None = "piaa", port: int = 0, host: str = "127.0.0.1") -> LocalS3:
+def start_local_s3(
+    bucket: str | None = "piaa", port: int = 0, host: str = "127.0.0.1", *, quiet: bool = True
+) -> LocalS3:
     """Start moto's threaded S3 server and (optionally) create a bucket.
 
     Args:
         bucket: bucket to create; ``None`` creates none.
         port: TCP port; 0 picks a free one.
         host: interface to bind (loopback by default: nothing outside this machine can reach it).
+        quiet: silence the per-request access log of the server (werkzeug's logger).
 
     Returns:
         The running server; ``.endpoint_url`` is e.g. ``http://127.0.0.1:54321``.
     """
     from moto.server import ThreadedMotoServer
 
+    if quiet:
+        # One log line per HTTP request drowns everything else during ingestion.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     actual_host, actual_port = server.get_host_and_port()

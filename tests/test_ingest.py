@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from piaa_dist.cli import main as cli_main
-from piaa_dist.data.ingest import MANIFEST, REPORT, format_report, ingest
+from piaa_dist.data.ingest import MANIFEST, REPORT, _write_tar_with_tarfile, format_report, ingest, write_tar
 from piaa_dist.data.readers import SKIP_REASONS, read_test_list
 from piaa_dist.data.stream import parse_shard
 from piaa_dist.errors import DataError
@@ -106,6 +106,22 @@ def test_shards_are_plain_webdataset(tiny_dataset_url):
         assert sample["jpg"].mode == "RGB" and 1 <= sample["json"]["score"] <= 5
         n += 1
     assert n == sum(r["n_ratings"] for r in rows)
+
+
+def test_tar_writer_matches_the_standard_library():
+    """Our USTAR writer gives the bytes Python's tarfile gives, and tarfile reads them back."""
+    import tarfile
+
+    for n in (0, 1, 5):
+        samples = [(f"AXYZ_{i:06d}", bytes(range(i % 256)) * (i + 3), b'{"score": 3}') for i in range(n)]
+        data = write_tar(samples)
+        assert data == _write_tar_with_tarfile(samples)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = tar.getmembers()
+            assert [m.name for m in members] == [f"{k}.{e}" for k, _, _ in samples for e in ("jpg", "json")]
+            assert all(m.mtime == members[0].mtime and m.uid == 0 and m.mode == 0o444 for m in members)
+            for k, jpg, _ in samples:
+                assert tar.extractfile(f"{k}.jpg").read() == jpg
 
 
 def test_reingesting_gives_identical_shards(tiny_world, tiny_dataset_url, tmp_path):
