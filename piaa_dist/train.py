@@ -308,9 +308,9 @@ def meta_training_users(cfg: JobConfig, dataset: Any) -> list[str]:
 
 def validation_users(cfg: JobConfig, dataset: Any) -> list[str]:
     """The held-out validation users (the data plane's seeded split of the training users)."""
-    from piaa_dist.data import stream
+    from piaa_dist.data.stream import validation_users as split
 
-    return list(stream.validation_users(dataset.users("train"), cfg.data.validation_users, cfg.run.seed))
+    return split(dataset.users("train"), cfg.data.validation_users, cfg.run.seed)
 
 
 def meta_train(
@@ -381,6 +381,7 @@ def meta_train(
         augment=cfg.data.augment,
         seed=cfg.run.seed,
         start_step=trainer.step_count,
+        num_steps=cfg.meta.meta_steps - trainer.step_count,
     )
     batches = iter(stream)
     while trainer.step_count < cfg.meta.meta_steps:

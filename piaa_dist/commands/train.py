@@ -42,15 +42,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
 
 
-class _Tracking:
-    """MLflow logging through :mod:`piaa_dist.orchestration.tracking` when it is available.
+class MlflowMetrics:
+    """Picklable ``metrics_callback``: logs rank 0's reported metrics to an MLflow run.
 
-    Optional by design: training must not depend on the tracking server being reachable
-    (a missing module or an unusable URI turns logging off with a warning).
+    Under Ray it runs in the Train controller (on the driver's node), so a local SQLite store
+    is reachable; the MLflow client is created lazily there.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+        self._run = None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        if self._run is None:
+            self._run = RunLogger(uri=self.uri, run_id=self.run_id, rank=0).start()
+        self._run.log_metrics(
+            {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))},
+            step=step,
+        )
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "run_id": self.run_id, "_run": None}
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel.db`` made absolute: Ray processes do not share the driver's cwd."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        path = uri[len(prefix):]
+        if path and path != ":memory:":
+            return prefix + str(Path(path).resolve())
+    return uri
+
+
+class _Tracking:
+    """The train run's MLflow side: params, per-step metrics, final model registration.
+
+    Optional by design: without :mod:`piaa_dist.orchestration.tracking` (or with
+    ``--no-mlflow``) training runs and writes its model all the same.
     """
 
     def __init__(self, cfg: Any, uri: str | None, enabled: bool):
-        self.logger = None
+        self.run = None
         if not enabled:
             return
         try:
@@ -58,16 +94,34 @@ class _Tracking:
         except ImportError:
             log.info("MLflow tracking module not available; not logging to MLflow")
             return
-        self.tracking = tracking
-        self.logger = tracking.RunLogger(cfg, uri=uri, kind="train")
+        self.uri = _absolute_sqlite(tracking.tracking_uri(uri or cfg.run.mlflow_uri))
+        self.run = tracking.RunLogger(
+            cfg.run.experiment, uri=self.uri, run_name="train", rank=0,
+            tags={"piaa_dist.kind": "train", "piaa_dist.data": cfg.data.url},
+        ).start()
+        self.run.log_params(cfg)
 
-    def metrics_callback(self):
-        return None if self.logger is None else self.logger.metrics_callback()
+    def metrics_callback(self) -> MlflowMetrics | None:
+        return None if self.run is None else MlflowMetrics(self.uri, self.run.run_id)
 
     def finish(self, cfg: Any, model_dir: Path, result: Any) -> dict:
-        if self.logger is None:
+        """Log final metrics and the model folder, register it; end the run."""
+        if self.run is None:
             return {}
-        return self.logger.finish_train(model_dir, result.metrics)
+        out: dict[str, Any] = {"mlflow_run_id": self.run.run_id, "mlflow_uri": self.uri}
+        self.run.log_metrics({f"final.{k}": v for k, v in result.metrics.items()
+                              if isinstance(v, (int, float))}, step=result.step)
+        if cfg.run.register_name:
+            version = self.run.register_model(model_dir, cfg.run.register_name, cfg.run.alias)
+            out["registered"] = f"models:/{cfg.run.register_name}/{version}"
+            if cfg.run.alias:
+                out["alias"] = f"models:/{cfg.run.register_name}@{cfg.run.alias}"
+        self.run.end("FINISHED")
+        return out
+
+    def fail(self, err: BaseException) -> None:
+        if self.run is not None:
+            self.run.__exit__(type(err), err, None)
 
 
 def train_main(
@@ -112,14 +166,18 @@ def train_main(
     out.mkdir(parents=True, exist_ok=True)
 
     tracking = _Tracking(cfg, mlflow_uri, enabled=mlflow)
-    result = run_distributed(
-        cfg, cfg.data.url, out,
-        workers=cfg.run.workers,
-        s3_endpoint=cfg.data.s3_endpoint or None,
-        metrics_callback=tracking.metrics_callback(),
-        progress=progress and cfg.run.workers == 0,
-        ray_address=ray_address,
-    )
+    try:
+        result = run_distributed(
+            cfg, cfg.data.url, out,
+            workers=cfg.run.workers,
+            s3_endpoint=cfg.data.s3_endpoint or None,
+            metrics_callback=tracking.metrics_callback(),
+            progress=progress and cfg.run.workers == 0,
+            ray_address=ray_address,
+        )
+    except BaseException as err:
+        tracking.fail(err)
+        raise
     info = {
         "kind": "blg-piaa-meta-learner",
         "step": result.step,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -65,6 +66,47 @@ class TrainResult:
     def step(self) -> int:
         """Meta-updates applied (the final sampler position)."""
         return int(self.state["step"])
+
+
+class JsonlMetrics:
+    """``metrics_callback`` that appends ``{"step", ...metrics}`` lines to a JSON-lines file.
+
+    :func:`run_distributed` always writes ``<out_dir>/metrics.jsonl`` this way (a restarted
+    run appends the steps it redoes, so the file also shows where a run resumed).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(Path(path).resolve())
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+class _Fanout:
+    """Several metrics callbacks as one (picklable when its members are)."""
+
+    def __init__(self, callbacks: Sequence[MetricsCallback]):
+        self.callbacks = list(callbacks)
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        for fn in self.callbacks:
+            try:
+                fn(step, dict(metrics))
+            except Exception:  # noqa: BLE001 - logging must never kill a training run
+                log.warning("metrics callback %r failed at step %d", fn, step, exc_info=True)
+
+
+def quiet_ray_logs() -> None:
+    """``worker_process_setup_hook`` for a local Ray started without the dashboard.
+
+    Ray Train V2's placement-group cleaner polls the State API, which needs the dashboard;
+    without it every poll logs a warning, once a second, for the whole run.
+    """
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +558,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+            runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_logs"},
+        )
     return True
 
 
@@ -549,7 +594,8 @@ def run_distributed(
         s3_endpoint: S3 endpoint for data and checkpoints (default ``$AWS_ENDPOINT_URL``).
         callbacks: extra Ray Train ``UserCallback`` s (ignored in-process).
         metrics_callback: ``fn(step, metrics)`` with rank 0's metrics at every report
-            (MLflow logging); runs on the driver's node.
+            (MLflow logging); runs on the driver's node. Reports also go to
+            ``<out_dir>/metrics.jsonl``.
         progress: in-process only: a tqdm bar on stderr.
         ray_address: Ray cluster to connect to when Ray is not initialised yet.
         inject_failure: testing hook, see :func:`build_trainer`.
@@ -562,6 +608,10 @@ def run_distributed(
     """
     workers = cfg.run.workers if workers is None else workers
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_callback = _Fanout(
+        [JsonlMetrics(out_dir / "metrics.jsonl")] + ([metrics_callback] if metrics_callback else [])
+    )
     storage = storage_path or cfg.run.storage_path or str(out_dir / "checkpoints")
     s3_endpoint = s3_endpoint or cfg.data.s3_endpoint or None
     data_url = _absolute_url(data_url)
@@ -590,7 +640,9 @@ __all__ = [
     "DEFAULT_NAME",
     "TrainResult",
     "build_trainer",
+    "JsonlMetrics",
     "ensure_ray",
+    "quiet_ray_logs",
     "resolve_storage",
     "result_from_checkpoint",
     "run_distributed",
