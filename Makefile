@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= demo-out
+DEMO_ARGS ?=
 
 .PHONY: demo test test-slow install benchmarks clean
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/piaa-dist demo --out $(OUT) --readme README.md
+	$(BIN)/piaa-dist demo --out $(OUT) --readme README.md $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

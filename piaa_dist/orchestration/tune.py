@@ -7,7 +7,7 @@ to Tune. The metric is ``val_srocc``: the meta-learner fine-tuned on held-out *t
 (``data.validation_users``), never on test users. ASHA stops weak trials at validation
 milestones (``time_attr="step"``).
 
-Sizing: the trial function itself reserves no CPU (it only waits on its trainer; the Train
+Sizing: the trial function itself reserves a token 0.01 CPU (it only waits on its trainer; the Train
 controller is a zero-CPU actor too), and each trial's Train workers reserve
 ``run.cpus_per_worker`` each. With ``tune.max_concurrent`` trials of ``workers_per_trial``
 workers the sweep needs ``max_concurrent * workers_per_trial * cpus_per_worker`` CPUs; the
@@ -33,6 +33,8 @@ from piaa_dist.config import JobConfig, config_from_dict, config_to_dict, with_o
 log = logging.getLogger(__name__)
 
 METRIC = "val_srocc"
+#: CPU reserved by a trial's driver function (it only waits on its Train workers)
+TRIAL_DRIVER_CPU = 0.01
 #: the hyperparameters a sweep searches (flat ``section.key`` names of JobConfig)
 SEARCHED = ("meta.inner_lr", "meta.inner_steps", "data.shots", "meta.meta_lr")
 
@@ -210,6 +212,13 @@ def run_sweep(
             ``run.validate_every`` never fired: it must divide into ``meta.meta_steps``).
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Validation (the metric) runs every `run.validate_every` steps, loss reports more often;
+    # Tune's strict check would reject the reports without val_srocc (ASHA skips them itself).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Each trial starts a fresh worker group; on a busy 2-core machine importing torch in a new
+    # worker can take longer than Ray's 60 s default, which would fail the trial spuriously.
+    # (Read by the Train controller; a local Ray started below inherits this environment.)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -246,9 +255,10 @@ def run_sweep(
     started = ensure_ray(ray_address)
     try:
         tuner = tune.Tuner(
-            # The trial driver only waits on its TorchTrainer: reserve no CPU for it, or a 2-CPU
-            # machine deadlocks with the driver holding the CPU its workers need.
-            tune.with_resources(_trial, tune.PlacementGroupFactory([{"CPU": 0}])),
+            # The trial driver only waits on its TorchTrainer: reserve (almost) no CPU for it, or
+            # a 2-CPU machine deadlocks with the driver holding the CPU its workers need. Ray
+            # rejects an all-zero request, hence a token 0.01 CPU.
+            tune.with_resources(_trial, tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])),
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", scheduler=scheduler, num_samples=samples,
