@@ -9,14 +9,20 @@
 * ``tiny_world`` (session): a 10-user synthetic world (8 train, 2 test; ~280 ratings).
 * ``tiny_dataset_url`` (session): that world ingested to a local folder.
 * ``tiny_s3_dataset_url`` (session): that world ingested to the local S3 endpoint.
+* ``faulty_proxy``: an HTTP proxy in front of ``s3_endpoint`` that injects transient faults
+  (503s, truncated bodies) into GETs whose path contains ``proxy.match`` (default "flaky").
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 import pytest
 
@@ -96,3 +102,82 @@ def tiny_s3_dataset_url(tiny_world: Path, s3_endpoint: str) -> str:
     url = f"s3://{bucket}/tiny"
     ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint, workers=2)
     return url
+
+
+class FaultyProxy:
+    """HTTP proxy to the moto server that injects faults into GETs of matching keys.
+
+    ``faults`` is a list consumed one per matching GET: ``"503"`` answers Service Unavailable,
+    ``"truncate"`` sends the real headers but only half the body, then drops the connection.
+    """
+
+    def __init__(self, upstream: str, match: str = "flaky"):
+        self.upstream = urlparse(upstream)
+        self.match = match
+        self.faults: list[str] = []
+        self.gets = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = None
+                if self.command == "GET" and proxy.match in self.path:
+                    with proxy.lock:
+                        proxy.gets += 1
+                        fault = proxy.faults.pop(0) if proxy.faults else None
+                if fault == "503":
+                    msg = b"<Error><Code>ServiceUnavailable</Code><Message>slow down</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items()}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                if fault == "truncate":
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:
+    """A :class:`FaultyProxy` to the local S3 server; use ``proxy.url`` as the endpoint."""
+    p = FaultyProxy(s3_endpoint)
+    yield p
+    p.close()

@@ -1,17 +1,14 @@
 """Store: local folders and S3 over real HTTP (moto server), including retries of transient faults.
 
-Transient faults are injected by a small HTTP proxy between boto3 and the moto server that
-answers some GETs with 503 or cuts a response body short, exactly what a flaky network or
-an overloaded S3 does. Nothing in the client is mocked.
+Transient faults are injected by a small HTTP proxy between boto3 and the moto server (the
+``faulty_proxy`` fixture of conftest) that answers some GETs with 503 or cuts a response
+body short, exactly what a flaky network or an overloaded S3 does. Nothing in the client is
+mocked.
 """
 
 from __future__ import annotations
 
-import http.client
 import pickle
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
 
 import pytest
 
@@ -106,108 +103,33 @@ def test_s3_store_pickles_after_use(s3_endpoint, s3_bucket):
 # transient faults
 
 
-class FaultyProxy:
-    """HTTP proxy to the moto server that injects faults into GETs of matching keys.
-
-    ``faults`` is a list consumed one per matching GET: ``"503"`` answers Service Unavailable,
-    ``"truncate"`` sends the real headers but only half the body, then drops the connection.
-    """
-
-    def __init__(self, upstream: str, match: str):
-        self.upstream = urlparse(upstream)
-        self.match = match
-        self.faults: list[str] = []
-        self.gets = 0
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = None
-                if self.command == "GET" and proxy.match in self.path:
-                    with proxy.lock:
-                        proxy.gets += 1
-                        fault = proxy.faults.pop(0) if proxy.faults else None
-                if fault == "503":
-                    msg = b"<Error><Code>ServiceUnavailable</Code><Message>slow down</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items()}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                if fault == "truncate":
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def proxy(s3_endpoint):
-    p = FaultyProxy(s3_endpoint, match="flaky")
-    yield p
-    p.close()
-
-
 def _put(s3_endpoint, bucket, key, data):
     open_store(f"s3://{bucket}", endpoint_url=s3_endpoint).write_bytes(key, data)
 
 
-def test_503s_are_retried(proxy, s3_endpoint, s3_bucket):
+def test_503s_are_retried(faulty_proxy, s3_endpoint, s3_bucket):
     payload = bytes(range(256)) * 64
     _put(s3_endpoint, s3_bucket, "flaky.bin", payload)
+    proxy = faulty_proxy
     store = S3Store(f"s3://{s3_bucket}", endpoint_url=proxy.url, attempts=5, backoff=0.01)
     proxy.faults = ["503", "503"]
     assert store.read_bytes("flaky.bin") == payload
     assert proxy.gets == 3  # two failures, then success
 
 
-def test_truncated_bodies_are_retried(proxy, s3_endpoint, s3_bucket):
+def test_truncated_bodies_are_retried(faulty_proxy, s3_endpoint, s3_bucket):
     payload = bytes(range(256)) * 256
     _put(s3_endpoint, s3_bucket, "flaky.bin", payload)
+    proxy = faulty_proxy
     store = S3Store(f"s3://{s3_bucket}", endpoint_url=proxy.url, attempts=4, backoff=0.01)
     proxy.faults = ["truncate", "truncate"]
     assert store.read_bytes("flaky.bin") == payload
     assert proxy.gets == 3
 
 
-def test_persistent_faults_raise_storage_error_naming_the_url(proxy, s3_endpoint, s3_bucket):
+def test_persistent_faults_raise_storage_error_naming_the_url(faulty_proxy, s3_endpoint, s3_bucket):
     _put(s3_endpoint, s3_bucket, "flaky.bin", b"x" * 5000)
+    proxy = faulty_proxy
     store = S3Store(f"s3://{s3_bucket}", endpoint_url=proxy.url, attempts=2, backoff=0.01)
     proxy.faults = ["truncate"] * 10
     with pytest.raises(StorageError, match=f"s3://{s3_bucket}/flaky.bin.*after 2 attempts"):

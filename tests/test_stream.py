@@ -220,6 +220,20 @@ def test_missing_and_corrupt_shards_name_the_shard(tiny_world, s3_endpoint, s3_b
     ds.load_user(users[2])  # others are unaffected
 
 
+def test_transient_s3_faults_while_streaming_are_retried(tiny_world, s3_endpoint, s3_bucket, faulty_proxy):
+    url = f"s3://{s3_bucket}/d"
+    ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint)
+    faulty_proxy.match = ".tar"
+    ds = Dataset.open(url, endpoint_url=faulty_proxy.url)
+    ds.store.backoff = 0.01
+    users = ds.users("train")
+    expected = Dataset.open(url, endpoint_url=s3_endpoint).load_user(users[0])
+    faulty_proxy.faults = ["503", "truncate", "503"]
+    got = ds.load_user(users[0])
+    assert got.images == expected.images and got.jpegs == expected.jpegs
+    assert faulty_proxy.gets == 4 and faulty_proxy.faults == []
+
+
 def test_no_manifest_is_a_clear_error(tmp_path, s3_endpoint, s3_bucket):
     with pytest.raises(DataError, match=r"no dataset at .*manifest.parquet not found.*piaa-dist ingest"):
         Dataset.open(str(tmp_path))

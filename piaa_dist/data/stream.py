@@ -430,7 +430,9 @@ class TaskStream:
         seed: the run's seed.
         start_step: first step yielded (resume).
         num_steps: steps to yield; ``None`` streams forever (the trainer stops).
-        prefetch: steps fetched and decoded ahead in background threads (0 = none).
+        prefetch: steps fetched and decoded ahead, each in a background thread (0 = none).
+            One is the default: it overlaps fetching and decoding with the trainer's compute
+            (torch releases the GIL); more threads only contend for the GIL on small CPUs.
     """
 
     def __init__(
@@ -448,7 +450,7 @@ class TaskStream:
         seed: int,
         start_step: int = 0,
         num_steps: int | None = None,
-        prefetch: int = 2,
+        prefetch: int = 1,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
