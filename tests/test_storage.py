@@ -135,3 +135,38 @@ def test_persistent_faults_raise_storage_error_naming_the_url(faulty_proxy, s3_e
     with pytest.raises(StorageError, match=f"s3://{s3_bucket}/flaky.bin.*after 2 attempts"):
         store.read_bytes("flaky.bin")
     assert proxy.gets == 2
+
+
+def test_s3_local_command_serves_until_interrupted(monkeypatch):
+    """`piaa-dist s3-local` prints a working endpoint and stops cleanly on Ctrl-C."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "piaa_dist.cli", "s3-local", "--bucket", "cmd-bucket"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        text = "".join(lines)
+        m = re.search(r"export AWS_ENDPOINT_URL=(http://127\.0\.0\.1:\d+) AWS_ACCESS_KEY_ID=testing", text)
+        assert m, text
+        assert "--out s3://cmd-bucket/" in text
+        # Use exactly what it told us to export.
+        for kv in re.search(r"export (.*)", text).group(1).split():
+            monkeypatch.setenv(*kv.split("=", 1))
+        store = open_store("s3://cmd-bucket/x", endpoint_url=m.group(1))
+        store.write_bytes("k", b"v")
+        assert store.read_bytes("k") == b"v"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

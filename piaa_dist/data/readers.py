@@ -152,7 +152,7 @@ def _pick_dir(root: Path, explicit: str | Path | None, candidates: tuple[str, ..
 def _pick_file(root: Path, explicit: str | Path | None, default: str, what: str) -> Path:
     path = Path(explicit) if explicit else root / default
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}" + ("" if explicit else f" (give it with --ratings)"))
+        raise DataError(f"{what} not found: {path}" + ("" if explicit else " (give it with --ratings)"))
     return path
 
 
