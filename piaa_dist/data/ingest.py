@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 
 from piaa_dist.data.readers import SKIP_LABELS, SKIP_REASONS, Rating, Skip, SourceRead, read_source
 from piaa_dist.errors import DataError
-from piaa_dist.storage import Store, open_store
+from piaa_dist.storage import open_store
 
 log = logging.getLogger(__name__)
 
