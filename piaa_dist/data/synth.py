@@ -106,7 +106,7 @@ class WorldSpec:
     image_size: int = 64  #: rendered side in pixels
     jpeg_quality: int = 95
     archetype_strength: tuple[float, float] = (0.75, 1.25)  #: per-user gain g_u on the archetype
-    personal_sd: float = 0.3  #: sd of each component of the personal perturbation d_u
+    personal_sd: float = 0.2  #: sd of each component of the personal perturbation d_u
     bias_sd: float = 0.35  #: sd of the per-user offset of the 1-5 scale
     scale_range: tuple[float, float] = (0.55, 1.1)  #: per-user stretch of the 1-5 scale
     threshold_sd: float = 0.12  #: per-user jitter of the rating thresholds 1.5/2.5/3.5/4.5
