@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAME = "meta-train"
 #: checkpoints kept in storage (the latest is what a restart resumes from)
 KEEP_CHECKPOINTS = 2
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{6,})$")
 
 #: ``metrics_callback(step, metrics)``: rank 0's metrics at every report, on the driver's node.
 MetricsCallback = Callable[[int, dict], None]
@@ -261,6 +263,7 @@ class _StepHook:
         dataset: Any,
         inject_failure: dict | None,
         progress: Any = None,
+        resumed_from: int = 0,
     ):
         self.cfg = cfg
         self.rank = rank
@@ -268,6 +271,7 @@ class _StepHook:
         self.dataset = dataset
         self.inject_failure = inject_failure
         self.progress = progress
+        self.resumed_from = resumed_from
         self.data_s = 0.0
         self.step_s = 0.0
 
@@ -284,7 +288,8 @@ class _StepHook:
         validate = _due(step, run.validate_every) or (last and run.validate_every > 0)
         if not (checkpoint or validate or _due(step, run.log_every) or last):
             return
-        out = dict(metrics, step=step)
+        # resumed_from: the step this attempt started at (0 = fresh; shows where a restart resumed).
+        out = dict(metrics, step=step, resumed_from=self.resumed_from)
         # Share of wall time spent waiting for tasks since the last report (data-plane health).
         out["data_wait_share"] = self.data_s / self.step_s if self.step_s > 0 else 0.0
         self.data_s = self.step_s = 0.0
@@ -340,6 +345,103 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def stored_checkpoints(fs: Any, root: str) -> list[tuple[int, str]]:
+    """``(step, folder)`` of the ``checkpoint_<step>`` folders under ``root``, newest first."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    found = []
+    for info in infos:
+        m = _CHECKPOINT_DIR.match(info.base_name)
+        if m and info.type == pyarrow.fs.FileType.Directory:
+            found.append((int(m.group(1)), info.path))
+    return sorted(found, reverse=True)
+
+
+def newest_stored_state(fs: Any, root: str, *, after: int = -1) -> tuple[str | None, dict | None]:
+    """The newest complete training state stored under ``root`` with a step above ``after``.
+
+    Folders that fail to load (a torn upload: missing file or hash mismatch) are skipped.
+
+    Returns:
+        ``(folder, state)`` or ``(None, None)``.
+    """
+    import pyarrow.fs
+
+    from piaa_dist.checkpoint import CheckpointError
+
+    for step, folder in stored_checkpoints(fs, root):
+        if step <= after:
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                pyarrow.fs.copy_files(folder, tmp, source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+                return folder, _load_state_dir(tmp)
+            except (CheckpointError, OSError) as err:
+                log.warning("skipping incomplete checkpoint %s: %s", folder, err)
+    return None, None
+
+
+def _storage_root(storage: dict) -> tuple[Any, str]:
+    """``(filesystem, run folder)`` of the run's storage (see :func:`resolve_storage`)."""
+    import pyarrow.fs
+
+    path, fs = storage["path"], storage["filesystem"]
+    if fs is None:
+        fs, path = pyarrow.fs.FileSystem.from_uri(path if "://" in path else Path(path).as_uri())
+    return fs, f"{path.rstrip('/')}/{storage['name']}"
+
+
+def _resume_state(rank: int, world: int, storage: dict) -> dict | None:
+    """The state every rank resumes from: the newer of Ray's checkpoint and the stored ones.
+
+    Ray Train hands back the last checkpoint its controller *registered*. A checkpoint that
+    rank 0 had fully uploaded can still be unregistered when a worker dies right after it
+    (the controller sees the failure before it collects the report), which would silently
+    cost one more interval. Checkpoint folders have deterministic names, so rank 0 also looks
+    in storage and takes the newest complete one, then tells the other ranks which to load,
+    so that all ranks start from the same state.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    def load_ray() -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return _load_state_dir(directory)
+
+    choice: list[Any] = [("none", None)]
+    state = None
+    if rank == 0:
+        state = load_ray()
+        fs, root = _storage_root(storage)
+        folder, stored = newest_stored_state(fs, root, after=int(state["step"]) if state else -1)
+        if stored is not None:
+            state, choice = stored, [("stored", folder)]
+        elif state is not None:
+            choice = [("ray", None)]
+        if state is not None:
+            log.info("resuming from %s checkpoint at step %d", choice[0][0], state["step"])
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if rank != 0:
+        kind, folder = choice[0]
+        if kind == "ray":
+            state = load_ray()
+        elif kind == "stored":
+            fs, _ = _storage_root(storage)
+            import pyarrow.fs
+
+            with tempfile.TemporaryDirectory() as tmp:
+                pyarrow.fs.copy_files(folder, tmp, source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+                state = _load_state_dir(tmp)
+    return state
+
+
 def _train_worker(config: dict) -> None:
     """``train_loop_per_worker``: one rank of meta-training (runs inside a Ray Train worker)."""
     import ray.train
@@ -359,13 +461,7 @@ def _train_worker(config: dict) -> None:
         device = torch.device("cpu")
     dataset = Dataset.open(config["data_url"], endpoint_url=config["s3_endpoint"] or None)
 
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            resume = _load_state_dir(directory)
-        if rank == 0:
-            log.info("rank 0 resuming from checkpoint at step %d", resume["step"])
+    resume = _resume_state(rank, world, config["storage"])
 
     def report(step: int, metrics: dict, trainer: Any, with_checkpoint: bool) -> None:
         if with_checkpoint and rank == 0:
@@ -382,6 +478,7 @@ def _train_worker(config: dict) -> None:
     hook = _StepHook(
         cfg, rank=rank, report=report, dataset=dataset,
         inject_failure=config.get("inject_failure"),
+        resumed_from=int(resume["step"]) if resume else 0,
     )
     meta_train(
         cfg, dataset, rank=rank, world_size=world,
@@ -461,6 +558,7 @@ def build_trainer(
         "s3_endpoint": s3_endpoint or os.environ.get("AWS_ENDPOINT_URL", ""),
         "use_gpu": use_gpu,
         "inject_failure": inject_failure,
+        "storage": {"path": path, "filesystem": fs, "name": name},
     }
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
@@ -531,7 +629,8 @@ def _run_in_process(
         start = int(resume["step"]) if resume else 0
         bar = tqdm(total=cfg.meta.meta_steps, initial=start, desc="meta-train", unit="step")
     try:
-        hook = _StepHook(cfg, rank=0, report=report, dataset=dataset, inject_failure=None, progress=bar)
+        hook = _StepHook(cfg, rank=0, report=report, dataset=dataset, inject_failure=None,
+                         progress=bar, resumed_from=int(resume["step"]) if resume else 0)
         trainer = meta_train(cfg, dataset, resume=resume, on_step=hook)
     finally:
         if bar is not None:
@@ -621,6 +720,7 @@ def run_distributed(
     import ray
 
     started = ensure_ray(ray_address)
+    path_fs = resolve_storage(storage, s3_endpoint)
     try:
         trainer = build_trainer(
             cfg, data_url, workers=workers, storage_path=storage, name=name,
@@ -628,9 +728,18 @@ def run_distributed(
             inject_failure=inject_failure,
         )
         result = trainer.fit()
-        if result.checkpoint is None:
+        if result.checkpoint is not None:
+            return result_from_checkpoint(cfg, result.checkpoint, result.metrics, workers)
+        # Nothing left to do (the stored run had already finished): its newest checkpoint.
+        fs, root = _storage_root({"path": path_fs[0], "filesystem": path_fs[1], "name": name})
+        folder, state = newest_stored_state(fs, root)
+        if state is None:
             raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
-        return result_from_checkpoint(cfg, result.checkpoint, result.metrics, workers)
+        from piaa_dist.model import build_model
+
+        model = build_model(cfg.model)
+        model.load_state_dict(state["model"])
+        return TrainResult(model, state, dict(result.metrics or {}), folder, workers)
     finally:
         if started:
             ray.shutdown()
