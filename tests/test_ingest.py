@@ -359,3 +359,21 @@ def test_copy_of_world_without_sidecar_is_plain_flickr(tiny_world, tmp_path):
     (root / "latent_scores.csv").unlink()
     report = ingest("flickr-aes", root, str(tmp_path / "out"))
     assert report["source"] == "flickr-aes" and not report["has_truth"]
+
+
+def test_large_photos_are_reduced_and_truncation_still_detected(tmp_path):
+    """Full-size JPEGs decode at reduced scale (draft mode) yet a truncated one still fails."""
+    import numpy as np
+
+    from piaa_dist.data.ingest import process_image
+
+    pixels = (np.random.default_rng(0).random((900, 1200, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90)
+    out = process_image(tmp_path / "big.jpg", 200, 90)
+    with Image.open(io.BytesIO(out)) as im:
+        assert im.size == (200, 150)
+    assert process_image(tmp_path / "big.jpg", 200, 90) == out  # deterministic
+    data = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(OSError, match="truncated"):
+        process_image(tmp_path / "cut.jpg", 200, 90)
