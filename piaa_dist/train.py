@@ -336,7 +336,8 @@ def meta_train(
             ``piaa_dist.checkpoint.save_training_state``) to continue from.
         on_step: called as ``on_step(step_count, metrics, trainer)`` after every update, on
             every rank (checkpointing, reporting). ``metrics`` adds ``data_s`` (time waiting
-            for this rank's tasks) and ``step_s`` (wall time of the whole step) to
+            for this rank's tasks), ``step_s`` (wall time of the whole step) and ``cpu_s``
+            (this process's CPU time in the step, all threads) to
             :meth:`MetaTrainer.apply_flat`'s.
         device: compute device (default from ``cfg.run.use_gpu``).
 
@@ -385,6 +386,7 @@ def meta_train(
     )
     batches = iter(stream)
     while trainer.step_count < cfg.meta.meta_steps:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         step, tasks = next(batches)
         t1 = time.perf_counter()
@@ -393,6 +395,7 @@ def meta_train(
         metrics = trainer.step(tasks, reduce)
         metrics["data_s"] = t1 - t0
         metrics["step_s"] = time.perf_counter() - t0
+        metrics["cpu_s"] = time.process_time() - c0
         if rank == 0 and (
             trainer.step_count % max(1, cfg.run.log_every) == 0
             or trainer.step_count == cfg.meta.meta_steps
