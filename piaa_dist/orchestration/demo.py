@@ -51,7 +51,7 @@ class DemoSettings:
         data: existing dataset URL (``s3://bucket/prefix`` or folder): skips synth + ingest.
         s3_endpoint: S3 endpoint to use instead of starting a local one.
         mlflow_uri: tracking URI (default ``sqlite:///<out>/mlflow.db``).
-        ray_address: Ray cluster (default: start a local one with ``num_cpus``).
+        ray_address: Ray cluster (default: each Ray stage starts and stops a local one).
         users / images / seed: size of the synthetic world.
         workers: Ray Train workers for meta-training.
         tune_samples: trials of the sweep (0 skips the sweep).
@@ -70,12 +70,12 @@ class DemoSettings:
     images: int = 3000
     seed: int = 0
     workers: int = 2
-    num_cpus: int = 2
     tune_samples: int = 3
     tune_overrides: tuple[str, ...] = ()
     shots: tuple[int, ...] = (10, 100)
     repeats: int = 10
     readme: Path | None = None
+    world: Any = None  #: a full ``WorldSpec`` (overrides users/images/seed; tests use a tiny one)
     timings: dict = field(default_factory=dict)
 
 
@@ -157,14 +157,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     Raises:
         Whatever a stage raises; processes started so far are stopped first.
     """
-    import ray
-
-    from piaa_dist.checkpoint import save_model
     from piaa_dist.commands.train import train_main
     from piaa_dist.commands.tune import format_trials, tune_main
     from piaa_dist.config import load_config
     from piaa_dist.orchestration import report, tracking
-    from piaa_dist.orchestration.ray_train import ensure_ray
 
     out = Path(settings.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +178,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                      "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
                      "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
             stack.enter_context(_env(AWS_ENDPOINT_URL=endpoint, MLFLOW_TRACKING_URI=mlflow_uri, **creds))
+            summary["s3_endpoint"] = endpoint
             print(f"    S3 endpoint {endpoint or '(AWS default)'}; MLflow {mlflow_uri}")
 
         world = out / "world"
@@ -190,8 +187,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             with stages.stage("synthetic PIAA world"):
                 from piaa_dist.data.synth import WorldSpec, make_world
 
-                summary_world = make_world(world, WorldSpec(users=settings.users, images=settings.images,
-                                                            seed=settings.seed))
+                spec = settings.world or WorldSpec(users=settings.users, images=settings.images,
+                                                   seed=settings.seed)
+                summary_world = make_world(world, spec)
                 summary["world"] = {"users": summary_world.users, "images": summary_world.images,
                                     "ratings": summary_world.ratings}
                 print(f"    {summary_world.ratings} ratings by {summary_world.users} users "
@@ -202,9 +200,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 summary["ingest"] = ingest_report
         summary["data"] = data_url
 
-        started_ray = ensure_ray(settings.ray_address or None, num_cpus=settings.num_cpus)
-        if started_ray:
-            stack.callback(ray.shutdown)
+        # Without --ray-address each Ray stage (train, tune) starts its own local Ray and stops
+        # it when done, so nothing one stage reserved can starve the next.
+        ray_address = settings.ray_address or None
 
         with stages.stage(f"meta-training on Ray ({settings.workers} Train workers)"):
             train_out = out / "train"
@@ -212,7 +210,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 data=data_url, out=train_out, config=settings.config,
                 overrides=[*settings.overrides, "run.register_name=", "run.alias="],
                 workers=settings.workers, s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
-                progress=False,
+                progress=False, ray_address=ray_address,
             )
             train_val = (result.metrics or {}).get("val_srocc")
             summary["train"] = {"model": str(model_dir), "step": result.step, "val_srocc": train_val,
@@ -226,7 +224,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                     data=data_url, out=out / "tune", config=settings.config,
                     overrides=[*settings.overrides, *settings.tune_overrides, "run.register_name="],
                     samples=settings.tune_samples, workers_per_trial=1,
-                    s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
+                    s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri, ray_address=ray_address,
                 )
                 print(format_trials(sweep["trials"]))
                 summary["tune"] = {k: v for k, v in sweep.items() if k != "trials"}

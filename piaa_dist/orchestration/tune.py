@@ -102,6 +102,95 @@ class _TrialMetrics:
         return {"uri": self.uri, "run_id": self.run_id, "_run": None}
 
 
+def _live_placement_groups() -> dict[str, dict]:
+    """Placement groups that still hold (or wait for) resources, by id."""
+    from ray.util import placement_group_table
+
+    return {pg_id: info for pg_id, info in placement_group_table().items()
+            if info.get("state") in ("PENDING", "CREATED", "RESCHEDULING")}
+
+
+def _is_train_worker_group(info: dict, worker_bundle: dict[str, float]) -> bool:
+    """True for a placement group shaped like a trial's Train worker group."""
+    bundles = list((info.get("bundles") or {}).values())
+    return bool(bundles) and all(
+        {k: float(v) for k, v in b.items() if k in ("CPU", "GPU")} == worker_bundle for b in bundles
+    )
+
+
+def _make_reclaim_callback(worker_bundle: dict[str, float]):
+    """A Tune callback that frees Train worker placement groups a finished trial left behind.
+
+    Why: when ASHA stops a trial, Tune kills the trial actor while ``TorchTrainer.fit()`` is
+    running; the Train controller dies without removing its worker placement group (Ray 2.60
+    keeps it until the job ends), and on a 2-CPU machine that reserved CPU starves every later
+    trial forever. The callback runs in the sweep's driver (it survives the kill) after each
+    trial ends. It is only installed when trials run one at a time on a Ray this sweep
+    started itself, so every worker-shaped group still alive then is a leftover.
+    """
+    from ray import tune
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    class _Reclaim(tune.Callback):
+        def _reclaim(self, trial) -> None:
+            leftover = [pg_id for pg_id, info in _live_placement_groups().items()
+                        if _is_train_worker_group(info, worker_bundle)]
+            for pg_id in leftover:
+                try:
+                    remove_placement_group(PlacementGroup(ray_id_from_hex(pg_id)))
+                except Exception:  # noqa: BLE001 - already being removed by Ray itself
+                    log.debug("placement group %s already gone", pg_id, exc_info=True)
+            if leftover:
+                log.info("trial %s: freed %d Train placement group(s) it left reserved",
+                         trial.trial_id, len(leftover))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
+            self._reclaim(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
+            self._reclaim(trial)
+
+    return _Reclaim()
+
+
+def ray_id_from_hex(pg_id: str):
+    """A ``PlacementGroupID`` from the hex id ``placement_group_table`` reports."""
+    from ray._raylet import PlacementGroupID
+
+    return PlacementGroupID(bytes.fromhex(pg_id))
+
+
+def _make_end_runs_callback(uri: str, experiment: str):
+    """A Tune callback (in the driver) that closes the MLflow runs of trials Tune stopped.
+
+    A trial ASHA stops is killed mid-run, so it cannot end its own MLflow run; without this
+    it would stay RUNNING forever. Stopped trials end as KILLED with a tag saying why.
+    """
+    from ray import tune
+
+    class _EndRuns(tune.Callback):
+        def _end(self, trial, status: str, reason: str) -> None:
+            from piaa_dist.orchestration.tracking import _client, get_or_create_experiment
+
+            client = _client(uri)
+            exp_id = get_or_create_experiment(experiment, uri)
+            runs = client.search_runs(
+                [exp_id], filter_string=f"tags.`piaa_dist.trial_id` = '{trial.trial_id}'"
+            )
+            for run in runs:
+                if run.info.status == "RUNNING":
+                    client.set_tag(run.info.run_id, "piaa_dist.ended_by", reason)
+                    client.set_terminated(run.info.run_id, status=status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
+            self._end(trial, "KILLED", "stopped early by the scheduler")
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
+            self._end(trial, "FAILED", "trial error")
+
+    return _EndRuns()
+
+
 def _trial(config: dict) -> None:
     """Tune trial (runs in a Ray actor): one Ray Train meta-training run with these params."""
     import ray.tune
@@ -223,7 +312,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from piaa_dist.orchestration.ray_train import _absolute_url, ensure_ray, resolve_storage
+    from piaa_dist.orchestration.ray_train import _absolute_url, _use_gpu, ensure_ray, resolve_storage
 
     if cfg.run.validate_every <= 0:
         raise ValueError("tune needs run.validate_every > 0: validation SROCC is the metric")
@@ -251,8 +340,16 @@ def run_sweep(
         # a trial always gets `grace_period` validation rounds before it can be stopped
         grace_period=min(steps, max(1, cfg.tune.grace_period) * cfg.run.validate_every),
         reduction_factor=cfg.tune.reduction_factor,
+        # a trial that reaches max_t ends by itself (cleanly) instead of being killed
+        stop_last_trials=False,
     )
     started = ensure_ray(ray_address)
+    callbacks = [_make_end_runs_callback(mlflow_uri, cfg.run.experiment)] if mlflow_uri else []
+    if started and cfg.tune.max_concurrent == 1:
+        bundle = {"CPU": float(cfg.run.cpus_per_worker)}
+        if _use_gpu(cfg):
+            bundle["GPU"] = 1.0
+        callbacks.append(_make_reclaim_callback(bundle))
     try:
         tuner = tune.Tuner(
             # The trial driver only waits on its TorchTrainer: reserve (almost) no CPU for it, or
@@ -266,7 +363,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=tune_storage, storage_filesystem=tune_fs,
-                verbose=0,
+                verbose=0, callbacks=callbacks,
             ),
         )
         grid = tuner.fit()
