@@ -5,17 +5,19 @@ a SUM over ranks of a flat tensor (``torch.distributed.all_reduce`` under Ray Tr
 for a single process). Every meta-step packs this rank's
 
 * summed meta-gradients (one slot per parameter),
-* summed BatchNorm running statistics of the adapted models (when the meta-gradient returns them),
+* summed BatchNorm running statistics of the tasks' adapted models (``MetaGradient.buffers``),
 * task count, summed query loss, summed support loss
 
-into ONE flat tensor, reduces it once, and divides by the *global* task count. Every rank then
-holds the same averaged gradient and applies the same update, so the meta-learner stays
-identical on all ranks without a DDP wrapper (DDP cannot double-backward; see BACKGROUND.md).
+into ONE flat float64 tensor, reduces it once, and divides by the *global* task count. Every
+rank then holds the same averaged gradient and applies the same update, so the meta-learner
+stays identical on all ranks without a DDP wrapper (DDP cannot double-backward; see
+BACKGROUND.md).
 
-Randomness does not depend on the rank: the task stream is a pure function of
-``(seed, step, user)`` and each task's meta-gradient runs under a torch RNG seeded from the same
-triple (dropout masks), so 1 and 2 workers compute the same global meta-gradient up to the
-order of floating-point sums.
+Nothing depends on the rank: the task stream is a pure function of ``(seed, step, user)``;
+each task's meta-gradient runs under a torch RNG seeded from the same triple (dropout masks);
+and per-task results are summed in float64, where a sum of a few float32 values is exact, so
+the order of the sum (which tasks met on which rank) does not change the result. On CPU, 1
+and 2 workers therefore apply bit-identical updates (tests/test_train.py checks this).
 """
 
 from __future__ import annotations

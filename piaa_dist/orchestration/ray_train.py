@@ -607,7 +607,6 @@ def _run_in_process(
     from piaa_dist.data.stream import Dataset
     from piaa_dist.train import meta_train
 
-    torch.set_num_threads(max(1, cfg.run.threads_per_worker))
     dataset = Dataset.open(data_url, endpoint_url=s3_endpoint or None)
     store = _LocalCheckpoints(storage_path, name, s3_endpoint)
     resume = store.load_latest()
@@ -628,11 +627,16 @@ def _run_in_process(
 
         start = int(resume["step"]) if resume else 0
         bar = tqdm(total=cfg.meta.meta_steps, initial=start, desc="meta-train", unit="step")
+    # The run's thread budget, as a Train worker would have it; restored afterwards because
+    # this is the caller's process (a test session, a notebook).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cfg.run.threads_per_worker))
     try:
         hook = _StepHook(cfg, rank=0, report=report, dataset=dataset, inject_failure=None,
                          progress=bar, resumed_from=int(resume["step"]) if resume else 0)
         trainer = meta_train(cfg, dataset, resume=resume, on_step=hook)
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
     if last["checkpoint"] is None and store.latest() is not None:
