@@ -167,6 +167,28 @@ def test_in_process_checkpoints_on_s3(cfg, tiny_dataset_url, s3_endpoint, tmp_pa
     _assert_close_states(again.state, result.state, rtol=0, atol=0)
 
 
+def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
+    """Resume picks the newest checkpoint folder that loads; a torn one is passed over."""
+    import pyarrow.fs
+
+    from piaa_dist.checkpoint import save_training_state
+    from piaa_dist.orchestration.ray_train import newest_stored_state, stored_checkpoints
+
+    root = tmp_path / "meta-train"
+    for step in (2, 4, 6):
+        save_training_state(root / f"checkpoint_{step:06d}", {"step": step, "w": torch.full((3,), step)})
+    (root / "checkpoint_000006" / "training_state.safetensors").write_bytes(b"torn")
+    (root / "not_a_checkpoint").mkdir()
+    fs = pyarrow.fs.LocalFileSystem()
+    assert [s for s, _ in stored_checkpoints(fs, str(root))] == [6, 4, 2]
+    folder, state = newest_stored_state(fs, str(root))
+    assert folder.endswith("checkpoint_000004") and state["step"] == 4
+    assert torch.equal(state["w"], torch.full((3,), 4))
+    # Nothing newer than what Ray already handed back: (None, None).
+    assert newest_stored_state(fs, str(root), after=4) == (None, None)
+    assert newest_stored_state(fs, str(tmp_path / "missing")) == (None, None)
+
+
 @pytest.mark.slow
 def test_ray_checkpoints_on_s3(ray_session, cfg, tiny_dataset_url, s3_endpoint, tmp_path):
     import boto3

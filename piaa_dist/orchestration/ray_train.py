@@ -7,11 +7,15 @@ update (DDP is not used: it cannot double-backward through the inner loop).
 
 Checkpoints (meta-learner, meta-optimizer, sampler position = step) are reported by rank 0
 every ``run.checkpoint_every`` steps and at the end, to ``<storage_path>/<name>/`` (a local
-folder or ``s3://``). ``FailureConfig(max_failures=run.max_failures)`` restarts a failed
-worker group from the latest checkpoint; re-running the same command (same storage path and
-name) after a stop resumes too, because Ray Train V2 restores its checkpoint list from storage.
-Either way at most one checkpoint interval of work is redone, and because the task stream is
-a pure function of ``(seed, step)`` the redone steps see the same tasks.
+folder or ``s3://``), in folders named ``checkpoint_<step:06d>``.
+``FailureConfig(max_failures=run.max_failures)`` restarts a failed worker group; re-running the
+same command (same storage path and name) after a stop starts a new one. Either way rank 0
+resumes from the newer of Ray's registered checkpoint and the newest complete checkpoint folder
+in storage (Ray can lose the registration of a checkpoint that was fully written when a worker
+dies right after it) and broadcasts its choice, so every rank loads the same state. At most one
+checkpoint interval of work is redone, and because the task stream is a pure function of
+``(seed, step)`` the redone steps see the same tasks: a resumed run ends bit-identical to an
+uninterrupted one.
 
 ``workers=0`` runs the same loop in this process without Ray (checkpoints and resume work the
 same way, through :class:`_LocalCheckpoints`).
@@ -151,11 +155,14 @@ def resolve_storage(
     return storage_path[len("s3://") :], pyarrow.fs.S3FileSystem(**kwargs)
 
 
-def _absolute_url(url: str) -> str:
+def absolute_url(url: str) -> str:
     """Local dataset paths made absolute (Train workers run in their own directory)."""
     if "://" in url:
         return url
     return str(Path(url).expanduser().resolve())
+
+
+_absolute_url = absolute_url  # the name piaa_dist.orchestration.tune imports
 
 
 def _save_state_dir(directory: str | Path, trainer: Any, cfg: JobConfig) -> None:
@@ -554,7 +561,7 @@ def build_trainer(
         all_callbacks.append(_metrics_user_callback(metrics_callback))
     loop_config = {
         "cfg": config_to_dict(cfg),
-        "data_url": _absolute_url(data_url),
+        "data_url": absolute_url(data_url),
         "s3_endpoint": s3_endpoint or os.environ.get("AWS_ENDPOINT_URL", ""),
         "use_gpu": use_gpu,
         "inject_failure": inject_failure,
@@ -717,7 +724,7 @@ def run_distributed(
     )
     storage = storage_path or cfg.run.storage_path or str(out_dir / "checkpoints")
     s3_endpoint = s3_endpoint or cfg.data.s3_endpoint or None
-    data_url = _absolute_url(data_url)
+    data_url = absolute_url(data_url)
     if workers <= 0:
         return _run_in_process(cfg, data_url, storage, name, s3_endpoint, metrics_callback, progress)
 
@@ -752,11 +759,14 @@ def run_distributed(
 __all__ = [
     "DEFAULT_NAME",
     "TrainResult",
+    "absolute_url",
     "build_trainer",
+    "newest_stored_state",
     "JsonlMetrics",
     "ensure_ray",
     "quiet_ray_logs",
     "resolve_storage",
     "result_from_checkpoint",
     "run_distributed",
+    "stored_checkpoints",
 ]
