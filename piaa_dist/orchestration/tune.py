@@ -312,7 +312,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from piaa_dist.orchestration.ray_train import _absolute_url, _use_gpu, ensure_ray, resolve_storage
+    from piaa_dist.orchestration.ray_train import _use_gpu, absolute_url, ensure_ray, resolve_storage
 
     if cfg.run.validate_every <= 0:
         raise ValueError("tune needs run.validate_every > 0: validation SROCC is the metric")
@@ -326,7 +326,7 @@ def run_sweep(
     param_space: dict[str, Any] = dict(search_space(cfg))
     param_space.update(
         base=config_to_dict(cfg),
-        data_url=_absolute_url(data_url),
+        data_url=absolute_url(data_url),
         workers_per_trial=workers_per_trial,
         storage_path=storage,
         s3_endpoint=s3_endpoint,
