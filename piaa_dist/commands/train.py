@@ -140,8 +140,9 @@ def train_main(
     """Load the config, meta-train, write ``out/model`` and log the run.
 
     Returns:
-        ``(result, model_dir)``: the :class:`~piaa_dist.orchestration.ray_train.TrainResult`
-        and the written model folder.
+        ``(result, model_dir, info)``: the
+        :class:`~piaa_dist.orchestration.ray_train.TrainResult`, the written model folder and
+        its ``info`` (step, workers, checkpoint, final metrics, MLflow run / registered URIs).
 
     Raises:
         ConfigError: bad config/overrides, or no data URL given anywhere.
