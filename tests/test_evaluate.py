@@ -1,0 +1,382 @@
+"""The meta-testing protocol: seeded splits, same budget per method, reproducible numbers,
+fine-tuning that learns, ceilings, the JSON shape; and the GIAA prior.
+
+Most tests use a tiny hand-built dataset (random JPEGs in memory with chosen scores and truth)
+so each property can be checked against values computed by hand; the end-to-end checks on the
+synthetic world are in ``tests/test_experiment.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+
+from piaa_dist.config import JobConfig, with_overrides
+from piaa_dist.errors import DataError
+from piaa_dist.evaluate import (
+    METHODS,
+    ceilings,
+    decode_user,
+    evaluate,
+    finetune,
+    format_table,
+    predict,
+    split_indices,
+    standard_models,
+    validation_srocc,
+)
+from piaa_dist.giaa import train_giaa
+from piaa_dist.model import build_model
+
+torch.set_num_threads(1)
+
+SIZE = 16
+
+
+def _jpeg(rng: np.random.Generator, brightness: float) -> bytes:
+    """A small JPEG whose mean brightness carries the 'aesthetic' signal."""
+    arr = np.clip(rng.normal(brightness * 255, 30, size=(SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+class FakeDataset:
+    """In-memory stand-in for :class:`piaa_dist.data.stream.Dataset` (``users``, ``load_user``)."""
+
+    def __init__(self, n_users: int = 4, n_images: int = 30, truth: bool = True, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self._users = {}
+        for u in range(n_users):
+            name = f"U{u:02d}"
+            latent = rng.uniform(1, 5, n_images)
+            avg = rng.uniform(1, 5, n_images)
+            scores = np.clip(np.rint(latent + rng.normal(0, 0.7, n_images)), 1, 5).astype(np.float32)
+            self._users[name] = SimpleNamespace(
+                user=name,
+                images=[f"{name}_{i}.jpg" for i in range(n_images)],
+                jpegs=[_jpeg(rng, (s - 1) / 4 * 0.6 + 0.2) for s in scores],
+                scores=scores,
+                latent=latent.astype(np.float32) if truth else None,
+                average_latent=avg.astype(np.float32) if truth else None,
+            )
+        names = sorted(self._users)
+        self._split = {"train": names[: n_users // 2], "test": names[n_users // 2 :]}
+
+    def users(self, split: str) -> list[str]:
+        return list(self._split[split])
+
+    def load_user(self, user: str):
+        return self._users[user]
+
+
+def _cfg(**updates) -> JobConfig:
+    base = {
+        "data.image_size": SIZE,
+        "data.augment": False,
+        "model.width": 8,
+        "model.feature_dim": 16,
+        "model.head_hidden": [16],
+        "model.dropout": 0.0,
+        "eval.shots": [5, 10],
+        "eval.repeats": 2,
+        "eval.finetune_steps": 5,
+        "eval.finetune_lr": 0.05,
+        "giaa.steps": 30,
+        "giaa.batch_size": 16,
+    }
+    base.update(updates)
+    return with_overrides(JobConfig(), base)
+
+
+def _model(cfg: JobConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(cfg.model).eval()
+
+
+def _calibrated(model, images):
+    """Give a fresh model the BatchNorm running statistics of `images` (as training would):
+    a prior's running statistics describe its inputs, whereas a fresh model's (0, 1) make
+    eval-mode predictions unrelated to the train-mode ones that fine-tuning optimizes."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the passes below
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_split_is_deterministic_disjoint_and_depends_on_every_key():
+    tr, te = split_indices(40, 10, seed=3, user="A", repeat=0)
+    tr2, te2 = split_indices(40, 10, seed=3, user="A", repeat=0)
+    assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
+    assert len(tr) == 10 and len(te) == 30
+    assert set(tr).isdisjoint(te) and set(tr) | set(te) == set(range(40))
+    base = set(tr.tolist())
+    for kw in ({"seed": 4, "user": "A", "repeat": 0}, {"seed": 3, "user": "B", "repeat": 0},
+               {"seed": 3, "user": "A", "repeat": 1}):
+        assert set(split_indices(40, 10, **kw)[0].tolist()) != base, kw
+    with pytest.raises(DataError):
+        split_indices(10, 10, seed=0, user="A", repeat=0)
+
+
+def test_split_independent_of_method_and_of_which_methods_run():
+    """The same prior under two fine-tuned method names gets identical numbers (same splits,
+    same fine-tuning stream), and a method scores the same alone or alongside others."""
+    cfg = _cfg()
+    data = FakeDataset()
+    m = _model(cfg)
+    both = evaluate(cfg, data, {"blg-piaa": m, "giaa-finetune": m}, seed=1)
+    alone = evaluate(cfg, data, {"giaa-finetune": m}, seed=1)
+    for k in ("5", "10"):
+        a = both["methods"]["blg-piaa"][k]["per_user"]
+        b = both["methods"]["giaa-finetune"][k]["per_user"]
+        c = alone["methods"]["giaa-finetune"][k]["per_user"]
+        assert a == b == c
+        d = both["paired"]["blg-piaa vs giaa-finetune"][k]
+        assert d["diff_mean"] == 0.0 and d["users_better"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility
+
+
+def test_same_seed_same_numbers_and_other_seed_other_numbers():
+    cfg = _cfg(**{"model.dropout": 0.3})  # dropout: the fine-tuning stream must be seeded too
+    data = FakeDataset()
+    meta, giaa = _model(cfg, 0), _model(cfg, 1)
+    models = standard_models(meta, giaa, cfg.eval.methods)
+    r1 = evaluate(cfg, data, models, seed=5)
+    torch.manual_seed(123)  # the caller's global RNG state must not matter
+    r2 = evaluate(cfg, data, models, seed=5)
+    r3 = evaluate(cfg, data, models, seed=6)
+    assert r1["methods"] == r2["methods"] and r1["paired"] == r2["paired"]
+    assert r1["methods"]["blg-piaa"]["5"]["per_user"] != r3["methods"]["blg-piaa"]["5"]["per_user"]
+
+
+def test_no_adapt_method_ignores_finetuning_and_matches_direct_prediction():
+    cfg = _cfg(**{"eval.repeats": 1, "eval.shots": [5]})
+    data = FakeDataset(n_users=2)
+    m = _model(cfg)
+    res = evaluate(cfg, data, {"meta-no-adapt": m}, seed=2)
+    (user,) = data.users("test")
+    r = data.load_user(user)
+    _, te = split_indices(len(r.scores), 5, seed=2, user=user, repeat=0)
+    pred = predict(m, decode_user(r, SIZE))[te]
+    expected = spearmanr(pred, r.scores[te]).statistic
+    assert res["methods"]["meta-no-adapt"]["5"]["per_user"][user] == pytest.approx(expected, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def test_finetune_lowers_training_loss_and_leaves_the_prior_alone():
+    cfg = _cfg()
+    data = FakeDataset(n_users=2)
+    r = data.load_user("U01")
+    images = decode_user(r, SIZE)
+    targets = torch.as_tensor(r.scores / 5.0)
+    prior = _calibrated(_model(cfg), images)
+    before_state = {k: v.clone() for k, v in prior.state_dict().items()}
+
+    def loss(model) -> float:
+        # what matters: the loss of the predictions (eval mode) on the training images
+        return float(np.mean((predict(model, images) - targets.numpy()) ** 2))
+
+    head = {n for n, _ in prior.named_parameters() if n.startswith("head.")}
+    for optimizer, lr, adapt_names, bn in (
+        ("sgd", 0.1, None, "batch"),
+        # bn="running" optimizes exactly the eval-mode predictor, so even large moves lower its
+        # loss (with "batch" they can leave the running statistics stale: the train-mode loss
+        # falls while the eval-mode one may rise)
+        ("sgd", 0.1, None, "running"),
+        ("sgd", 0.5, head, "running"),
+        ("adam", 0.003, None, "running"),
+    ):
+        tuned = finetune(prior, (images, targets), steps=30, lr=lr, optimizer=optimizer,
+                         batch_size=100, seed=0, adapt_names=adapt_names, bn=bn)
+        assert loss(tuned) < 0.6 * loss(prior), (optimizer, adapt_names, bn)
+        assert not tuned.training
+    for k, v in prior.state_dict().items():
+        assert torch.equal(v, before_state[k]), k
+    # BN running statistics are those of the prior (frozen during fine-tuning, see finetune()).
+    tuned = finetune(prior, (images, targets), steps=5, lr=0.1, batch_size=8, seed=0)
+    for name, buf in tuned.named_buffers():
+        if "running" in name:
+            assert torch.equal(buf, dict(prior.named_buffers())[name]), name
+    # head-only adaptation leaves the backbone untouched
+    tuned = finetune(prior, (images, targets), steps=5, lr=0.1, seed=0, adapt_names=head)
+    for (n, p), (_, q) in zip(prior.named_parameters(), tuned.named_parameters()):
+        assert torch.equal(p, q) == (n not in head), n
+    # a per-parameter learning rate: a zero rate freezes that parameter
+    lrs = {n: (0.0 if n.startswith("backbone.") else 0.1) for n, _ in prior.named_parameters()}
+    tuned = finetune(prior, (images, targets), steps=5, lr=lrs, seed=0)
+    for (n, p), (_, q) in zip(prior.named_parameters(), tuned.named_parameters()):
+        assert torch.equal(p, q) == n.startswith("backbone."), n
+
+
+def test_head_only_shortcut_is_exact(monkeypatch):
+    """Head-only fine-tuning runs the backbone once and predicts from cached features; that must
+    give the numbers the plain path gives."""
+    import piaa_dist.evaluate as ev
+
+    cfg = _cfg(**{"meta.inner_params": "head", "eval.repeats": 1, "model.dropout": 0.3})
+    data = FakeDataset(n_users=4)
+    m = _model(cfg)
+    fast = evaluate(cfg, data, {"blg-piaa": m}, seed=0)
+    monkeypatch.setattr(ev, "_FIXED_FEATURES", False)
+    slow = evaluate(cfg, data, {"blg-piaa": m}, seed=0)
+    for k in ("5", "10"):
+        a, b = fast["methods"]["blg-piaa"][k]["per_user"], slow["methods"]["blg-piaa"][k]["per_user"]
+        assert a.keys() == b.keys()
+        for u in a:
+            assert a[u] == pytest.approx(b[u], abs=1e-6)
+
+
+def test_finetune_is_seeded_with_minibatches_and_dropout():
+    cfg = _cfg(**{"model.dropout": 0.5})
+    r = FakeDataset(n_users=2).load_user("U00")
+    support = (decode_user(r, SIZE), torch.as_tensor(r.scores / 5.0))
+    prior = _model(cfg)
+    a = finetune(prior, support, steps=6, lr=0.1, batch_size=7, seed=9)
+    b = finetune(prior, support, steps=6, lr=0.1, batch_size=7, seed=9)
+    c = finetune(prior, support, steps=6, lr=0.1, batch_size=7, seed=10)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    with pytest.raises(ValueError):
+        finetune(prior, support, steps=1, lr=0.1, optimizer="lbfgs")
+    with pytest.raises(ValueError):
+        finetune(prior, support, steps=1, lr=0.1, bn="instance")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings
+
+
+def test_ceilings_on_a_hand_built_case():
+    scores = np.array([1, 2, 3, 4, 5], dtype=np.float32)
+    users = {
+        # oracle perfectly ordered, average user perfectly reversed
+        "A": SimpleNamespace(scores=scores, latent=scores + 0.1, average_latent=-scores),
+        # oracle one swap: 1 - 6*2/(5*24) = 0.9; average-user constant -> no ranking -> 0
+        "B": SimpleNamespace(scores=scores, latent=np.array([2, 1, 3, 4, 5.0]),
+                             average_latent=np.full(5, 3.0)),
+    }
+    data = SimpleNamespace(load_user=users.__getitem__)
+    out = ceilings(data, ["A", "B"])
+    assert out["oracle"] == pytest.approx((1.0 + 0.9) / 2)
+    assert out["average_user"] == pytest.approx((-1.0 + 0.0) / 2)
+    users["C"] = SimpleNamespace(scores=scores, latent=None, average_latent=None)
+    assert ceilings(data, ["A", "C"]) is None
+
+
+def test_ceilings_absent_without_truth_sidecar():
+    cfg = _cfg(**{"eval.repeats": 1, "eval.shots": [5]})
+    res = evaluate(cfg, FakeDataset(truth=False), {"blg-piaa": _model(cfg)})
+    assert res["ceilings"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def test_json_shape_table_and_validation_metric():
+    cfg = _cfg()
+    data = FakeDataset(n_users=6, n_images=14)  # 14 ratings: 10 shots leave 4 test images
+    meta, giaa = _model(cfg, 0), _model(cfg, 1)
+    res = evaluate(cfg, data, standard_models(meta, giaa, cfg.eval.methods))
+    res = json.loads(json.dumps(res))  # JSON-ready: no numpy scalars, no tuples-as-keys
+    assert set(res["methods"]) == {"blg-piaa", "meta-no-adapt", "giaa-finetune"}
+    for by_k in res["methods"].values():
+        assert set(by_k) == {"5", "10"}
+        for cell in by_k.values():
+            for key in ("srocc_mean", "srocc_std", "plcc_mean"):
+                assert isinstance(cell[key], float) and -1.0 <= cell[key] <= 1.0 + 1e-9
+            assert cell["srocc_std"] >= 0
+            assert set(cell["per_user"]) == set(data.users("test"))
+            # srocc_mean is the mean over users of their mean over repeats
+            assert cell["srocc_mean"] == pytest.approx(np.mean(list(cell["per_user"].values())))
+    assert set(res["ceilings"]) == {"oracle", "average_user"}
+    for k in ("5", "10"):
+        d = res["paired"]["blg-piaa vs giaa-finetune"][k]
+        assert d["ci95"][0] <= d["diff_mean"] <= d["ci95"][1]
+        assert d["n_users"] == 3
+        per_a = res["methods"]["blg-piaa"][k]["per_user"]
+        per_b = res["methods"]["giaa-finetune"][k]["per_user"]
+        assert d["diff_mean"] == pytest.approx(np.mean([per_a[u] - per_b[u] for u in per_a]))
+    table = format_table(res)
+    for name in ("blg-piaa", "meta-no-adapt", "giaa-finetune", "oracle", "paired"):
+        assert name in table
+    v = validation_srocc(cfg, data, meta, data.users("test"), shots=5, repeats=2)
+    assert v == pytest.approx(res["methods"]["blg-piaa"]["5"]["srocc_mean"])
+
+
+def test_users_with_too_few_ratings_are_skipped_and_reported():
+    cfg = _cfg(**{"eval.shots": [5, 10], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=12)  # 10 shots leave 2 < 3 test images
+    res = evaluate(cfg, data, {"blg-piaa": _model(cfg)})
+    assert set(res["methods"]["blg-piaa"]) == {"5"}
+    assert res["skipped"]["10"] == data.users("test")
+
+
+def test_srocc_std_is_the_spread_over_repeats():
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 3})
+    data = FakeDataset(n_users=6)
+    res = evaluate(cfg, data, {"meta-no-adapt": _model(cfg)}, seed=0)
+    users = data.users("test")
+    m = _model(cfg)
+    per_repeat = []
+    for r in range(3):
+        vals = []
+        for u in users:
+            rr = data.load_user(u)
+            _, te = split_indices(len(rr.scores), 5, seed=0, user=u, repeat=r)
+            vals.append(spearmanr(predict(m, decode_user(rr, SIZE))[te], rr.scores[te]).statistic)
+        per_repeat.append(np.mean(vals))
+    assert res["methods"]["meta-no-adapt"]["5"]["srocc_std"] == pytest.approx(np.std(per_repeat, ddof=1))
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError):
+        standard_models(None, None, ["nope"])
+    assert "blg-piaa" in METHODS
+
+
+# ---------------------------------------------------------------------------------------------
+# GIAA
+
+
+def test_giaa_is_seeded_and_learns_the_pooled_ratings():
+    cfg = _cfg(**{"giaa.steps": 60, "giaa.lr": 3e-3})
+    data = FakeDataset(n_users=4)
+    users = data.users("train")
+    a = train_giaa(cfg, data, users)
+    b = train_giaa(cfg, data, users)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not a.training
+    images = torch.cat([decode_user(data.load_user(u), SIZE) for u in users])
+    scores = np.concatenate([data.load_user(u).scores for u in users])
+    untrained = _model(cfg)
+    err = lambda m: float(np.mean((predict(m, images) - scores / 5.0) ** 2))  # noqa: E731
+    assert err(a) < err(untrained)
+    # brightness carries the score in this fake world: the pooled model ranks images by it
+    assert spearmanr(predict(a, images), scores).statistic > 0.5
+    with pytest.raises(ValueError):
+        train_giaa(cfg, data, [])
