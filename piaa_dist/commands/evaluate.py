@@ -1,0 +1,132 @@
+"""``piaa-dist evaluate``: the meta-testing protocol on the test users, printed as a table.
+
+    piaa-dist evaluate --data URL --model PATH_OR_MODELS_URI [--giaa PATH] --shots 10 100
+        --repeats R --json OUT.json [--config YAML] [key=value ...] [--s3-endpoint URL]
+
+The meta-learner comes from a checkpoint folder (``checkpoint.save_model``) or a registry URI
+``models:/NAME@ALIAS``. The GIAA baseline comes from ``--giaa``, else from a ``giaa/`` folder
+beside the meta-learner's folder (``DIR/giaa`` for ``DIR/model``), else it is trained here on the same training users
+the meta-learner saw (and saved under ``--giaa-out`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+HELP = "Run the meta-testing protocol on test users."
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``piaa-dist evaluate``."""
+    parser.add_argument("--data", required=True, help="dataset root (local folder or s3://bucket/prefix)")
+    parser.add_argument("--model", required=True, help="meta-learner folder or models:/NAME@ALIAS")
+    parser.add_argument("--giaa", default="", help="GIAA model folder (default: <model>/giaa, else train one)")
+    parser.add_argument("--giaa-out", default="", help="save a GIAA model trained here to this folder")
+    parser.add_argument("--shots", type=int, nargs="+", default=None, help="shot counts k (default eval.shots)")
+    parser.add_argument("--repeats", type=int, default=None, help="random splits per user (default eval.repeats)")
+    parser.add_argument("--seed", type=int, default=None, help="split seed (default run.seed)")
+    parser.add_argument("--json", default="", help="write the result JSON here")
+    parser.add_argument("--config", default=None, help="YAML job config (default: the model's own config)")
+    parser.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+
+
+def _load_meta(ref: str):
+    """(model, cfg, info) from a checkpoint folder or a ``models:/`` URI."""
+    if ref.startswith("models:/") or ref.startswith("runs:/"):
+        from piaa_dist.orchestration.tracking import resolve_model
+
+        ref = str(resolve_model(ref))
+    from piaa_dist.checkpoint import load_model
+
+    return load_model(ref)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate; print the table; write the JSON."""
+    import torch
+
+    from piaa_dist.config import (
+        config_from_dict,
+        config_to_dict,
+        load_config,
+        parse_overrides,
+        with_overrides,
+    )
+    from piaa_dist.data.stream import Dataset
+    from piaa_dist.errors import UserError
+    from piaa_dist.evaluate import METHODS, evaluate, format_table, standard_models
+
+    meta, model_cfg, _info = _load_meta(args.model)
+    # The model's own config defines the architecture and input size it was trained with;
+    # --config / overrides may change the protocol (eval.*), not silently the model.
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+        base = config_to_dict(cfg)
+        base["model"] = config_to_dict(model_cfg)["model"]
+        cfg = config_from_dict(base, args.config)
+    else:
+        flat = {
+            f"{section}.{key}": value
+            for section, values in parse_overrides(args.overrides).items()
+            for key, value in values.items()
+        }
+        cfg = with_overrides(model_cfg, flat)
+    torch.set_num_threads(max(1, int(cfg.run.threads_per_worker)))
+    endpoint = args.s3_endpoint or cfg.data.s3_endpoint or None
+    dataset = Dataset.open(args.data, endpoint_url=endpoint)
+
+    giaa = None
+    need_giaa = any(METHODS.get(m) and METHODS[m].prior == "giaa" for m in cfg.eval.methods)
+    if need_giaa:
+        giaa = _giaa_model(args, cfg, dataset)
+
+    models = standard_models(meta, giaa, cfg.eval.methods)
+    if not models:
+        raise UserError("evaluate: no method to run (check eval.methods)")
+    result = evaluate(cfg, dataset, models, shots=args.shots, repeats=args.repeats, seed=args.seed,
+                      progress=not args.no_progress)
+    result["model"] = args.model
+    result["data"] = args.data
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        log.info("wrote %s", path)
+    return 0
+
+
+def _giaa_model(args, cfg, dataset):
+    """The GIAA prior: --giaa, else <model>/giaa, else trained now on the meta-training users."""
+    from piaa_dist.checkpoint import load_model, save_model
+
+    candidates = [args.giaa] if args.giaa else []
+    if not args.model.startswith(("models:/", "runs:/")):
+        # `train --out DIR` writes DIR/model; a GIAA baseline saved as DIR/giaa is picked up.
+        candidates.append(str(Path(args.model).parent / "giaa"))
+    for ref in candidates:
+        if ref and Path(ref, "model.safetensors").is_file():
+            log.info("GIAA model from %s", ref)
+            return load_model(ref)[0]
+        if ref == args.giaa:
+            from piaa_dist.errors import UserError
+
+            raise UserError(f"--giaa {ref}: no model.safetensors there")
+
+    from piaa_dist.giaa import train_giaa
+    from piaa_dist.train import meta_training_users
+
+    users = meta_training_users(cfg, dataset)
+    log.info("no GIAA model given: training one on the %d meta-training users", len(users))
+    giaa = train_giaa(cfg, dataset, users, progress=not args.no_progress)
+    if args.giaa_out:
+        save_model(args.giaa_out, giaa, cfg, {"kind": "giaa", "users": len(users)})
+        log.info("saved the GIAA model to %s", args.giaa_out)
+    return giaa
