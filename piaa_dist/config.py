@@ -83,6 +83,7 @@ class EvalConfig:
     finetune_steps: int = 20  #: fine-tuning budget, the same for every method
     finetune_lr: float = 0.01
     finetune_optimizer: str = "sgd"
+    finetune_bn: str = "batch"  #: BatchNorm while fine-tuning: "batch" (as the inner loop) or "running"
     batch_size: int = 100
     methods: tuple[str, ...] = ("blg-piaa", "meta-no-adapt", "giaa-finetune")
 
