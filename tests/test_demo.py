@@ -66,6 +66,7 @@ def test_demo_produces_every_artifact_and_stops_everything(tmp_path, monkeypatch
                    "data.validation_users=2", "eval.finetune_steps=2", "giaa.steps=20"),
         world=WorldSpec(users=10, images=120, seed=0, test_fraction=0.2,
                         ratings_per_user=(24, 32), image_size=40),
+        tune_overrides=("meta.meta_steps=4", "run.validate_every=2", "run.checkpoint_every=2"),
         workers=2, tune_samples=2, shots=(5, 10), repeats=2, readme=readme,
     ))
 

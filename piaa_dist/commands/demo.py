@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--tune-samples", type=int, default=3, help="Tune trials (0 = no sweep)")
-    parser.add_argument("--tune-override", action="append", default=[], metavar="key=value",
-                        help="extra overrides for the sweep's trials only")
+    parser.add_argument("--tune-override", action="append", default=None, metavar="key=value",
+                        help="overrides for the sweep's trials only (default: 100-step trials)")
     parser.add_argument("--shots", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--readme", default="", help="README whose results table to update")
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, s3_endpoint=args.s3_endpoint, mlflow_uri=args.mlflow_uri,
         ray_address=args.ray_address, users=args.users, images=args.images, seed=args.seed,
         workers=args.workers, tune_samples=args.tune_samples,
-        tune_overrides=tuple(args.tune_override), shots=tuple(args.shots),
+        **({"tune_overrides": tuple(args.tune_override)} if args.tune_override else {}),
+        shots=tuple(args.shots),
         repeats=args.repeats, readme=Path(args.readme) if args.readme else None,
     ))
     print(f"\nDone in {sum(summary['timings'].values()):.0f}s. Report: {summary['report']}")

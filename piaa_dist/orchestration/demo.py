@@ -71,7 +71,9 @@ class DemoSettings:
     seed: int = 0
     workers: int = 2
     tune_samples: int = 3
-    tune_overrides: tuple[str, ...] = ()
+    #: the sweep's trials are short runs (their validation SROCC ranks the hyperparameters)
+    tune_overrides: tuple[str, ...] = ("meta.meta_steps=100", "run.validate_every=50",
+                                       "run.checkpoint_every=50")
     shots: tuple[int, ...] = (10, 100)
     repeats: int = 10
     readme: Path | None = None
