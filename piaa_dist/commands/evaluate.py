@@ -5,8 +5,10 @@
 
 The meta-learner comes from a checkpoint folder (``checkpoint.save_model``) or a registry URI
 ``models:/NAME@ALIAS``. The GIAA baseline comes from ``--giaa``, else from a ``giaa/`` folder
-beside the meta-learner's folder (``DIR/giaa`` for ``DIR/model``), else it is trained here on the same training users
-the meta-learner saw (and saved under ``--giaa-out`` when given).
+inside or beside a local meta-learner folder (``DIR/model/giaa`` or ``DIR/giaa``), else it is
+trained here on the same training users the meta-learner saw (and saved under ``--giaa-out``
+when given). The result is printed as a table, written to ``--json`` and logged to MLflow as
+an ``evaluate`` run (unless ``--no-mlflow``).
 """
 
 from __future__ import annotations
@@ -33,16 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="", help="write the result JSON here")
     parser.add_argument("--config", default=None, help="YAML job config (default: the model's own config)")
     parser.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default $AWS_ENDPOINT_URL)")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="MLflow tracking URI for models:/ references and the evaluate run "
+                             "(default run.mlflow_uri, $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="do not log the result to MLflow (models:/ references still resolve)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
 
 
-def _load_meta(ref: str):
-    """(model, cfg, info) from a checkpoint folder or a ``models:/`` URI."""
-    if ref.startswith("models:/") or ref.startswith("runs:/"):
+def _is_uri(ref: str) -> bool:
+    return ref.startswith(("models:/", "runs:/"))
+
+
+def _load_meta(ref: str, mlflow_uri: str | None):
+    """(model, cfg, info) from a checkpoint folder or a ``models:/`` / ``runs:/`` URI."""
+    if _is_uri(ref):
         from piaa_dist.orchestration.tracking import resolve_model
 
-        ref = str(resolve_model(ref))
+        ref = str(resolve_model(ref, uri=mlflow_uri or ""))
     from piaa_dist.checkpoint import load_model
 
     return load_model(ref)
@@ -63,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from piaa_dist.errors import UserError
     from piaa_dist.evaluate import METHODS, evaluate, format_table, standard_models
 
-    meta, model_cfg, _info = _load_meta(args.model)
+    meta, model_cfg, _info = _load_meta(args.model, args.mlflow_uri)
     # The model's own config defines the architecture and input size it was trained with;
     # --config / overrides may change the protocol (eval.*), not silently the model.
     if args.config:
@@ -82,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
     endpoint = args.s3_endpoint or cfg.data.s3_endpoint or None
     dataset = Dataset.open(args.data, endpoint_url=endpoint)
 
-    giaa = None
+    giaa, giaa_source = None, None
     need_giaa = any(METHODS.get(m) and METHODS[m].prior == "giaa" for m in cfg.eval.methods)
     if need_giaa:
-        giaa = _giaa_model(args, cfg, dataset)
+        giaa, giaa_source = _giaa_model(args, cfg, dataset)
 
     models = standard_models(meta, giaa, cfg.eval.methods)
     if not models:
@@ -94,31 +105,49 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     result["model"] = args.model
     result["data"] = args.data
+    result["giaa"] = giaa_source
     print(format_table(result))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         log.info("wrote %s", path)
+    if not args.no_mlflow:
+        _log_mlflow(cfg, args, result)
     return 0
 
 
+def _log_mlflow(cfg, args: argparse.Namespace, result: dict) -> None:
+    """An ``evaluate`` MLflow run: config, summary metrics, the JSON and the SROCC-vs-shots plot."""
+    from piaa_dist.orchestration.tracking import RunLogger
+
+    uri = args.mlflow_uri or cfg.run.mlflow_uri or ""
+    with RunLogger(cfg.run.experiment, uri=uri, run_name="evaluate", rank=0,
+                   tags={"piaa_dist.kind": "evaluate", "piaa_dist.model": args.model,
+                         "piaa_dist.data": args.data}) as run:
+        run.log_params(cfg)
+        run.log_evaluation(result)
+        log.info("logged the evaluation to MLflow run %s (%s)", run.run_id, run.uri)
+
+
 def _giaa_model(args, cfg, dataset):
-    """The GIAA prior: --giaa, else <model>/giaa, else trained now on the meta-training users."""
+    """The GIAA prior and where it came from: ``--giaa``, else a ``giaa/`` folder inside or
+    beside a local meta-learner folder, else trained now on the meta-training users."""
     from piaa_dist.checkpoint import load_model, save_model
+    from piaa_dist.errors import UserError
 
-    candidates = [args.giaa] if args.giaa else []
-    if not args.model.startswith(("models:/", "runs:/")):
-        # `train --out DIR` writes DIR/model; a GIAA baseline saved as DIR/giaa is picked up.
-        candidates.append(str(Path(args.model).parent / "giaa"))
-    for ref in candidates:
-        if ref and Path(ref, "model.safetensors").is_file():
-            log.info("GIAA model from %s", ref)
-            return load_model(ref)[0]
-        if ref == args.giaa:
-            from piaa_dist.errors import UserError
-
-            raise UserError(f"--giaa {ref}: no model.safetensors there")
+    if args.giaa:
+        if not Path(args.giaa, "model.safetensors").is_file():
+            raise UserError(f"--giaa {args.giaa}: not a model folder (no model.safetensors)")
+        log.info("GIAA model from %s", args.giaa)
+        return load_model(args.giaa)[0], args.giaa
+    if not _is_uri(args.model):
+        # `train --out DIR` writes the meta-learner to DIR/model; a GIAA baseline saved with it
+        # lives in DIR/model/giaa or DIR/giaa.
+        for folder in (Path(args.model) / "giaa", Path(args.model).parent / "giaa"):
+            if (folder / "model.safetensors").is_file():
+                log.info("GIAA model from %s", folder)
+                return load_model(folder)[0], str(folder)
 
     from piaa_dist.giaa import train_giaa
     from piaa_dist.train import meta_training_users
@@ -126,7 +155,9 @@ def _giaa_model(args, cfg, dataset):
     users = meta_training_users(cfg, dataset)
     log.info("no GIAA model given: training one on the %d meta-training users", len(users))
     giaa = train_giaa(cfg, dataset, users, progress=not args.no_progress)
+    source = "trained by evaluate"
     if args.giaa_out:
         save_model(args.giaa_out, giaa, cfg, {"kind": "giaa", "users": len(users)})
         log.info("saved the GIAA model to %s", args.giaa_out)
-    return giaa
+        source = args.giaa_out
+    return giaa, source
