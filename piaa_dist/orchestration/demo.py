@@ -200,6 +200,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 data_url = f"s3://{BUCKET}/world"
                 ingest_report = _ingest(world, data_url, endpoint)
                 summary["ingest"] = ingest_report
+                # The local S3 endpoint goes away with the demo; a folder copy of the same
+                # shards keeps the report's follow-up commands runnable afterwards.
+                from piaa_dist.data.ingest import ingest
+
+                ingest("flickr-aes", world, str(out / "shards"), test_workers=world / "test_workers.csv")
         summary["data"] = data_url
 
         # Without --ray-address each Ray stage (train, tune) starts its own local Ray and stops
@@ -272,6 +277,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             if personal_plot is not None:
                 plots["One test user: predicted against true after 10-shot adaptation"] = \
                     report.save_figure(personal_plot, out / "plots" / "personalized_user.png").relative_to(out).as_posix()
+            # the S3 endpoint the demo started is gone by now; its folder copy is not
+            follow_data = str(out / "shards") if not settings.data else data_url
             summary_lines = [
                 f"Data: `{data_url}`" + (f" (S3 endpoint `{endpoint}`)" if endpoint else ""),
                 f"Meta-learner: `{cfg.model.backbone}` backbone, {cfg.meta.flavour.replace('_', '-')} "
@@ -293,8 +300,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 "commands": [
                     f"mlflow ui --backend-store-uri {mlflow_uri}   # runs, metrics, plots, registry",
                     "ray start --head --dashboard-host 127.0.0.1   # then open http://127.0.0.1:8265",
-                    f"AWS_ENDPOINT_URL=<endpoint> piaa-dist evaluate --data {data_url} "
-                    f"--model {champion} --shots 10 100 --repeats 10 --json eval.json",
+                    f"MLFLOW_TRACKING_URI={mlflow_uri} piaa-dist evaluate "
+                    f"--data {follow_data} --model {champion} --shots 10 100 --repeats 10 --json eval.json",
+                    f"MLFLOW_TRACKING_URI={mlflow_uri} piaa-dist personalize --model {champion} "
+                    "--ratings my_ratings.csv --images my_photos/ --score new_photos/ --out ranking.csv",
                 ],
                 "timings": timings,
             })

@@ -598,6 +598,10 @@ def plot_srocc_vs_shots(eval_json: Mapping[str, Any] | str | Path) -> "Figure":
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color=color, label=f"{name} (ceiling)")
         elif value is not None:
             ax.axhline(float(value), ls="--", lw=1.2, color=color, label=f"{name} (ceiling)")
+            # label the line itself: two grey dashed lines are easy to mix up from the legend
+            ax.text(0.99, float(value), f"{name.replace('_', '-')} ceiling {float(value):.2f}",
+                    transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                    fontsize=8, color=color)
     if all_shots:
         if max(all_shots) >= 5 * max(1, min(all_shots)):
             ax.set_xscale("log")
