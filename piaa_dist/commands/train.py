@@ -42,42 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
 
 
-class MlflowMetrics:
-    """Picklable ``metrics_callback``: logs rank 0's reported metrics to an MLflow run.
-
-    Under Ray it runs in the Train controller (on the driver's node), so a local SQLite store
-    is reachable; the MLflow client is created lazily there.
-    """
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri = uri
-        self.run_id = run_id
-        self._run = None
-
-    def __call__(self, step: int, metrics: dict) -> None:
-        from piaa_dist.orchestration.tracking import RunLogger
-
-        if self._run is None:
-            self._run = RunLogger(uri=self.uri, run_id=self.run_id, rank=0).start()
-        self._run.log_metrics(
-            {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))},
-            step=step,
-        )
-
-    def __getstate__(self) -> dict:
-        return {"uri": self.uri, "run_id": self.run_id, "_run": None}
-
-
-def _absolute_sqlite(uri: str) -> str:
-    """``sqlite:///rel.db`` made absolute: Ray processes do not share the driver's cwd."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        path = uri[len(prefix):]
-        if path and path != ":memory:":
-            return prefix + str(Path(path).resolve())
-    return uri
-
-
 class _Tracking:
     """The train run's MLflow side: params, per-step metrics, final model registration.
 
@@ -94,15 +58,18 @@ class _Tracking:
         except ImportError:
             log.info("MLflow tracking module not available; not logging to MLflow")
             return
-        self.uri = _absolute_sqlite(tracking.tracking_uri(uri or cfg.run.mlflow_uri))
+        self.uri = tracking.tracking_uri(uri or cfg.run.mlflow_uri)
         self.run = tracking.RunLogger(
             cfg.run.experiment, uri=self.uri, run_name="train", rank=0,
             tags={"piaa_dist.kind": "train", "piaa_dist.data": cfg.data.url},
         ).start()
         self.run.log_params(cfg)
 
-    def metrics_callback(self) -> MlflowMetrics | None:
-        return None if self.run is None else MlflowMetrics(self.uri, self.run.run_id)
+    def metrics_callback(self):
+        """A picklable ``fn(step, metrics)`` logging to this run (None without MLflow)."""
+        from piaa_dist.orchestration.tracking import RunMetricsCallback
+
+        return None if self.run is None else RunMetricsCallback(self.uri, self.run.run_id)
 
     def finish(self, cfg: Any, model_dir: Path, result: Any) -> dict:
         """Log final metrics and the model folder, register it; end the run."""
@@ -148,21 +115,11 @@ def train_main(
         ConfigError: bad config/overrides, or no data URL given anywhere.
     """
     from piaa_dist.checkpoint import save_model
-    from piaa_dist.config import ConfigError, load_config, with_overrides
+    from piaa_dist.commands._common import job_config
     from piaa_dist.orchestration.ray_train import run_distributed
 
-    cfg = load_config(config, overrides)
-    updates: dict[str, Any] = {}
-    if data:
-        updates["data.url"] = data
-    if s3_endpoint:
-        updates["data.s3_endpoint"] = s3_endpoint
-    if workers is not None:
-        updates["run.workers"] = workers
-    if updates:
-        cfg = with_overrides(cfg, updates)
-    if not cfg.data.url:
-        raise ConfigError("no dataset: pass --data URL (or set data.url in the config)")
+    cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint,
+                     updates={"run.workers": workers})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -74,22 +74,12 @@ def tune_main(
         ``registered`` / ``alias`` / ``mlflow_run_id`` when MLflow is on.
     """
     from piaa_dist.checkpoint import save_model
-    from piaa_dist.commands.train import _absolute_sqlite
-    from piaa_dist.config import ConfigError, dump_config, load_config, with_overrides
+    from piaa_dist.commands._common import job_config
+    from piaa_dist.config import dump_config
     from piaa_dist.orchestration.tune import SEARCHED, run_sweep
 
-    cfg = load_config(config, overrides)
-    updates: dict[str, Any] = {}
-    if data:
-        updates["data.url"] = data
-    if s3_endpoint:
-        updates["data.s3_endpoint"] = s3_endpoint
-    if alias is not None:
-        updates["run.alias"] = alias
-    if updates:
-        cfg = with_overrides(cfg, updates)
-    if not cfg.data.url:
-        raise ConfigError("no dataset: pass --data URL (or set data.url in the config)")
+    cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint,
+                     updates={"run.alias": alias})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +88,7 @@ def tune_main(
     if mlflow:
         from piaa_dist.orchestration import tracking
 
-        uri = _absolute_sqlite(tracking.tracking_uri(mlflow_uri or cfg.run.mlflow_uri))
+        uri = tracking.tracking_uri(mlflow_uri or cfg.run.mlflow_uri)
         parent = tracking.RunLogger(
             cfg.run.experiment, uri=uri, run_name="tune", rank=0,
             tags={"piaa_dist.kind": "tune", "piaa_dist.data": cfg.data.url},

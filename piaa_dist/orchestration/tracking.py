@@ -372,6 +372,30 @@ class RunLogger:
         return register_model(self.run_id, model_dir, name, alias, uri=self.uri)
 
 
+class RunMetricsCallback:
+    """Picklable ``fn(step, metrics)`` that logs numeric metrics to an existing MLflow run.
+
+    Ray Train calls it in the Train controller (on the driver's node, so a local SQLite store
+    is reachable); the client is created lazily there, and pickling drops it.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+        self._run: RunLogger | None = None
+
+    def __call__(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._run is None:
+            self._run = RunLogger(uri=self.uri, run_id=self.run_id, rank=0).start()
+        self._run.log_metrics(
+            {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))},
+            step=step,
+        )
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "run_id": self.run_id, "_run": None}
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 

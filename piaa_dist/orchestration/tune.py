@@ -79,29 +79,6 @@ def trial_config(base: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     return with_overrides(base, updates)
 
 
-class _TrialMetrics:
-    """Picklable metrics callback: logs a trial's reports to its nested MLflow run.
-
-    Runs in the Train controller (driver's node), so a local SQLite store is reachable.
-    """
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id, self._run = uri, run_id, None
-
-    def __call__(self, step: int, metrics: dict) -> None:
-        from piaa_dist.orchestration.tracking import RunLogger
-
-        if self._run is None:
-            self._run = RunLogger(uri=self.uri, run_id=self.run_id, rank=0).start()
-        self._run.log_metrics(
-            {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))},
-            step=step,
-        )
-
-    def __getstate__(self) -> dict:
-        return {"uri": self.uri, "run_id": self.run_id, "_run": None}
-
-
 def _live_placement_groups() -> dict[str, dict]:
     """Placement groups that still hold (or wait for) resources, by id."""
     from ray.util import placement_group_table
@@ -204,7 +181,7 @@ def _trial(config: dict) -> None:
     metrics_callback = None
     if config.get("mlflow_uri"):
         from piaa_dist.config import flat_params
-        from piaa_dist.orchestration.tracking import RunLogger
+        from piaa_dist.orchestration.tracking import RunLogger, RunMetricsCallback
 
         run = RunLogger(
             cfg.run.experiment, uri=config["mlflow_uri"], run_name=f"trial-{trial_id}",
@@ -212,7 +189,7 @@ def _trial(config: dict) -> None:
             tags={"piaa_dist.kind": "tune-trial", "piaa_dist.trial_id": trial_id},
         ).start()
         run.log_params(flat_params(cfg))
-        metrics_callback = _TrialMetrics(run.uri, run.run_id)
+        metrics_callback = RunMetricsCallback(run.uri, run.run_id)
     trainer = build_trainer(
         cfg, config["data_url"],
         workers=config["workers_per_trial"],
