@@ -1,9 +1,8 @@
 """The meta-testing protocol: fine-tune on k rated images of an unseen user, rank the rest.
 
 For every test user, every shot count k and every repeat r,
-:func:`piaa_dist.data.stream.split_indices` draws a
-random split of the user's ratings into k training images ("shots") and the rest as test
-images. The split is a pure function of ``(seed, user, k, r)``: never of the method, the order
+:func:`piaa_dist.data.stream.split_indices` draws a random split of the user's ratings into k
+training images ("shots") and the rest as test images. The split is a pure function of ``(seed, user, k, r)``: never of the method, the order
 users are visited in, or anything else, so every method is scored on exactly the same images.
 
 Methods (all in one run, on the same splits):
@@ -15,9 +14,10 @@ Methods (all in one run, on the same splits):
 
 Every fine-tuned method gets the same budget: ``eval.finetune_steps`` steps of
 ``eval.finetune_optimizer`` at ``eval.finetune_lr`` on minibatches of ``eval.batch_size``,
-adapting the parameters ``meta.inner_params`` names, with the same random stream (minibatch
-order, dropout masks) per split. The only difference between ``blg-piaa`` and
-``giaa-finetune`` is therefore the prior they start from.
+adapting the parameters ``meta.inner_params`` names (the head's rate scaled by
+``meta.inner_head_lr_scale``, as in the inner loop), with BatchNorm as ``eval.finetune_bn``
+says and the same random stream (minibatch order, dropout masks) per split. The only
+difference between ``blg-piaa`` and ``giaa-finetune`` is therefore the prior they start from.
 
 Metrics per (user, k, r): SROCC and PLCC between the predictions and the observed scores of
 the test images. Aggregates (see :func:`evaluate`): ``srocc_mean`` averages the users' mean
@@ -151,8 +151,9 @@ def finetune(
     Raises:
         ValueError: unknown optimizer or BatchNorm mode.
     """
-    images, targets = support
     tuned = copy.deepcopy(model)
+    device = next(tuned.parameters()).device
+    images, targets = (t.to(device) for t in support)
     names = None if adapt_names is None else set(adapt_names)
     named = [(n, p) for n, p in tuned.named_parameters() if names is None or n in names]
     for n, p in tuned.named_parameters():

@@ -90,13 +90,17 @@ def run(args: argparse.Namespace) -> int:
         }
         cfg = with_overrides(model_cfg, flat)
     torch.set_num_threads(max(1, int(cfg.run.threads_per_worker)))
+    from piaa_dist.model import select_device
+
+    device = select_device(cfg.run.use_gpu)
+    meta = meta.to(device)
     endpoint = args.s3_endpoint or cfg.data.s3_endpoint or None
     dataset = Dataset.open(args.data, endpoint_url=endpoint)
 
     giaa, giaa_source = None, None
     need_giaa = any(METHODS.get(m) and METHODS[m].prior == "giaa" for m in cfg.eval.methods)
     if need_giaa:
-        giaa, giaa_source = _giaa_model(args, cfg, dataset)
+        giaa, giaa_source = _giaa_model(args, cfg, dataset, device)
 
     models = standard_models(meta, giaa, cfg.eval.methods)
     if not models:
@@ -130,7 +134,7 @@ def _log_mlflow(cfg, args: argparse.Namespace, result: dict) -> None:
         log.info("logged the evaluation to MLflow run %s (%s)", run.run_id, run.uri)
 
 
-def _giaa_model(args, cfg, dataset):
+def _giaa_model(args, cfg, dataset, device):
     """The GIAA prior and where it came from: ``--giaa``, else a ``giaa/`` folder inside or
     beside a local meta-learner folder, else trained now on the meta-training users."""
     from piaa_dist.checkpoint import load_model, save_model
@@ -140,24 +144,24 @@ def _giaa_model(args, cfg, dataset):
         if not Path(args.giaa, "model.safetensors").is_file():
             raise UserError(f"--giaa {args.giaa}: not a model folder (no model.safetensors)")
         log.info("GIAA model from %s", args.giaa)
-        return load_model(args.giaa)[0], args.giaa
+        return load_model(args.giaa, device)[0], args.giaa
     if not _is_uri(args.model):
         # `train --out DIR` writes the meta-learner to DIR/model; a GIAA baseline saved with it
         # lives in DIR/model/giaa or DIR/giaa.
         for folder in (Path(args.model) / "giaa", Path(args.model).parent / "giaa"):
             if (folder / "model.safetensors").is_file():
                 log.info("GIAA model from %s", folder)
-                return load_model(folder)[0], str(folder)
+                return load_model(folder, device)[0], str(folder)
 
     from piaa_dist.giaa import train_giaa
     from piaa_dist.train import meta_training_users
 
     users = meta_training_users(cfg, dataset)
     log.info("no GIAA model given: training one on the %d meta-training users", len(users))
-    giaa = train_giaa(cfg, dataset, users, progress=not args.no_progress)
+    giaa = train_giaa(cfg, dataset, users, progress=not args.no_progress, device=device)
     source = "trained by evaluate"
     if args.giaa_out:
         save_model(args.giaa_out, giaa, cfg, {"kind": "giaa", "users": len(users)})
         log.info("saved the GIAA model to %s", args.giaa_out)
         source = args.giaa_out
-    return giaa, source
+    return giaa.to(device), source
