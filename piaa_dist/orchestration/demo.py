@@ -338,7 +338,7 @@ def _evaluate(champion: str, data_url: str, endpoint: str, mlflow_uri: str, sett
 
     argv = ["evaluate", "--data", data_url, "--model", champion,
             "--shots", *map(str, settings.shots), "--repeats", str(settings.repeats),
-            "--json", str(eval_json)]
+            "--json", str(eval_json), "--mlflow-uri", mlflow_uri]
     if endpoint:
         argv += ["--s3-endpoint", endpoint]
     if (giaa_dir / "model.safetensors").is_file():
