@@ -77,30 +77,32 @@ def read_ratings(csv_path: str | Path, images_dir: str | Path) -> Ratings:
     scores: list[float] = []
     seen: set[str] = set()
     skipped: dict[str, int] = {}
+
+    def skip(reason: str, lineno: int, row: list[str]) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        log.warning("%s:%d: skipped (%s): %r", csv_path, lineno, reason, row)
+
     for lineno, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue  # blank line, not a rating
-        def skip(reason: str) -> None:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            log.warning("%s:%d: skipped (%s): %r", csv_path, lineno, reason, row)
         if len(row) <= max(img_col, score_col):
-            skip("short row")
+            skip("short row", lineno, row)
             continue
         name = row[img_col].strip()
         try:
             score = float(row[score_col].strip())
         except ValueError:
-            skip("bad score")
+            skip("bad score", lineno, row)
             continue
         if not (1.0 <= score <= 5.0):
-            skip("bad score")
+            skip("bad score", lineno, row)
             continue
         if name in seen:
-            skip("duplicate image")
+            skip("duplicate image", lineno, row)
             continue
         path = images_dir / name
         if not path.is_file():
-            skip("missing image")
+            skip("missing image", lineno, row)
             continue
         seen.add(name)
         images.append(path)

@@ -75,7 +75,7 @@ def tune_main(
     """
     from piaa_dist.checkpoint import save_model
     from piaa_dist.commands._common import job_config
-    from piaa_dist.config import dump_config
+    from piaa_dist.config import dump_config, flat_params
     from piaa_dist.orchestration.tune import SEARCHED, run_sweep
 
     cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint,
@@ -104,9 +104,7 @@ def tune_main(
         if parent is not None:
             parent.__exit__(type(err), err, None)
         raise
-    best_params = {k: v for k, v in json.loads(json.dumps(
-        {k: getattr(getattr(sweep.best_config, k.split(".")[0]), k.split(".")[1]) for k in SEARCHED}
-    )).items()}
+    best_params = {k: v for k, v in flat_params(sweep.best_config).items() if k in SEARCHED}
     info = {"kind": "blg-piaa-meta-learner", "source": "tune", "val_srocc": sweep.best_score,
             "best_params": best_params, "checkpoint": sweep.best_checkpoint}
     model_dir = save_model(out / "best-model", sweep.model, sweep.best_config, info)

@@ -71,12 +71,18 @@ def search_space(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+def searched_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The searched hyperparameters of a trial config, as plain Python numbers.
+
+    Tune samples numpy scalars; the typed config (and JSON) want plain numbers.
+    """
+    return {k: (params[k].item() if hasattr(params[k], "item") else params[k])
+            for k in SEARCHED if k in params}
+
+
 def trial_config(base: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     """The job config of one trial: ``base`` with the searched values applied (validated)."""
-    updates = {k: params[k] for k in SEARCHED if k in params}
-    # Tune samples numpy scalars; the typed config wants plain Python numbers.
-    updates = {k: (v.item() if hasattr(v, "item") else v) for k, v in updates.items()}
-    return with_overrides(base, updates)
+    return with_overrides(base, searched_values(params))
 
 
 def _live_placement_groups() -> dict[str, dict]:
@@ -350,13 +356,12 @@ def run_sweep(
             scores = [] if df is None or METRIC not in df else [
                 s for s in df[METRIC].tolist() if isinstance(s, float) and not math.isnan(s)
             ]
-            params = {k: result.config.get(k) for k in SEARCHED}
             row = {
                 "trial_id": (result.metrics or {}).get("trial_id", ""),
                 "status": "ERROR" if result.error else "TERMINATED",
                 METRIC: max(scores) if scores else None,
                 "step": (result.metrics or {}).get("step"),
-                **{k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()},
+                **searched_values(result.config),
             }
             rows.append(row)
             if scores and (best is None or max(scores) > best[0]):
