@@ -24,13 +24,7 @@ from piaa_dist.model import build_model, head_names
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine's contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _task(gen: torch.Generator, shots: int, query: int, shape: tuple[int, ...]) -> SimpleNamespace:
