@@ -558,7 +558,9 @@ def build_trainer(
     path, fs = resolve_storage(storage_path, s3_endpoint)
     all_callbacks = list(callbacks)
     if metrics_callback is not None:
-        all_callbacks.append(_metrics_user_callback(metrics_callback))
+        # First, before TuneReportCallback: once Tune sees a report it may stop (kill) the
+        # trial, and a metric logged after that would be lost from the trial's MLflow run.
+        all_callbacks.insert(0, _metrics_user_callback(metrics_callback))
     loop_config = {
         "cfg": config_to_dict(cfg),
         "data_url": absolute_url(data_url),
