@@ -464,28 +464,58 @@ def apply_buffer_update(model: nn.Module, buffer_sums: Mapping[str, Tensor],
             buf.add_(1)
 
 
-def meta_kwargs(model: nn.Module, cfg: MetaConfig) -> dict[str, Any]:
-    """Keyword arguments of :func:`meta_gradient` / :func:`adapt` from a MetaConfig.
+#: What ``meta.inner_params`` may say: adapt every parameter, or the head only.
+INNER_PARAMS = ("all", "head")
 
-    Maps ``inner_params`` (``"all"``/``"head"``) to ``adapt_names`` and
-    ``inner_head_lr_scale`` to a per-parameter ``inner_lr`` (head: ``inner_lr × scale``).
+
+def adaptation_lrs(
+    model: nn.Module, cfg: MetaConfig, lr: float
+) -> tuple[float | dict[str, float], frozenset[str] | None]:
+    """Which parameters an adaptation moves, and at what rate: the one rule shared by the inner
+    loop (:func:`meta_kwargs`) and meta-test fine-tuning (``piaa_dist.protocol.finetune_budget``).
+
+    ``meta.inner_params`` picks the parameters (``"head"``: the head's, ``"all"``: every one)
+    and ``meta.inner_head_lr_scale`` multiplies the head's rate, so a learner is fine-tuned at
+    meta-test time the way it was taught to adapt.
+
+    Args:
+        model: a model with a ``head`` (``piaa_dist.model.AestheticModel``).
+        cfg: the meta config (``inner_params``, ``inner_head_lr_scale``).
+        lr: the base rate (``meta.inner_lr`` or ``eval.finetune_lr``).
+
+    Returns:
+        ``(lr, adapt_names)``: a float when every parameter shares it, else a name → rate
+        mapping over all parameters; the names to adapt, or None for all.
+
+    Raises:
+        ValueError: ``inner_params`` is not ``"all"`` or ``"head"``.
     """
     from piaa_dist.model import head_names
 
-    if cfg.inner_params not in ("all", "head"):
+    if cfg.inner_params not in INNER_PARAMS:
         raise ValueError(f"meta.inner_params must be 'all' or 'head', got {cfg.inner_params!r}")
-    heads = head_names(model)  # type: ignore[arg-type]
-    inner_lr: float | dict[str, float] = cfg.inner_lr
+    heads = frozenset(head_names(model))  # type: ignore[arg-type]
+    rates: float | dict[str, float] = float(lr)
     if cfg.inner_head_lr_scale != 1.0:
-        inner_lr = {
-            n: cfg.inner_lr * (cfg.inner_head_lr_scale if n in heads else 1.0)
+        rates = {
+            n: float(lr) * (cfg.inner_head_lr_scale if n in heads else 1.0)
             for n, _ in model.named_parameters()
         }
+    return rates, (heads if cfg.inner_params == "head" else None)
+
+
+def meta_kwargs(model: nn.Module, cfg: MetaConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`meta_gradient` / :func:`adapt` from a MetaConfig.
+
+    ``steps``, ``optimizer``, and the ``inner_lr`` / ``adapt_names`` of
+    :func:`adaptation_lrs` at the base rate ``inner_lr``.
+    """
+    inner_lr, adapt_names = adaptation_lrs(model, cfg, cfg.inner_lr)
     return {
         "steps": cfg.inner_steps,
         "inner_lr": inner_lr,
         "optimizer": cfg.inner_optimizer,
-        "adapt_names": heads if cfg.inner_params == "head" else None,
+        "adapt_names": adapt_names,
     }
 
 

@@ -9,13 +9,21 @@ Conventions:
   the same score for every image ranks nothing, which is "no better than chance", not NaN
   poisoning an average over users and repeats.
 * Non-finite values (NaN/inf, e.g. from a diverged model) are an error, not silently ranked.
+* **Ceilings rule** (:func:`ceilings`, the one implementation behind both the synthetic
+  world's ``world.json`` and ``evaluate``'s ``ceilings``): a user whose observed ratings are
+  all equal (or who has fewer than two) has no ranking to match, so their SROCC against *any*
+  predictor is undefined. Such a user is **left out** of the averages and **counted** in
+  ``constant_users``. A constant *predictor* (e.g. an average-user score that does not vary
+  over the user's images) is not a reason to leave a user out: it scores ``0.0`` by the
+  degenerate rule above.
 
 Inputs may be numpy arrays, torch tensors (any device; detached) or sequences of numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -124,3 +132,66 @@ def mean_ci95(diffs: Any) -> tuple[float, float, float]:
     sem = float(d.std(ddof=1)) / np.sqrt(n)
     half = float(stats.t.ppf(0.975, df=n - 1)) * sem
     return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What perfect knowledge scores against observed ratings, averaged over users.
+
+    Attributes:
+        oracle: mean over users of SROCC(the user's noise-free score, their ratings): the best
+            any model of that user can reach. None when no user counts.
+        average_user: mean over users of SROCC(the population-average user's noise-free
+            score, their ratings): what a perfect generic (GIAA) model reaches without
+            personalization. None when no user counts.
+        users: users in the averages.
+        constant_users: users left out because their ratings are all equal (see the module's
+            ceilings rule).
+    """
+
+    oracle: float | None
+    average_user: float | None
+    users: int
+    constant_users: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"oracle", "average_user", "users", "constant_users"}`` (JSON-ready)."""
+        return asdict(self)
+
+
+def ceilings(per_user: Iterable[tuple[Any, Any, Any]]) -> Ceilings:
+    """Oracle and average-user ceilings over users (the module's ceilings rule).
+
+    Args:
+        per_user: one ``(latent, average_latent, observed)`` triple of equal-length arrays per
+            user: each rating's noise-free score for its own user, for the population-average
+            user, and the observed rating.
+
+    Returns:
+        The :class:`Ceilings`; users whose observed ratings are all equal are left out and
+        counted in ``constant_users``.
+
+    Raises:
+        ValueError: a user's three arrays differ in length, or hold non-finite values.
+    """
+    oracle: list[float] = []
+    average: list[float] = []
+    constant = 0
+    for latent, average_latent, observed in per_user:
+        obs = _as_array(observed, "observed")
+        lat, avg = _as_array(latent, "latent"), _as_array(average_latent, "average_latent")
+        if not (lat.size == avg.size == obs.size):
+            raise ValueError(
+                f"latent, average_latent and observed differ in length: {lat.size}, {avg.size}, {obs.size}"
+            )
+        if obs.size < 2 or np.ptp(obs) == 0.0:
+            constant += 1
+            continue
+        oracle.append(srocc(lat, obs))
+        average.append(srocc(avg, obs))
+    return Ceilings(
+        oracle=float(np.mean(oracle)) if oracle else None,
+        average_user=float(np.mean(average)) if average else None,
+        users=len(oracle),
+        constant_users=constant,
+    )

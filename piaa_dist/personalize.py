@@ -2,7 +2,9 @@
 
 This is the product path of BLG-PIAA: a user rates 10 or more of their images, the
 meta-learner is fine-tuned on them with the budget of the meta-testing protocol
-(``eval.finetune_*`` of the model's own config), and the adapted model scores new images.
+(:func:`piaa_dist.protocol.finetune_budget` of the model's own config), and the adapted model
+scores new images through the same :class:`piaa_dist.protocol.Scorer` ``evaluate`` uses, so a
+person's ranking is exactly what the protocol measured would predict for them.
 
 Plain PyTorch: no Ray, MLflow or boto3 here (the command resolves ``models:/`` URIs).
 """
@@ -20,7 +22,9 @@ import torch
 from torch import nn
 
 from piaa_dist.config import JobConfig
+from piaa_dist.data.decode import decode
 from piaa_dist.errors import DataError
+from piaa_dist.protocol import Scorer, finetune_budget, score_targets
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +140,12 @@ def list_images(targets: Sequence[str | Path]) -> list[Path]:
 
 
 def load_images(paths: Iterable[Path], image_size: int) -> torch.Tensor:
-    """Decode image files as the model sees them at test time: ``[N,3,S,S]``.
+    """Decode image files as the model sees them at test time: ``[N,3,S,S]`` (the same
+    decoding as ``evaluate.decode_user``: one ``decode(..., augment=False)`` per image).
 
     Raises:
         DataError: an unreadable image, naming the file.
     """
-    from piaa_dist.data.decode import decode
-
     tensors = []
     for path in paths:
         try:
@@ -162,25 +165,24 @@ def personalize(
 ) -> list[tuple[Path, float]]:
     """Adapt `model` on `ratings` and score `score_images`, best first.
 
-    Fine-tuning uses the model config's meta-testing budget (``eval.finetune_steps``,
-    ``eval.finetune_lr``, ``eval.finetune_optimizer``, ``eval.batch_size``) and adapts the
-    parameters the inner loop adapts (``meta.inner_params``), exactly as ``evaluate`` does.
+    Exactly what ``evaluate`` does for one split: the budget of
+    :func:`piaa_dist.protocol.finetune_budget` (``eval.finetune_*``, ``eval.batch_size``, and
+    the inner loop's ``meta.inner_params`` / ``meta.inner_head_lr_scale``), the ratings in
+    file order as the support set, and a :class:`piaa_dist.protocol.Scorer` over the images
+    to score. With the same images, ratings and seed the predictions equal ``evaluate``'s bit
+    for bit (``tests/test_protocol.py``).
+
+    Raises:
+        DataError: an unreadable image, naming the file.
+        ConfigError: an invalid fine-tuning budget in `cfg`.
 
     Returns:
         ``[(image, predicted score on the 1–5 scale)]`` sorted from highest to lowest.
     """
-    from piaa_dist.evaluate import finetune, predict
-    from piaa_dist.model import head_names
-
     size = cfg.data.image_size
-    support = (load_images(ratings.images, size), torch.as_tensor(ratings.scores / 5.0))
-    adapt_names = head_names(model) if cfg.meta.inner_params == "head" else None
-    tuned = finetune(
-        model, support, steps=cfg.eval.finetune_steps, lr=cfg.eval.finetune_lr,
-        optimizer=cfg.eval.finetune_optimizer, batch_size=cfg.eval.batch_size, seed=seed,
-        adapt_names=adapt_names,
-    )
-    preds = predict(tuned, load_images(score_images, size)) * 5.0
+    budget = finetune_budget(cfg, model)
+    support = (load_images(ratings.images, size), score_targets(ratings.scores))
+    preds = Scorer(model, budget, load_images(score_images, size)).score(support, seed=seed) * 5.0
     order = np.argsort(-preds, kind="stable")
     return [(score_images[i], float(preds[i])) for i in order]
 

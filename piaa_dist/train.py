@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from piaa_dist.config import JobConfig
+from piaa_dist.meta import FLAVOURS
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 #: ``on_step(step_count, metrics, trainer)``, called after each meta-update on every rank.
 OnStep = Callable[[int, dict, "MetaTrainer"], None]
-
-FLAVOURS = ("second_order", "first_order", "reptile")
 
 
 def task_seed(seed: int, step: int, user: str) -> int:

@@ -1,5 +1,5 @@
 """The meta-testing protocol: seeded splits, same budget per method, reproducible numbers,
-fine-tuning that learns, ceilings, the JSON shape; and the GIAA prior.
+fine-tuning that learns, ceilings, the typed result; and the GIAA prior.
 
 Most tests use a tiny hand-built dataset (random JPEGs in memory with chosen scores and truth)
 so each property can be checked against values computed by hand; the end-to-end checks on the
@@ -9,7 +9,6 @@ synthetic world are in ``tests/test_experiment.py``.
 from __future__ import annotations
 
 import io
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,21 +18,21 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from piaa_dist.config import JobConfig, with_overrides
+from piaa_dist.data.stream import split_indices
 from piaa_dist.errors import DataError
 from piaa_dist.evaluate import (
     METHODS,
     ceilings,
     decode_user,
     evaluate,
-    finetune,
-    format_table,
-    predict,
-    split_indices,
     standard_models,
     validation_srocc,
 )
 from piaa_dist.giaa import train_giaa
 from piaa_dist.model import build_model
+from piaa_dist.presentation import format_table
+from piaa_dist.protocol import FinetuneBudget, finetune, predict
+from piaa_dist.results import EvaluationResult
 
 torch.set_num_threads(1)
 
@@ -143,13 +142,13 @@ def test_split_independent_of_method_and_of_which_methods_run():
     m = _model(cfg)
     both = evaluate(cfg, data, {"blg-piaa": m, "giaa-finetune": m}, seed=1)
     alone = evaluate(cfg, data, {"giaa-finetune": m}, seed=1)
-    for k in ("5", "10"):
-        a = both["methods"]["blg-piaa"][k]["per_user"]
-        b = both["methods"]["giaa-finetune"][k]["per_user"]
-        c = alone["methods"]["giaa-finetune"][k]["per_user"]
+    for k in (5, 10):
+        a = both.stats("blg-piaa", k).per_user
+        b = both.stats("giaa-finetune", k).per_user
+        c = alone.stats("giaa-finetune", k).per_user
         assert a == b == c
-        d = both["paired"]["blg-piaa vs giaa-finetune"][k]
-        assert d["diff_mean"] == 0.0 and d["users_better"] == 0
+        d = both.paired_with("giaa-finetune", k)
+        assert d.diff_mean == 0.0 and d.users_better == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +164,8 @@ def test_same_seed_same_numbers_and_other_seed_other_numbers():
     torch.manual_seed(123)  # the caller's global RNG state must not matter
     r2 = evaluate(cfg, data, models, seed=5)
     r3 = evaluate(cfg, data, models, seed=6)
-    assert r1["methods"] == r2["methods"] and r1["paired"] == r2["paired"]
-    assert r1["methods"]["blg-piaa"]["5"]["per_user"] != r3["methods"]["blg-piaa"]["5"]["per_user"]
+    assert r1.methods == r2.methods and r1.paired == r2.paired
+    assert r1.stats("blg-piaa", 5).per_user != r3.stats("blg-piaa", 5).per_user
 
 
 def test_no_adapt_method_ignores_finetuning_and_matches_direct_prediction():
@@ -179,7 +178,7 @@ def test_no_adapt_method_ignores_finetuning_and_matches_direct_prediction():
     _, te = split_indices(len(r.scores), 5, seed=2, user=user, repeat=0)
     pred = predict(m, decode_user(r, SIZE))[te]
     expected = spearmanr(pred, r.scores[te]).statistic
-    assert res["methods"]["meta-no-adapt"]["5"]["per_user"][user] == pytest.approx(expected, abs=1e-9)
+    assert res.stats("meta-no-adapt", 5).per_user[user] == pytest.approx(expected, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,24 +208,25 @@ def test_finetune_lowers_training_loss_and_leaves_the_prior_alone():
         ("sgd", 0.5, head, "running"),
         ("adam", 0.003, None, "running"),
     ):
-        tuned = finetune(prior, (images, targets), steps=30, lr=lr, optimizer=optimizer,
-                         batch_size=100, seed=0, adapt_names=adapt_names, bn=bn)
+        budget = FinetuneBudget(steps=30, lr=lr, optimizer=optimizer, batch_size=100,
+                                adapt_names=adapt_names, bn=bn)
+        tuned = finetune(prior, (images, targets), budget, seed=0)
         assert loss(tuned) < 0.6 * loss(prior), (optimizer, adapt_names, bn)
         assert not tuned.training
     for k, v in prior.state_dict().items():
         assert torch.equal(v, before_state[k]), k
     # BN running statistics are those of the prior (frozen during fine-tuning, see finetune()).
-    tuned = finetune(prior, (images, targets), steps=5, lr=0.1, batch_size=8, seed=0)
+    tuned = finetune(prior, (images, targets), FinetuneBudget(steps=5, lr=0.1, batch_size=8), seed=0)
     for name, buf in tuned.named_buffers():
         if "running" in name:
             assert torch.equal(buf, dict(prior.named_buffers())[name]), name
     # head-only adaptation leaves the backbone untouched
-    tuned = finetune(prior, (images, targets), steps=5, lr=0.1, seed=0, adapt_names=head)
+    tuned = finetune(prior, (images, targets), FinetuneBudget(steps=5, lr=0.1, adapt_names=head), seed=0)
     for (n, p), (_, q) in zip(prior.named_parameters(), tuned.named_parameters()):
         assert torch.equal(p, q) == (n not in head), n
     # a per-parameter learning rate: a zero rate freezes that parameter
     lrs = {n: (0.0 if n.startswith("backbone.") else 0.1) for n, _ in prior.named_parameters()}
-    tuned = finetune(prior, (images, targets), steps=5, lr=lrs, seed=0)
+    tuned = finetune(prior, (images, targets), FinetuneBudget(steps=5, lr=lrs), seed=0)
     for (n, p), (_, q) in zip(prior.named_parameters(), tuned.named_parameters()):
         assert torch.equal(p, q) == n.startswith("backbone."), n
 
@@ -234,16 +234,16 @@ def test_finetune_lowers_training_loss_and_leaves_the_prior_alone():
 def test_head_only_shortcut_is_exact(monkeypatch):
     """Head-only fine-tuning runs the backbone once and predicts from cached features; that must
     give the numbers the plain path gives."""
-    import piaa_dist.evaluate as ev
+    import piaa_dist.protocol as protocol
 
     cfg = _cfg(**{"meta.inner_params": "head", "eval.repeats": 1, "model.dropout": 0.3})
     data = FakeDataset(n_users=4)
     m = _model(cfg)
     fast = evaluate(cfg, data, {"blg-piaa": m}, seed=0)
-    monkeypatch.setattr(ev, "_FIXED_FEATURES", False)
+    monkeypatch.setattr(protocol, "_FIXED_FEATURES", False)
     slow = evaluate(cfg, data, {"blg-piaa": m}, seed=0)
-    for k in ("5", "10"):
-        a, b = fast["methods"]["blg-piaa"][k]["per_user"], slow["methods"]["blg-piaa"][k]["per_user"]
+    for k in (5, 10):
+        a, b = fast.stats("blg-piaa", k).per_user, slow.stats("blg-piaa", k).per_user
         assert a.keys() == b.keys()
         for u in a:
             assert a[u] == pytest.approx(b[u], abs=1e-6)
@@ -254,16 +254,17 @@ def test_finetune_is_seeded_with_minibatches_and_dropout():
     r = FakeDataset(n_users=2).load_user("U00")
     support = (decode_user(r, SIZE), torch.as_tensor(r.scores / 5.0))
     prior = _model(cfg)
-    a = finetune(prior, support, steps=6, lr=0.1, batch_size=7, seed=9)
-    b = finetune(prior, support, steps=6, lr=0.1, batch_size=7, seed=9)
-    c = finetune(prior, support, steps=6, lr=0.1, batch_size=7, seed=10)
+    budget = FinetuneBudget(steps=6, lr=0.1, batch_size=7)
+    a = finetune(prior, support, budget, seed=9)
+    b = finetune(prior, support, budget, seed=9)
+    c = finetune(prior, support, budget, seed=10)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     with pytest.raises(ValueError):
-        finetune(prior, support, steps=1, lr=0.1, optimizer="lbfgs")
+        FinetuneBudget(steps=1, lr=0.1, optimizer="lbfgs")
     with pytest.raises(ValueError):
-        finetune(prior, support, steps=1, lr=0.1, bn="instance")
+        FinetuneBudget(steps=1, lr=0.1, bn="instance")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +282,8 @@ def test_ceilings_on_a_hand_built_case():
     }
     data = SimpleNamespace(load_user=users.__getitem__)
     out = ceilings(data, ["A", "B"])
-    assert out["oracle"] == pytest.approx((1.0 + 0.9) / 2)
-    assert out["average_user"] == pytest.approx((-1.0 + 0.0) / 2)
+    assert out.oracle == pytest.approx((1.0 + 0.9) / 2)
+    assert out.average_user == pytest.approx((-1.0 + 0.0) / 2)
     users["C"] = SimpleNamespace(scores=scores, latent=None, average_latent=None)
     assert ceilings(data, ["A", "C"]) is None
 
@@ -290,50 +291,52 @@ def test_ceilings_on_a_hand_built_case():
 def test_ceilings_absent_without_truth_sidecar():
     cfg = _cfg(**{"eval.repeats": 1, "eval.shots": [5]})
     res = evaluate(cfg, FakeDataset(truth=False), {"blg-piaa": _model(cfg)})
-    assert res["ceilings"] is None
+    assert res.ceilings is None
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 
 
-def test_json_shape_table_and_validation_metric():
+def test_result_shape_table_and_validation_metric():
     cfg = _cfg()
     data = FakeDataset(n_users=6, n_images=14)  # 14 ratings: 10 shots leave 4 test images
     meta, giaa = _model(cfg, 0), _model(cfg, 1)
     res = evaluate(cfg, data, standard_models(meta, giaa, cfg.eval.methods))
-    res = json.loads(json.dumps(res))  # JSON-ready: no numpy scalars, no tuples-as-keys
-    assert set(res["methods"]) == {"blg-piaa", "meta-no-adapt", "giaa-finetune"}
-    for by_k in res["methods"].values():
-        assert set(by_k) == {"5", "10"}
+    # JSON-ready: no numpy scalars, no tuples-as-keys; and it reads back as the same result
+    assert EvaluationResult.from_json(res.to_json()) == res
+    assert set(res.methods) == {"blg-piaa", "meta-no-adapt", "giaa-finetune"}
+    for by_k in res.methods.values():
+        assert set(by_k) == {5, 10}
         for cell in by_k.values():
-            for key in ("srocc_mean", "srocc_std", "plcc_mean"):
-                assert isinstance(cell[key], float) and -1.0 <= cell[key] <= 1.0 + 1e-9
-            assert cell["srocc_std"] >= 0
-            assert set(cell["per_user"]) == set(data.users("test"))
+            for value in (cell.srocc_mean, cell.srocc_std, cell.plcc_mean):
+                assert isinstance(value, float) and -1.0 <= value <= 1.0 + 1e-9
+            assert cell.srocc_std >= 0
+            assert set(cell.per_user) == set(data.users("test"))
             # srocc_mean is the mean over users of their mean over repeats
-            assert cell["srocc_mean"] == pytest.approx(np.mean(list(cell["per_user"].values())))
-    assert set(res["ceilings"]) == {"oracle", "average_user"}
-    for k in ("5", "10"):
-        d = res["paired"]["blg-piaa vs giaa-finetune"][k]
-        assert d["ci95"][0] <= d["diff_mean"] <= d["ci95"][1]
-        assert d["n_users"] == 3
-        per_a = res["methods"]["blg-piaa"][k]["per_user"]
-        per_b = res["methods"]["giaa-finetune"][k]["per_user"]
-        assert d["diff_mean"] == pytest.approx(np.mean([per_a[u] - per_b[u] for u in per_a]))
+            assert cell.srocc_mean == pytest.approx(np.mean(list(cell.per_user.values())))
+    assert res.ceilings is not None and res.ceilings.users + res.ceilings.constant_users == 3
+    assert res.users == tuple(data.users("test"))
+    for k in (5, 10):
+        d = res.paired_with("giaa-finetune", k)
+        assert d.ci95[0] <= d.diff_mean <= d.ci95[1]
+        assert d.n_users == 3
+        per_a = res.stats("blg-piaa", k).per_user
+        per_b = res.stats("giaa-finetune", k).per_user
+        assert d.diff_mean == pytest.approx(np.mean([per_a[u] - per_b[u] for u in per_a]))
     table = format_table(res)
     for name in ("blg-piaa", "meta-no-adapt", "giaa-finetune", "oracle", "paired"):
         assert name in table
     v = validation_srocc(cfg, data, meta, data.users("test"), shots=5, repeats=2)
-    assert v == pytest.approx(res["methods"]["blg-piaa"]["5"]["srocc_mean"])
+    assert v == pytest.approx(res.stats("blg-piaa", 5).srocc_mean)
 
 
 def test_users_with_too_few_ratings_are_skipped_and_reported():
     cfg = _cfg(**{"eval.shots": [5, 10], "eval.repeats": 1})
     data = FakeDataset(n_users=4, n_images=12)  # 10 shots leave 2 < 3 test images
     res = evaluate(cfg, data, {"blg-piaa": _model(cfg)})
-    assert set(res["methods"]["blg-piaa"]) == {"5"}
-    assert res["skipped"]["10"] == data.users("test")
+    assert set(res.methods["blg-piaa"]) == {5}
+    assert res.skipped[10] == tuple(data.users("test"))
 
 
 def test_srocc_std_is_the_spread_over_repeats():
@@ -350,7 +353,7 @@ def test_srocc_std_is_the_spread_over_repeats():
             _, te = split_indices(len(rr.scores), 5, seed=0, user=u, repeat=r)
             vals.append(spearmanr(predict(m, decode_user(rr, SIZE))[te], rr.scores[te]).statistic)
         per_repeat.append(np.mean(vals))
-    assert res["methods"]["meta-no-adapt"]["5"]["srocc_std"] == pytest.approx(np.std(per_repeat, ddof=1))
+    assert res.stats("meta-no-adapt", 5).srocc_std == pytest.approx(np.std(per_repeat, ddof=1))
 
 
 def test_unknown_method_is_rejected():

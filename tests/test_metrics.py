@@ -1,4 +1,4 @@
-"""srocc / plcc against scipy, the degenerate-input rule, and the paired 95% CI."""
+"""srocc / plcc against scipy, the degenerate-input rule, the paired 95% CI and the ceilings rule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from piaa_dist.metrics import mean_ci95, plcc, rankdata, srocc
+from piaa_dist.metrics import Ceilings, ceilings, mean_ci95, plcc, rankdata, srocc
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -55,3 +55,26 @@ def test_mean_ci95_matches_t_interval():
     assert m == 0.3 and math.isnan(lo1) and math.isnan(hi1)
     with pytest.raises(ValueError):
         mean_ci95([])
+
+
+def test_ceilings_leave_out_and_count_users_whose_ratings_are_all_equal():
+    rng = np.random.default_rng(1)
+    obs = rng.integers(1, 6, size=30).astype(float)
+    lat = obs + rng.normal(0, 0.5, size=30)
+    avg = rng.normal(size=30)
+    got = ceilings([
+        (lat, avg, obs),
+        (lat[:10], np.full(10, 2.0), obs[:10]),     # constant predictor: kept, scores 0
+        (lat[:10], avg[:10], np.full(10, 4.0)),     # constant ratings: left out, counted
+        ([1.0], [2.0], [3.0]),                      # one rating: left out, counted
+    ])
+    assert got.users == 2 and got.constant_users == 2
+    assert got.oracle == pytest.approx((srocc(lat, obs) + srocc(lat[:10], obs[:10])) / 2)
+    assert got.average_user == pytest.approx((srocc(avg, obs) + 0.0) / 2)
+    assert got.to_dict() == {"oracle": got.oracle, "average_user": got.average_user,
+                             "users": 2, "constant_users": 2}
+    assert ceilings([]) == Ceilings(None, None, 0, 0)
+    with pytest.raises(ValueError, match="differ in length"):
+        ceilings([([1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0])])
+    with pytest.raises(ValueError, match="non-finite"):
+        ceilings([([1.0, float("nan")], [1.0, 2.0], [1.0, 2.0])])

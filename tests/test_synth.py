@@ -21,8 +21,8 @@ from piaa_dist.data.synth import (
     make_world,
     render_image,
     sample_world,
-    spearman,
 )
+from piaa_dist.metrics import srocc
 
 from conftest import TINY_SPEC
 
@@ -147,15 +147,18 @@ def test_archetypes_conflict_and_cancel():
 
 
 def test_spearman_and_ceilings_on_known_cases():
+    # The world's ceilings use the project's one Spearman (piaa_dist.metrics.srocc); these are
+    # the cases the synth module's own copy (removed) was checked on. A constant side now
+    # follows the metrics rule (0.0, not NaN).
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert spearman(x, x * 10) == pytest.approx(1.0)
-    assert spearman(x, -x) == pytest.approx(-1.0)
-    assert np.isnan(spearman(x, np.ones(5)))
+    assert srocc(x, x * 10) == pytest.approx(1.0)
+    assert srocc(x, -x) == pytest.approx(-1.0)
+    assert srocc(x, np.ones(5)) == 0.0
     # Ties get average ranks (scipy's convention).
     from scipy.stats import spearmanr
 
     y = np.array([1, 1, 2, 2, 5], dtype=float)
-    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert srocc(x, y) == pytest.approx(spearmanr(x, y).statistic)
     users = ["a"] * 5 + ["b"] * 5 + ["c"] * 5
     latent = np.r_[x, x, x]
     avg = np.r_[x, -x, x]
@@ -164,6 +167,14 @@ def test_spearman_and_ceilings_on_known_cases():
     assert c["oracle"] == pytest.approx(1.0)
     assert c["average_user"] == pytest.approx(0.0)
     assert c["users"] == 2 and c["constant_users"] == 1
+    # A constant *predictor* is no reason to leave a user out: it ranks nothing and scores 0.
+    avg_flat = np.r_[x, np.full(5, 2.0), x]
+    c = ceilings(latent, avg_flat, observed, users)
+    assert c["users"] == 2 and c["constant_users"] == 1
+    assert c["average_user"] == pytest.approx((1.0 + 0.0) / 2)
+    # Nobody left: NaN means, everyone counted.
+    c = ceilings(x, x, np.full(5, 3.0), ["a"] * 5)
+    assert np.isnan(c["oracle"]) and c["users"] == 0 and c["constant_users"] == 1
 
 
 def test_default_world_has_the_designed_ceilings():

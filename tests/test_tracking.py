@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_results import sample_result
 
 from piaa_dist import checkpoint
 from piaa_dist.config import JobConfig, flat_params, with_overrides
@@ -19,27 +20,17 @@ from piaa_dist.orchestration import tracking
 from piaa_dist.orchestration.tracking import (
     RunLogger,
     TrackingError,
-    plot_srocc_vs_shots,
     register_model,
     resolve_model,
     tracking_uri,
 )
+from piaa_dist.presentation import plot_srocc_vs_shots
+from piaa_dist.results import EvaluationResult
 
 REPO = Path(__file__).resolve().parents[1]
 
-EVAL = {
-    "methods": {
-        "blg-piaa": {
-            "10": {"srocc_mean": 0.41, "srocc_std": 0.03, "plcc_mean": 0.44, "per_user": {"u1": 0.4}},
-            "100": {"srocc_mean": 0.55, "srocc_std": 0.02, "plcc_mean": 0.57, "per_user": {"u1": 0.5}},
-        },
-        "giaa-finetune": {
-            "10": {"srocc_mean": 0.33, "srocc_std": 0.04, "plcc_mean": 0.35, "per_user": {}},
-            "100": {"srocc_mean": 0.47, "srocc_std": 0.03, "plcc_mean": 0.50, "per_user": {}},
-        },
-    },
-    "ceilings": {"oracle": 0.83, "average_user": 0.37},
-}
+#: A typed evaluate result (blg-piaa 0.41 / giaa-finetune 0.33 at 10 shots, oracle 0.83).
+EVAL = sample_result()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +98,10 @@ def test_run_logs_params_metrics_and_artifacts(store, cfg, tmp_path):
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.333333)]
     assert "note" not in got.data.metrics
     assert got.data.metrics["eval.blg-piaa.k10.srocc_mean"] == pytest.approx(0.41)
+    assert got.data.metrics["eval.giaa-finetune.k100.plcc_mean"] == pytest.approx(0.49)
+    assert got.data.metrics["eval.paired.giaa-finetune.k10.diff_mean"] == pytest.approx(0.08)
     assert got.data.metrics["eval.ceiling.oracle"] == pytest.approx(0.83)
+    assert got.data.metrics["eval.ceiling.average_user"] == pytest.approx(0.37)
     assert got.data.tags["kind"] == "train"
 
     files = {a.path for a in client.list_artifacts(run_id)} | {
@@ -116,7 +110,7 @@ def test_run_logs_params_metrics_and_artifacts(store, cfg, tmp_path):
     assert {"notes.txt", "meta/info.json", "eval/evaluate.json", "eval/srocc_vs_shots.png"} <= files
     local = Path(client.download_artifacts(run_id, "eval", str(tmp_path)))
     assert (local / "srocc_vs_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((local / "evaluate.json").read_text()) == EVAL
+    assert EvaluationResult.load(local / "evaluate.json") == EVAL
     # artifacts live beside the SQLite DB, not in whatever the cwd was
     db_dir = Path(store[len("sqlite:///"):]).parent
     assert got.info.artifact_uri.startswith((db_dir / "mlruns").as_uri())
@@ -281,25 +275,6 @@ def test_resolve_local_folder_and_file_uri(cfg, tmp_path):
     folder = checkpoint.save_model(tmp_path / "m", _model(cfg, 4), cfg, {})
     assert resolve_model(folder) == folder
     assert resolve_model(folder.as_uri()) == folder
-
-
-def test_plot_srocc_vs_shots_draws_methods_and_ceilings(tmp_path):
-    fig = plot_srocc_vs_shots(EVAL)
-    ax = fig.axes[0]
-    labels = ax.get_legend_handles_labels()[1]
-    assert {"blg-piaa", "giaa-finetune", "oracle (ceiling)", "average_user (ceiling)"} <= set(labels)
-    flat_lines = [ln for ln in ax.get_lines() if len(set(ln.get_ydata())) == 1]
-    assert {round(float(ln.get_ydata()[0]), 2) for ln in flat_lines} >= {0.83, 0.37}
-    assert [int(t) for t in ax.get_xticks()] == [10, 100]
-    path = tmp_path / "f.png"
-    fig.savefig(path)
-    assert path.read_bytes()[:4] == b"\x89PNG"
-    # also from a JSON file, and without ceilings (data with no truth sidecar)
-    (tmp_path / "e.json").write_text(json.dumps({"methods": EVAL["methods"]}))
-    assert plot_srocc_vs_shots(tmp_path / "e.json").axes[0].get_legend_handles_labels()[1] == [
-        "blg-piaa",
-        "giaa-finetune",
-    ]
 
 
 def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):

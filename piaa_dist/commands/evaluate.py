@@ -14,7 +14,6 @@ an ``evaluate`` run (unless ``--no-mlflow``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -72,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from piaa_dist.data.stream import Dataset
     from piaa_dist.errors import UserError
-    from piaa_dist.evaluate import METHODS, evaluate, format_table, standard_models
+    from piaa_dist.evaluate import METHODS, evaluate, standard_models
+    from piaa_dist.presentation import format_table
 
     meta, model_cfg, _info = _load_meta(args.model, args.mlflow_uri)
     # The model's own config defines the architecture and input size it was trained with;
@@ -107,21 +107,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("evaluate: no method to run (check eval.methods)")
     result = evaluate(cfg, dataset, models, shots=args.shots, repeats=args.repeats, seed=args.seed,
                       progress=not args.no_progress)
-    result["model"] = args.model
-    result["data"] = args.data
-    result["giaa"] = giaa_source
+    result = result.with_sources(model=args.model, data=args.data, giaa=giaa_source)
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        log.info("wrote %s", path)
+        log.info("wrote %s", result.save(args.json))
     if not args.no_mlflow:
         _log_mlflow(cfg, args, result)
     return 0
 
 
-def _log_mlflow(cfg, args: argparse.Namespace, result: dict) -> None:
+def _log_mlflow(cfg, args: argparse.Namespace, result) -> None:
     """An ``evaluate`` MLflow run: config, summary metrics, the JSON and the SROCC-vs-shots plot."""
     from piaa_dist.orchestration.tracking import RunLogger
 
@@ -137,19 +132,19 @@ def _log_mlflow(cfg, args: argparse.Namespace, result: dict) -> None:
 def _giaa_model(args, cfg, dataset, device):
     """The GIAA prior and where it came from: ``--giaa``, else a ``giaa/`` folder inside or
     beside a local meta-learner folder, else trained now on the meta-training users."""
-    from piaa_dist.checkpoint import load_model, save_model
+    from piaa_dist.checkpoint import WEIGHTS_FILE, load_model, save_model
     from piaa_dist.errors import UserError
 
     if args.giaa:
-        if not Path(args.giaa, "model.safetensors").is_file():
-            raise UserError(f"--giaa {args.giaa}: not a model folder (no model.safetensors)")
+        if not Path(args.giaa, WEIGHTS_FILE).is_file():
+            raise UserError(f"--giaa {args.giaa}: not a model folder (no {WEIGHTS_FILE})")
         log.info("GIAA model from %s", args.giaa)
         return load_model(args.giaa, device)[0], args.giaa
     if not _is_uri(args.model):
         # `train --out DIR` writes the meta-learner to DIR/model; a GIAA baseline saved with it
         # lives in DIR/model/giaa or DIR/giaa.
         for folder in (Path(args.model) / "giaa", Path(args.model).parent / "giaa"):
-            if (folder / "model.safetensors").is_file():
+            if (folder / WEIGHTS_FILE).is_file():
                 log.info("GIAA model from %s", folder)
                 return load_model(folder, device)[0], str(folder)
 

@@ -34,7 +34,7 @@ Files written to ``DIR``:
 * ``image_attributes.csv`` (the rendered attribute vector of each image),
 * ``world.json`` (every generative parameter, per-user parameters and the ceilings).
 
-This module is in the math layer: numpy and PIL only.
+This module is in the math layer: numpy, PIL and :mod:`piaa_dist.metrics` only.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from piaa_dist import metrics
 
 log = logging.getLogger(__name__)
 
@@ -284,29 +286,6 @@ def archetype_weights(k: int) -> np.ndarray:
 # Ceilings
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), as in Spearman's rho."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    # Boundaries of runs of equal values.
-    starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e - 1) / 2.0
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation with average ranks for ties; NaN if either side is constant."""
-    rx, ry = _rank(np.asarray(x)), _rank(np.asarray(y))
-    rx -= rx.mean()
-    ry -= ry.mean()
-    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return float(rx @ ry / den) if den > 0 else float("nan")
-
-
 def ceilings(
     latent: Sequence[float],
     average_latent: Sequence[float],
@@ -315,6 +294,9 @@ def ceilings(
 ) -> dict[str, float]:
     """The two reference SROCCs of a world, averaged over users.
 
+    Groups the ratings by user and applies :func:`piaa_dist.metrics.ceilings` (the one
+    implementation, shared with ``evaluate``; its Spearman is :func:`piaa_dist.metrics.srocc`).
+
     Args:
         latent: each rating's noise-free score for its own user.
         average_latent: each rating's noise-free score for the population-average user.
@@ -322,11 +304,12 @@ def ceilings(
         users: the user of each rating (ratings are grouped by this).
 
     Returns:
-        ``{"oracle": ..., "average_user": ..., "users": n}``: ``oracle`` is the mean over users
-        of SROCC(latent, observed), the best any model can reach; ``average_user`` is the mean
-        of SROCC(average_latent, observed), what a perfect generic (GIAA) model reaches
-        without personalization. Users whose ratings are all equal are left out (their SROCC
-        is undefined) and counted in ``"constant_users"``.
+        ``{"oracle": ..., "average_user": ..., "users": n, "constant_users": m}``: ``oracle``
+        is the mean over users of SROCC(latent, observed), the best any model can reach;
+        ``average_user`` is the mean of SROCC(average_latent, observed), what a perfect generic
+        (GIAA) model reaches without personalization. Users whose ratings are all equal are
+        left out (their SROCC is undefined) and counted in ``"constant_users"``; both means
+        are NaN when no user is left.
     """
     latent = np.asarray(latent, dtype=np.float64)
     average_latent = np.asarray(average_latent, dtype=np.float64)
@@ -334,23 +317,10 @@ def ceilings(
     users_arr = np.asarray(users)
     if not (len(latent) == len(average_latent) == len(observed) == len(users_arr)):
         raise ValueError("latent, average_latent, observed and users must have the same length")
-    oracle, average = [], []
-    constant = 0
-    for user in np.unique(users_arr):
-        m = users_arr == user
-        o = spearman(latent[m], observed[m])
-        a = spearman(average_latent[m], observed[m])
-        if math.isnan(o) or math.isnan(a):
-            constant += 1
-            continue
-        oracle.append(o)
-        average.append(a)
-    return {
-        "oracle": float(np.mean(oracle)) if oracle else float("nan"),
-        "average_user": float(np.mean(average)) if average else float("nan"),
-        "users": len(oracle),
-        "constant_users": constant,
-    }
+    groups = [users_arr == user for user in np.unique(users_arr)]
+    out = metrics.ceilings((latent[m], average_latent[m], observed[m]) for m in groups).to_dict()
+    # world.json and `piaa-dist synth` have always shown "no user left" as NaN
+    return {k: (float("nan") if v is None else v) for k, v in out.items()}
 
 
 def read_sidecar(root: str | Path) -> dict[str, np.ndarray]:

@@ -30,7 +30,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from piaa_dist.results import EvaluationResult
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     Raises:
         Whatever a stage raises; processes started so far are stopped first.
     """
+    from piaa_dist import presentation
     from piaa_dist.commands.train import train_main
     from piaa_dist.commands.tune import format_trials, tune_main
     from piaa_dist.config import load_config
@@ -267,15 +271,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
         with stages.stage("report"):
             plots = {}
-            fig = tracking.plot_srocc_vs_shots(result_eval)
+            fig = presentation.plot_srocc_vs_shots(result_eval)
             plots["SROCC against shots (mean ± spread over repeats; dashed: ceilings)"] = \
-                report.save_figure(fig, out / "plots" / "srocc_vs_shots.png").relative_to(out).as_posix()
-            fig = report.plot_training_curves(train_out / "metrics.jsonl")
+                presentation.save_figure(fig, out / "plots" / "srocc_vs_shots.png").relative_to(out).as_posix()
+            fig = presentation.plot_training_curves(train_out / "metrics.jsonl")
             plots["Meta-training curves (2 Ray Train workers)"] = \
-                report.save_figure(fig, out / "plots" / "training_curves.png").relative_to(out).as_posix()
+                presentation.save_figure(fig, out / "plots" / "training_curves.png").relative_to(out).as_posix()
             if personal_plot is not None:
                 plots["One test user: predicted against true after 10-shot adaptation"] = \
-                    report.save_figure(personal_plot, out / "plots" / "personalized_user.png").relative_to(out).as_posix()
+                    presentation.save_figure(personal_plot, out / "plots" / "personalized_user.png").relative_to(out).as_posix()
             # the S3 endpoint the demo started is gone by now; its folder copy is not
             follow_data = str(out / "shards") if not settings.data else data_url
             summary_lines = [
@@ -309,10 +313,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             summary["report"] = str(path)
             # Only the embedded-defaults demo owns the README's table (not a run on real data).
             if settings.readme is not None and not settings.data:
-                block = ("Measured by `make demo` "
-                         f"({summary.get('world', {}).get('users', '?')} synthetic users, "
-                         f"{settings.repeats} repeats; generated, not typed):\n\n"
-                         + report.results_table(result_eval))
+                block = report.readme_block(result_eval, summary.get("world", {}).get("users", "?"))
                 if report.update_readme(settings.readme, block):
                     print(f"    README results table updated: {settings.readme}")
             print(f"    report: {path}")
@@ -332,21 +333,23 @@ def _ingest(world: Path, data_url: str, endpoint: str) -> dict:
 
 
 def _evaluate(champion: str, data_url: str, endpoint: str, mlflow_uri: str, settings: DemoSettings,
-              eval_json: Path, *, giaa_dir: Path, cfg_experiment: str) -> dict:
-    """Run ``piaa-dist evaluate`` on the champion pulled from the registry."""
+              eval_json: Path, *, giaa_dir: Path, cfg_experiment: str) -> EvaluationResult:
+    """Run ``piaa-dist evaluate`` on the champion pulled from the registry; read its result."""
+    from piaa_dist.checkpoint import WEIGHTS_FILE
     from piaa_dist.cli import main as cli_main
+    from piaa_dist.results import EvaluationResult
 
     argv = ["evaluate", "--data", data_url, "--model", champion,
             "--shots", *map(str, settings.shots), "--repeats", str(settings.repeats),
             "--json", str(eval_json), "--mlflow-uri", mlflow_uri]
     if endpoint:
         argv += ["--s3-endpoint", endpoint]
-    if (giaa_dir / "model.safetensors").is_file():
+    if (giaa_dir / WEIGHTS_FILE).is_file():
         argv += ["--giaa", str(giaa_dir)]
     rc = cli_main(argv)
     if rc != 0:
         raise RuntimeError(f"evaluate failed with exit code {rc}")
-    return json.loads(eval_json.read_text())
+    return EvaluationResult.load(eval_json)
 
 
 def _personalize_one(champion: str, world: Path, out: Path, mlflow_uri: str,
@@ -354,12 +357,13 @@ def _personalize_one(champion: str, world: Path, out: Path, mlflow_uri: str,
     """Personalize the first test user from 10 ratings; compare with their other ratings."""
     import numpy as np
 
+    from piaa_dist.data.synth import TEST_WORKERS_FILE
     from piaa_dist.metrics import srocc
-    from piaa_dist.orchestration import report
     from piaa_dist.orchestration.tracking import load_model_uri
     from piaa_dist.personalize import personalize, read_ratings, write_ranking
+    from piaa_dist.presentation import plot_predicted_vs_true
 
-    with (world / "test_workers.csv").open() as f:
+    with (world / TEST_WORKERS_FILE).open() as f:
         user = [line.strip() for line in f if line.strip()][1]
     ratings_csv, images_dir, to_score, truth = _personalization_inputs(world, out, user, 10, settings.seed)
     model, cfg, _ = load_model_uri(champion, uri=mlflow_uri)
@@ -378,5 +382,5 @@ def _personalize_one(champion: str, world: Path, out: Path, mlflow_uri: str,
         f"--images {images_dir} --score <images> --out ranking.csv`",
     ]
     print(f"    user {user}: SROCC {rho:.3f} over {len(ranked)} images -> {ranking_csv}")
-    fig = report.plot_predicted_vs_true(pred, true, f"user {user}: SROCC {rho:.3f} ({len(ranked)} images)")
+    fig = plot_predicted_vs_true(pred, true, f"user {user}: SROCC {rho:.3f} ({len(ranked)} images)")
     return lines, fig

@@ -18,6 +18,8 @@ All MLflow calls go through an explicit ``MlflowClient(tracking_uri)``, never th
 "active run" of ``mlflow.start_run``: Ray Tune runs several trials in one process and Ray Train
 V2 workers have had bugs with the fluent API. ``mlflow``, ``matplotlib`` and torch (via
 ``piaa_dist.checkpoint``) are imported lazily, so a rank that never logs never pays for them.
+
+This module is MLflow only: the figures it logs are drawn by :mod:`piaa_dist.presentation`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from torch import nn
+
+    from piaa_dist.results import EvaluationResult
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +200,7 @@ class RunLogger:
         with RunLogger("piaa-dist", uri=cfg.run.mlflow_uri, run_name="train") as run:
             run.log_params(cfg)
             run.log_metrics({"query_loss": 0.1}, step=3)
-            run.log_figure(plot_srocc_vs_shots(result), "srocc_vs_shots.png")
+            run.log_figure(presentation.plot_srocc_vs_shots(result), "srocc_vs_shots.png")
         register_model(run.run_id, model_dir, "blg-piaa", alias="champion")
 
     Args:
@@ -343,27 +347,36 @@ class RunLogger:
         else:
             self._client.log_artifact(self.run_id, str(p), artifact_path)
 
-    def log_evaluation(self, result: Mapping[str, Any], prefix: str = "eval") -> None:
-        """Log an evaluate result (issue 3's JSON): the table, summary metrics and the plot.
+    def log_evaluation(self, result: EvaluationResult, prefix: str = "eval") -> None:
+        """Log an evaluate result: summary metrics, its JSON and the SROCC-vs-shots plot.
 
         Metrics are ``{prefix}.{method}.k{shots}.srocc_mean`` (and ``srocc_std``,
-        ``plcc_mean``) plus ``{prefix}.ceiling.{name}``.
+        ``plcc_mean``), ``{prefix}.paired.{other}.k{shots}.diff_mean`` (``blg-piaa`` − other)
+        and ``{prefix}.ceiling.oracle`` / ``.average_user``; artifacts
+        ``{prefix}/evaluate.json`` (:meth:`EvaluationResult.to_json`) and
+        ``{prefix}/srocc_vs_shots.png`` (drawn by :mod:`piaa_dist.presentation`).
         """
         if not self.active:
             return
+        from piaa_dist.presentation import plot_srocc_vs_shots
+
         metrics: dict[str, float] = {}
-        for method, by_shots in (result.get("methods") or {}).items():
-            for shots, row in (by_shots or {}).items():
-                for key in ("srocc_mean", "srocc_std", "plcc_mean"):
-                    if isinstance(row, Mapping) and row.get(key) is not None:
-                        metrics[f"{prefix}.{method}.k{shots}.{key}"] = row[key]
-        for name, value in (result.get("ceilings") or {}).items():
-            if isinstance(value, (int, float)):
-                metrics[f"{prefix}.ceiling.{name}"] = value
+        for method, by_shots in result.methods.items():
+            for shots, cell in by_shots.items():
+                metrics[f"{prefix}.{method}.k{shots}.srocc_mean"] = cell.srocc_mean
+                metrics[f"{prefix}.{method}.k{shots}.srocc_std"] = cell.srocc_std
+                metrics[f"{prefix}.{method}.k{shots}.plcc_mean"] = cell.plcc_mean
+        for other, by_shots in result.paired.items():
+            for shots, diff in by_shots.items():
+                metrics[f"{prefix}.paired.{other}.k{shots}.diff_mean"] = diff.diff_mean
+        if result.ceilings is not None:
+            for name in ("oracle", "average_user"):
+                value = getattr(result.ceilings, name)
+                if value is not None:
+                    metrics[f"{prefix}.ceiling.{name}"] = value
         self.log_metrics(metrics)
-        self.log_dict(result, f"{prefix}/evaluate.json")
-        fig = plot_srocc_vs_shots(result)
-        self.log_figure(fig, f"{prefix}/srocc_vs_shots.png")
+        self.log_text(result.to_json(), f"{prefix}/evaluate.json")
+        self.log_figure(plot_srocc_vs_shots(result), f"{prefix}/srocc_vs_shots.png")
 
     def register_model(self, model_dir: str | Path, name: str, alias: str = "") -> int | None:
         """:func:`register_model` for this run (None on non-zero ranks)."""
@@ -573,82 +586,12 @@ def load_model_uri(
     return checkpoint.load_model(resolve_model(ref, uri=uri), map_location, build=build)
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def plot_srocc_vs_shots(eval_json: Mapping[str, Any] | str | Path) -> "Figure":
-    """SROCC against shots per method (mean ± std over repeats), ceilings as horizontal lines.
-
-    Args:
-        eval_json: the evaluate result (issue 3's format) as a dict, a JSON string, or a path:
-            ``{"methods": {name: {"10": {"srocc_mean", "srocc_std", ...}}}, "ceilings": {...}}``.
-            A ceiling may be a number (one line) or a ``{shots: value}`` mapping (drawn dashed
-            across those shots).
-
-    Returns:
-        A matplotlib Figure (Agg canvas; no pyplot global state, safe in worker threads).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if isinstance(eval_json, Path) or (isinstance(eval_json, str) and not eval_json.lstrip().startswith("{")):
-        eval_json = json.loads(Path(eval_json).read_text())
-    elif isinstance(eval_json, str):
-        eval_json = json.loads(eval_json)
-
-    fig = Figure(figsize=(6.0, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    all_shots: set[int] = set()
-    for method, by_shots in sorted((eval_json.get("methods") or {}).items()):
-        rows = sorted(
-            ((int(k), v) for k, v in (by_shots or {}).items() if isinstance(v, Mapping) and v.get("srocc_mean") is not None),
-            key=lambda kv: kv[0],
-        )
-        if not rows:
-            continue
-        xs = [k for k, _ in rows]
-        ys = [float(v["srocc_mean"]) for _, v in rows]
-        es = [float(v.get("srocc_std") or 0.0) for _, v in rows]
-        all_shots.update(xs)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=4, label=method)
-    colors = iter(["0.2", "0.5", "tab:gray", "tab:brown", "tab:olive"])
-    for name, value in sorted((eval_json.get("ceilings") or {}).items()):
-        color = next(colors, "0.4")
-        if isinstance(value, Mapping):  # per-shot ceiling
-            pts = sorted((int(k), float(v)) for k, v in value.items() if v is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color=color, label=f"{name} (ceiling)")
-        elif value is not None:
-            ax.axhline(float(value), ls="--", lw=1.2, color=color, label=f"{name} (ceiling)")
-            # label the line itself: two grey dashed lines are easy to mix up from the legend
-            ax.text(0.99, float(value), f"{name.replace('_', '-')} ceiling {float(value):.2f}",
-                    transform=ax.get_yaxis_transform(), ha="right", va="bottom",
-                    fontsize=8, color=color)
-    if all_shots:
-        if max(all_shots) >= 5 * max(1, min(all_shots)):
-            ax.set_xscale("log")
-        ax.set_xticks(sorted(all_shots))
-        ax.set_xticklabels([str(s) for s in sorted(all_shots)])
-        ax.minorticks_off()
-    ax.set_xlabel("shots k (rated images of the new user)")
-    ax.set_ylabel("SROCC (mean over users; ± std over repeats)")
-    ax.set_title("Personalized IAA: SROCC vs shots")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
-
-
 __all__ = [
     "MODEL_ARTIFACT_PATH",
     "RunLogger",
     "TrackingError",
     "get_or_create_experiment",
     "load_model_uri",
-    "plot_srocc_vs_shots",
     "register_model",
     "resolve_model",
     "tracking_uri",

@@ -1,0 +1,172 @@
+"""One protocol: the same budget, fine-tuning and scoring wherever a model adapts to a person.
+
+* ``personalize`` predicts, bit for bit, what ``evaluate`` predicts for the same user, ratings
+  and seed, also when the config sets ``meta.inner_head_lr_scale`` and ``eval.finetune_bn``
+  (which ``personalize`` used to ignore) and for both head-only (cached backbone features)
+  and all-parameter adaptation;
+* the fine-tuning budget and the inner loop's kwargs follow one rule for which parameters
+  adapt and at what rate;
+* ``evaluate``'s ceilings and the synthetic world's are one function with one rule for users
+  whose ratings are all equal.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from piaa_dist.config import MetaConfig, load_config, with_overrides
+from piaa_dist.data import synth
+from piaa_dist.data.stream import Dataset, split_indices
+from piaa_dist.evaluate import ceilings, evaluate, finetune_seed, validation_srocc
+from piaa_dist.meta import meta_kwargs
+from piaa_dist.metrics import plcc, srocc
+from piaa_dist.model import build_model, head_names
+from piaa_dist.personalize import personalize, read_ratings
+from piaa_dist.protocol import FinetuneBudget, finetune_budget
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def _write_user(tmp_path: Path, ratings, train_idx) -> tuple[Path, Path, list[Path]]:
+    """The user's images as files (the very bytes in the shards) and a ratings CSV of the
+    training images, in split order: what a person would hand to ``personalize``."""
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = []
+    for name, jpeg in zip(ratings.images, ratings.jpegs):
+        (images / name).write_bytes(jpeg)
+        paths.append(images / name)
+    csv_path = tmp_path / "ratings.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "score"])
+        for i in train_idx:
+            w.writerow([ratings.images[i], repr(float(ratings.scores[i]))])
+    return csv_path, images, paths
+
+
+@pytest.mark.parametrize(("inner_params", "batch_size"), [
+    ("head", 8),    # cached backbone features for prediction; minibatches drawn from the seed
+    ("head", 100),  # full batch: the backbone also runs once while fine-tuning
+    ("all", 8),     # every parameter adapts: the full forward pass
+])
+def test_personalize_predicts_exactly_what_evaluate_scores(tiny_dataset_url, tmp_path, inner_params,
+                                                          batch_size):
+    # Non-default head rate scale and BatchNorm mode: the two settings personalize ignored.
+    cfg = load_config(TINY, [
+        f"meta.inner_params={inner_params}", "meta.inner_head_lr_scale=7.0",
+        "eval.finetune_bn=running", "eval.finetune_steps=4", "eval.finetune_lr=0.05",
+        f"eval.batch_size={batch_size}",
+    ])
+    assert cfg.meta.inner_head_lr_scale != MetaConfig().inner_head_lr_scale
+    assert cfg.eval.finetune_bn != "batch"
+    data = Dataset.open(tiny_dataset_url)
+    user = data.users("test")[0]
+    r = data.load_user(user)
+    k, seed = 10, 3
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+
+    splits = []
+    res = evaluate(cfg, data, {"blg-piaa": model}, shots=[k], repeats=1, seed=seed, users=[user],
+                   on_split=splits.append)
+    (split,) = splits
+    tr, te = split_indices(len(r.scores), k, seed=seed, user=user, repeat=0)
+    assert np.array_equal(split.train_indices, tr) and np.array_equal(split.test_indices, te)
+    assert split.seed == finetune_seed(seed, user, k, 0)
+
+    csv_path, images, paths = _write_user(tmp_path, r, tr)
+    ratings = read_ratings(csv_path, images)
+    assert not ratings.skipped and len(ratings.images) == k
+    ranked = personalize(model, cfg, ratings, paths, seed=split.seed)
+    by_path = dict(ranked)
+    mine = np.array([by_path[paths[i]] for i in te])
+
+    # The same numbers, bit for bit: personalize returns evaluate's predictions on the 1-5 scale.
+    assert np.array_equal(mine, split.predictions * 5.0)
+    # ...and so the user's score in evaluate's result is the score of personalize's ranking.
+    cell = res.stats("blg-piaa", k)
+    assert cell.per_user[user] == srocc(mine, r.scores[te])
+    assert cell.per_user_plcc[user] == pytest.approx(plcc(mine, r.scores[te]), abs=1e-12)
+    # Adaptation is real here (the check above would be empty if nothing moved).
+    frozen = with_overrides(cfg, {"eval.finetune_steps": 0})
+    unadapted = dict(personalize(model, frozen, ratings, paths, seed=split.seed))
+    assert not np.allclose([unadapted[paths[i]] for i in te], mine)
+
+
+def test_validation_metric_is_evaluate_with_the_same_budget(tiny_dataset_url):
+    cfg = load_config(TINY, ["meta.inner_params=head", "meta.inner_head_lr_scale=5.0",
+                             "eval.finetune_bn=running", "eval.finetune_steps=3", "eval.finetune_lr=0.1"])
+    data = Dataset.open(tiny_dataset_url)
+    users = data.users("train")[:2]
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    v = validation_srocc(cfg, data, model, users, shots=4, repeats=2)
+    res = evaluate(cfg, data, {"blg-piaa": model}, shots=[4], repeats=2, users=users)
+    assert v == res.stats("blg-piaa", 4).srocc_mean
+    # the head rate scale is really part of that budget: another scale, another number
+    other = with_overrides(cfg, {"meta.inner_head_lr_scale": 1.0})
+    assert validation_srocc(other, data, model, users, shots=4, repeats=2) != v
+
+
+def test_budget_and_inner_loop_share_the_parameter_rule():
+    cfg = load_config(TINY, ["meta.inner_params=head", "meta.inner_head_lr_scale=10.0",
+                             "meta.inner_lr=0.02", "eval.finetune_lr=0.3",
+                             "eval.finetune_optimizer=adam", "eval.finetune_bn=running"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    budget = finetune_budget(cfg, model)
+    kw = meta_kwargs(model, cfg.meta)
+    heads = head_names(model)
+    assert budget.adapt_names == kw["adapt_names"] == heads
+    for name, _ in model.named_parameters():
+        scale = 10.0 if name in heads else 1.0
+        assert budget.lr_of(name) == pytest.approx(0.3 * scale)
+        assert kw["inner_lr"][name] == pytest.approx(0.02 * scale)
+    assert (budget.steps, budget.optimizer, budget.bn, budget.batch_size) == (
+        cfg.eval.finetune_steps, "adam", "running", cfg.eval.batch_size)
+    # all parameters, one rate
+    plain = finetune_budget(with_overrides(cfg, {"meta.inner_params": "all",
+                                                 "meta.inner_head_lr_scale": 1.0}), model)
+    assert plain.adapt_names is None and plain.lr == pytest.approx(0.3)
+    # a bad setting is a config error naming the key
+    with pytest.raises(ValueError, match="eval.finetune_bn"):
+        finetune_budget(with_overrides(cfg, {"eval.finetune_bn": "instance"}), model)
+    with pytest.raises(ValueError, match="meta.inner_params"):
+        finetune_budget(with_overrides(cfg, {"meta.inner_params": "neck"}), model)
+    with pytest.raises(ValueError, match="eval.batch_size"):
+        FinetuneBudget(steps=1, lr=0.1, batch_size=0)
+
+
+def test_evaluate_and_the_synthetic_world_share_one_ceilings_rule():
+    x = np.arange(1.0, 9.0)
+    per_user = {
+        "a": (x, -x, x),                            # oracle 1, average -1
+        "b": (x, np.full(8, 2.0), x[::-1].copy()),  # a constant average-user score: kept, 0
+        "c": (x, x, np.full(8, 3.0)),               # rated everything 3: left out, counted
+        "d": (x[:1], x[:1], x[:1]),                 # a single rating: left out, counted
+    }
+    users = {u: SimpleNamespace(latent=lat, average_latent=avg, scores=obs)
+             for u, (lat, avg, obs) in per_user.items()}
+    data = SimpleNamespace(load_user=users.__getitem__)
+    from_evaluate = ceilings(data, list(per_user))
+    flat = {key: np.concatenate([v[i] for v in per_user.values()])
+            for i, key in enumerate(("latent", "average_latent", "observed"))}
+    labels = np.concatenate([[u] * len(v[0]) for u, v in per_user.items()])
+    from_world = synth.ceilings(flat["latent"], flat["average_latent"], flat["observed"], labels)
+    assert from_evaluate.to_dict() == from_world
+    assert from_world == {"oracle": pytest.approx(0.0), "average_user": pytest.approx(-0.5),
+                          "users": 2, "constant_users": 2}
+    assert from_evaluate.oracle == pytest.approx((1.0 - 1.0) / 2)
