@@ -39,7 +39,8 @@ Declare it in its section with :func:`setting`: the default, then its rules::
     schedule: str = setting("cosine", one_of("cosine", "step"))  #: meta-lr schedule
     lrs: tuple[float, ...] = setting((0.01,), non_empty, each(positive))
 
-The type comes from the annotation; rules available: :func:`at_least`, :data:`positive`,
+The type comes from the annotation (``int | None`` for an optional value: the rules skip
+``None``); rules available: :func:`at_least`, :data:`positive`,
 :func:`in_range`, :func:`one_of`, :func:`each`, :data:`non_empty`, :data:`distinct`,
 :data:`increasing`, :data:`storage_url`, :data:`http_url`, :data:`weights_source`,
 :data:`model_name`, :data:`model_alias`, :data:`not_blank`. A rule is any function
@@ -423,7 +424,8 @@ class _Section:
             value = getattr(self, f.name)
             try:
                 value = _coerce(value, hints[f.name], f.metadata.get("booleans"))
-                for rule in f.metadata.get("rules", ()):
+                # None is only ever a value of an Optional field: "not set", nothing to check.
+                for rule in f.metadata.get("rules", ()) if value is not None else ():
                     value = rule(value)
             except RuleError as err:
                 raise ConfigError(f"{key}: {err}", key) from None
