@@ -4,136 +4,584 @@ A config file is a YAML mapping whose top-level keys are the sections of :class:
 (``data``, ``model``, ``meta``, ``eval``, ``giaa``, ``run``, ``tune``). Every key is checked
 against the dataclass that owns it: an unknown key is an error naming the file and the key,
 never a silently ignored typo. Parsing has no side effects (no directories are created, no
-clients are opened), so a config can be loaded anywhere, including in tests.
+clients are opened, no file named by a value is opened), so a config can be loaded anywhere,
+including in tests.
 
 Overrides use dotted paths, ``meta.inner_lr=0.01 eval.shots=[10,100]``; values are parsed as
-YAML scalars/lists and then coerced to the field's declared type.
+YAML scalars/lists and then coerced to the field's declared type. When the same key is given
+twice on the command line, the later one wins (as with any command-line flag).
+
+Validation happens at load
+--------------------------
+Every section validates itself when it is built (``__post_init__``), however it is built:
+:func:`load_config`, :func:`config_from_dict`, :func:`with_overrides`, ``dataclasses.replace``
+or a direct ``MetaConfig(...)``. So a misspelt enum, a negative step count or a learning rate
+of 0 is a :class:`ConfigError` before any expensive work starts, never a traceback inside a
+Ray worker. The checks, in order:
+
+1. *Type*: the value is coerced to the field's annotation (``int``, ``float``, ``str``,
+   ``bool``, ``tuple[...]``). YAML 1.1 reads ``no``/``off``/``yes`` as booleans and ``1e-3``
+   as a string; here booleans are read as typed (a string field such as ``run.use_gpu`` gets
+   ``no``; a boolean field accepts ``yes/no/on/off/true/false``), and a float field accepts
+   ``1e-3``. Non-finite numbers are rejected.
+2. *Rules* of the field (enums, ranges, positivity; see the rule functions below).
+3. *Cross-field rules* of :class:`JobConfig` (``JobConfig._CROSS_RULES``), cheap checks that
+   involve two sections.
+
+Error messages are one line: ``FILE:LINE: section.key: what is wrong`` (or
+``override 'section.key=value': ...``), naming the allowed values.
+
+Adding a validated field is one line
+------------------------------------
+Declare it in its section with :func:`setting`: the default, then its rules::
+
+    patience: int = setting(0, at_least(0))  #: validation rounds without improvement (0 = off)
+    schedule: str = setting("cosine", one_of("cosine", "step"))  #: meta-lr schedule
+    lrs: tuple[float, ...] = setting((0.01,), non_empty, each(positive))
+
+The type comes from the annotation (``int | None`` for an optional value: the rules skip
+``None``); rules available: :func:`at_least`, :data:`positive`,
+:func:`in_range`, :func:`one_of`, :func:`each`, :data:`non_empty`, :data:`distinct`,
+:data:`increasing`, :data:`storage_url`, :data:`http_url`, :data:`weights_source`,
+:data:`model_name`, :data:`model_alias`, :data:`not_blank`. A rule is any function
+``value -> value`` that raises :class:`RuleError` with the problem (it may also normalise the
+value). A new enum whose names are defined by a registry in a torch-heavy module (as
+``eval.methods`` is by :data:`piaa_dist.evaluate.METHODS`) keeps a light copy of the names
+here (:data:`METHOD_NAMES`); ``tests/test_configs.py`` checks that the copy and the registry
+agree. A rule that involves two fields goes into ``JobConfig._CROSS_RULES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import posixpath
+import re
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from pathlib import Path, PurePath
+from typing import Any, ClassVar
+from urllib.parse import urlparse
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override is malformed: unknown key, wrong type, or bad value."""
+    """A config file or override is malformed: unknown key, wrong type, or bad value.
+
+    The message is always one line (the CLI prints it as is). ``key`` is the dotted key the
+    error is about (``"meta.flavour"``), when there is one.
+    """
+
+    def __init__(self, message: str, key: str | None = None, *, also: tuple[str, ...] = ()):
+        super().__init__(" ".join(str(message).splitlines()))
+        self.key = key
+        #: every key involved (a cross-field rule names several), ``key`` first
+        self.keys: tuple[str, ...] = tuple(k for k in (key, *also) if k)
+
+
+class RuleError(ValueError):
+    """Raised by a field rule with the problem (``"must be >= 1, got 0"``); the caller adds
+    the key and the source."""
+
+
+Rule = Callable[[Any], Any]
+
+#: How YAML 1.1 spells booleans; a boolean field accepts these (any case).
+TRUE_WORDS = ("true", "yes", "on")
+FALSE_WORDS = ("false", "no", "off")
+
+#: Names the enum fields accept. The math modules keep their own copies (``meta.FLAVOURS``,
+#: ``evaluate.METHODS``...) and ``tests/test_configs.py`` checks they agree: config.py must not
+#: import torch just to validate a name.
+FLAVOURS = ("second_order", "first_order", "reptile")
+OPTIMIZERS = ("sgd", "adam")
+INNER_PARAMS = ("all", "head")
+BN_MODES = ("batch", "running")
+BACKBONES = ("convnet", "resnet18")
+METHOD_NAMES = ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt")
+GPU_CHOICES = ("auto", "yes", "no")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: small functions value -> value that raise RuleError with the problem
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else _show(v)
+
+
+def at_least(minimum: float) -> Rule:
+    """``value >= minimum`` (for tuples, use ``each(at_least(n))``)."""
+
+    def rule(v: Any) -> Any:
+        if v < minimum:
+            raise RuleError(f"must be >= {_num(minimum)}, got {_num(v)}")
+        return v
+
+    return rule
+
+
+def positive(v: Any) -> Any:
+    """``value > 0`` (learning rates, scales)."""
+    if not v > 0:
+        raise RuleError(f"must be > 0, got {_num(v)}")
+    return v
+
+
+def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """``lo <= value <= hi``; ``lo_open``/``hi_open`` exclude the ends (``[0, 1)``)."""
+    text = f"{'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+
+    def rule(v: Any) -> Any:
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        if not (above and below):
+            raise RuleError(f"must be in {text}, got {_num(v)}")
+        return v
+
+    return rule
+
+
+def one_of(*choices: str) -> Rule:
+    """An enum: the value must be one of ``choices`` (exactly; case matters)."""
+    listed = ", ".join(repr(c) for c in choices)
+
+    def rule(v: Any) -> Any:
+        if v not in choices:
+            hint = next((c for c in choices if c.lower() == str(v).strip().lower()), None)
+            extra = f" (did you mean {hint!r}?)" if hint else ""
+            raise RuleError(f"must be one of {listed}; got {v!r}{extra}")
+        return v
+
+    return rule
+
+
+def each(rule: Rule) -> Rule:
+    """Apply ``rule`` to every element of a tuple (the message names the index)."""
+
+    def each_rule(v: tuple) -> tuple:
+        out = []
+        for i, x in enumerate(v):
+            try:
+                out.append(rule(x))
+            except RuleError as err:
+                raise RuleError(f"[{i}] {err}") from None
+        return tuple(out)
+
+    return each_rule
+
+
+def non_empty(v: Any) -> Any:
+    """At least one element."""
+    if len(v) == 0:
+        raise RuleError("must not be empty")
+    return v
+
+
+def distinct(v: tuple) -> tuple:
+    """No element twice (a repeated method or shot count would be evaluated twice)."""
+    seen: list = []
+    for x in v:
+        if x in seen:
+            raise RuleError(f"lists {_show(x)} twice")
+        seen.append(x)
+    return v
+
+
+def increasing(v: tuple) -> tuple:
+    """A ``(lo, hi)`` range with ``lo < hi``."""
+    if not v[0] < v[1]:
+        raise RuleError(f"must be a range [lo, hi] with lo < hi, got [{_num(v[0])}, {_num(v[1])}]")
+    return v
+
+
+def not_blank(v: str) -> str:
+    """A non-empty string (not only spaces)."""
+    if not v.strip():
+        raise RuleError("must not be empty")
+    return v
+
+
+def storage_url(v: str) -> str:
+    """Empty, a local folder (plain path or ``file://``) or ``s3://bucket[/prefix]``.
+
+    The same schemes :func:`piaa_dist.storage.open_store` accepts (it is not imported here:
+    it is the data plane).
+    """
+    if not v:
+        return v
+    parsed = urlparse(v)
+    if parsed.scheme == "s3":
+        if not 3 <= len(parsed.netloc) <= 63:
+            raise RuleError(f"expected s3://bucket/prefix with a bucket name of 3-63 characters, got {v!r}")
+    elif parsed.scheme not in ("", "file") and len(parsed.scheme) > 1:  # one letter: a drive
+        raise RuleError(f"unsupported URL scheme {parsed.scheme!r} in {v!r}: use a local folder or s3://bucket/prefix")
+    return v
+
+
+def http_url(v: str) -> str:
+    """Empty or an ``http(s)://host[:port]`` endpoint (what boto3's ``endpoint_url`` takes)."""
+    if not v:
+        return v
+    parsed = urlparse(v)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise RuleError(f"expected an endpoint URL like http://host:port, got {v!r}")
+    return v
+
+
+def weights_source(v: str) -> str:
+    """``"auto"``, ``"none"`` or the path of a weights file (its existence is checked when the
+    model is built, where the file has to be: a config may be loaded on another machine)."""
+    if v in ("auto", "none"):
+        return v
+    if v.strip().lower() in ("auto", "none"):
+        raise RuleError(f"must be 'auto', 'none' or a weights file path; got {v!r} (did you mean {v.strip().lower()!r}?)")
+    path = PurePath(v.strip())
+    if not v.strip() or ("/" not in v and "\\" not in v and not path.suffix):
+        raise RuleError(
+            f"must be 'auto', 'none' or a weights file path (with a folder or a file extension, "
+            f"e.g. ~/weights/resnet18.pth); got {v!r}"
+        )
+    return v
+
+
+def model_name(v: str) -> str:
+    """Empty (do not register) or a name the MLflow registry accepts (no ``/`` or ``:``)."""
+    if not v:
+        return v
+    # MLflow's own checks (mlflow.utils.validation._validate_model_name), without importing it.
+    if not v.strip() or "/" in v or ":" in v or posixpath.normpath(v) != v or v == "." or v.startswith(".."):
+        raise RuleError(f"must be a registered-model name without '/' or ':' (or empty: do not register); got {v!r}")
+    return v
+
+
+_ALIAS = re.compile(r"[\w\-]{1,255}", re.ASCII)
+
+
+def model_alias(v: str) -> str:
+    """Empty (no alias) or an MLflow alias: letters, digits, ``_``, ``-``; not ``latest`` or
+    ``v<N>`` (MLflow reserves those)."""
+    if not v:
+        return v
+    if not _ALIAS.fullmatch(v) or v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+        raise RuleError(
+            f"must be an alias of letters, digits, '_' and '-' other than 'latest' and 'v<N>' "
+            f"(or empty); got {v!r}"
+        )
+    return v
+
+
+def setting(default: Any, *rules: Rule, booleans: tuple[str, str] | None = None) -> Any:
+    """A config field: its default and the rules its value must pass.
+
+    Args:
+        default: the default value (immutable: tuples, not lists).
+        *rules: checks applied after type coercion, in order.
+        booleans: for a string field, the values that YAML/Python booleans map to, as
+            ``(true_value, false_value)``: ``run.use_gpu: no`` means ``"no"``, not ``False``.
+    """
+    return field(default=default, metadata={"rules": rules, "booleans": booleans})
+
+
+# ---------------------------------------------------------------------------------------------
+# Type coercion
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _word(v: Any) -> bool | None:
+    """A YAML 1.1 boolean word (or a Python bool) as a bool; None otherwise."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in TRUE_WORDS:
+            return True
+        if low in FALSE_WORDS:
+            return False
+    return None
+
+
+def _coerce(value: Any, typ: Any, booleans: tuple[str, str] | None = None) -> Any:
+    """Coerce a (YAML- or Python-typed) value to a field type, or raise RuleError."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return _coerce(value, args[0], booleans)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if isinstance(value, (Mapping, set, frozenset, bytes)):
+            raise RuleError(f"expected a list, got {_show(value)}")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(args) != len(value):
+            raise RuleError(f"expected a list of {len(args)} values, got {_show(value)}")
+        out = []
+        for i, (v, a) in enumerate(zip(value, args)):
+            try:
+                out.append(_coerce(v, a))
+            except RuleError as err:
+                raise RuleError(f"[{i}] {err}") from None
+        return tuple(out)
+    if typ is bool:
+        word = _word(value)
+        if word is None:
+            raise RuleError(f"expected true/false (or yes/no, on/off), got {_show(value)}")
+        return word
+    if typ is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise RuleError(f"expected an integer, got {_show(value)}")
+    if typ is float:
+        number: float | None = None
+        try:
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                number = float(value)
+            elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+                number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except OverflowError:
+            number = None
+        if number is None or not math.isfinite(number):
+            raise RuleError(f"expected a finite number, got {_show(value)}")
+        return number
+    if typ is str:
+        if booleans is not None and _word(value) is not None:
+            return booleans[0] if _word(value) else booleans[1]
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            try:
+                return str(value)
+            except ValueError:  # an int past Python's digit limit for str()
+                pass
+        raise RuleError(f"expected a string, got {_show(value)}")
+    if dataclasses.is_dataclass(typ):
+        if isinstance(value, typ):
+            return value
+        return _build(typ, value)
+    raise RuleError(f"unsupported field type {typ!r}")
+
+
+def _show(v: Any) -> str:
+    """A short one-line rendering of a bad value for a message."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int past Python's digit limit for str() (4300 digits)
+        text = f"<an integer of {v.bit_length()} bits>" if isinstance(v, int) else f"<a {type(v).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: Any) -> Any:
+    """Build section ``cls`` from a mapping; unknown keys are errors (ConfigError with key)."""
+    section = getattr(cls, "SECTION", "")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        if section:
+            raise ConfigError(f"{section}: the section must be a mapping of keys, got {_show(data)}", section)
+        raise ConfigError(f"the config must be a mapping of sections (data, model, meta, ...), got {_show(data)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted((k for k in data if k not in names), key=str)
+    if unknown:
+        where = f"{section}." if section else ""
+        shown = ", ".join(f"{where}{k}" if isinstance(k, str) else repr(k) for k in unknown)
+        kind = "key(s)" if section else "section(s)"
+        raise ConfigError(
+            f"unknown {kind} {shown}; known: {', '.join(names)}",
+            f"{where}{unknown[0]}" if isinstance(unknown[0], str) else section or None,
+        )
+    return cls(**data)
+
+
+class _Section:
+    """Mixin of the section dataclasses: coerce and validate every field at construction."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            key = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            value = getattr(self, f.name)
+            try:
+                value = _coerce(value, hints[f.name], f.metadata.get("booleans"))
+                # None is only ever a value of an Optional field: "not set", nothing to check.
+                for rule in f.metadata.get("rules", ()) if value is not None else ():
+                    value = rule(value)
+            except RuleError as err:
+                raise ConfigError(f"{key}: {err}", key) from None
+            except ConfigError as err:  # a nested section: its key is already complete
+                raise ConfigError(str(err), err.key or key, also=err.keys[1:]) from None
+            object.__setattr__(self, f.name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the shards are and how tasks are cut from them."""
 
-    url: str = ""  #: dataset root holding manifest.parquet: a local folder or s3://bucket/prefix
-    s3_endpoint: str = ""  #: S3 endpoint URL; empty means $AWS_ENDPOINT_URL, then AWS default
-    image_size: int = 64  #: side of the square image fed to the model
-    shots: int = 10  #: support-set size of a meta-training task
-    query_size: int = 20  #: query-set size of a meta-training task
+    SECTION: ClassVar[str] = "data"
+
+    url: str = setting("", storage_url)  #: dataset root holding manifest.parquet: a local folder or s3://bucket/prefix
+    s3_endpoint: str = setting("", http_url)  #: S3 endpoint URL; empty means $AWS_ENDPOINT_URL, then AWS default
+    image_size: int = setting(64, at_least(1))  #: side of the square image fed to the model
+    shots: int = setting(10, at_least(1))  #: support-set size of a meta-training task
+    query_size: int = setting(20, at_least(1))  #: query-set size of a meta-training task
     augment: bool = True  #: random flip + crop on support images (as the reference code)
-    validation_users: int = 8  #: training users held out for validation (Tune's metric); never test users
-    cache_users: int = 4096  #: decoded users a rank keeps in memory (LRU)
+    validation_users: int = setting(8, at_least(0))  #: training users held out for validation (Tune's metric); never test users
+    cache_users: int = setting(4096, at_least(0))  #: decoded users a rank keeps in memory (LRU; 0 = none)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Backbone and aesthetic head."""
+
+    SECTION: ClassVar[str] = "model"
 
     # Defaults are the cheap CPU configuration. The paper's (GPU, data.image_size=224):
     # backbone=resnet18, feature_dim=1000, head_hidden=[1024, 512], dropout=0.5
     # (piaa_dist.model.PAPER_MODEL).
-    backbone: str = "convnet"  #: "convnet" (small, CPU) or "resnet18" (the paper's)
-    pretrained: str = "auto"  #: "auto" (torch hub cache if present), "none", or a weights file path
-    width: int = 32  #: channels of the convnet backbone
-    conv_blocks: int = 4  #: conv3x3-BN-ReLU-maxpool blocks of the convnet backbone
-    feature_dim: int = 128  #: backbone output size fed to the head (the paper: 1000)
-    head_hidden: tuple[int, ...] = (64, 32)  #: hidden sizes of the head MLP (the paper: 1024, 512)
-    dropout: float = 0.2  #: head dropout (the paper: 0.5)
+    backbone: str = setting("convnet", one_of(*BACKBONES))  #: "convnet" (small, CPU) or "resnet18" (the paper's)
+    pretrained: str = setting("auto", weights_source)  #: "auto" (torch hub cache if present), "none", or a weights file path
+    width: int = setting(32, at_least(1))  #: channels of the convnet backbone
+    conv_blocks: int = setting(4, at_least(1))  #: conv3x3-BN-ReLU-maxpool blocks of the convnet backbone
+    feature_dim: int = setting(128, at_least(1))  #: backbone output size fed to the head (the paper: 1000)
+    head_hidden: tuple[int, ...] = setting((64, 32), each(at_least(1)))  #: hidden sizes of the head MLP (the paper: 1024, 512)
+    dropout: float = setting(0.2, in_range(0.0, 1.0, hi_open=True))  #: head dropout (the paper: 0.5)
 
 
 @dataclass(frozen=True)
-class MetaConfig:
+class MetaConfig(_Section):
     """Bilevel optimization: the inner (support) loop and the outer (query) update."""
 
-    flavour: str = "second_order"  #: "second_order", "first_order" or "reptile"
-    inner_steps: int = 5  #: adaptation steps on the support set
-    inner_lr: float = 0.01  #: step size of the inner loop
-    inner_optimizer: str = "sgd"  #: "sgd" or "adam" (differentiable, functional)
-    inner_params: str = "all"  #: "all" or "head": which parameters the inner loop adapts
-    inner_head_lr_scale: float = 1.0  #: head inner lr = inner_lr × this (reference code: 10)
-    meta_batch: int = 4  #: user tasks per meta-step (the paper's 4)
-    meta_lr: float = 1e-3  #: outer (meta) learning rate
-    meta_steps: int = 300  #: number of meta-updates
-    lr_decay: float = 1.0  #: multiplicative meta-lr decay per `decay_every` steps
-    decay_every: int = 100
-    grad_clip: float = 10.0  #: clip the meta-gradient norm (0 = off)
+    SECTION: ClassVar[str] = "meta"
+
+    flavour: str = setting("second_order", one_of(*FLAVOURS))  #: "second_order", "first_order" or "reptile"
+    inner_steps: int = setting(5, at_least(1))  #: adaptation steps on the support set
+    inner_lr: float = setting(0.01, positive)  #: step size of the inner loop
+    inner_optimizer: str = setting("sgd", one_of(*OPTIMIZERS))  #: "sgd" or "adam" (differentiable, functional)
+    inner_params: str = setting("all", one_of(*INNER_PARAMS))  #: "all" or "head": which parameters the inner loop adapts
+    inner_head_lr_scale: float = setting(1.0, positive)  #: head inner lr = inner_lr × this (reference code: 10)
+    meta_batch: int = setting(4, at_least(1))  #: user tasks per meta-step (the paper's 4)
+    meta_lr: float = setting(1e-3, positive)  #: outer (meta) learning rate
+    meta_steps: int = setting(300, at_least(1))  #: number of meta-updates
+    lr_decay: float = setting(1.0, in_range(0.0, 1.0, lo_open=True))  #: multiplicative meta-lr decay per `decay_every` steps
+    decay_every: int = setting(100, at_least(1))
+    grad_clip: float = setting(10.0, at_least(0.0))  #: clip the meta-gradient norm (0 = off)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     """The meta-testing protocol (fine-tune on k shots of an unseen user, rank the rest)."""
 
-    shots: tuple[int, ...] = (10, 100)
-    repeats: int = 10  #: random splits per user and k
-    finetune_steps: int = 20  #: fine-tuning budget, the same for every method
-    finetune_lr: float = 0.01
-    finetune_optimizer: str = "sgd"
-    finetune_bn: str = "batch"  #: BatchNorm while fine-tuning: "batch" (as the inner loop) or "running"
-    batch_size: int = 100
-    methods: tuple[str, ...] = ("blg-piaa", "meta-no-adapt", "giaa-finetune")
+    SECTION: ClassVar[str] = "eval"
+
+    shots: tuple[int, ...] = setting((10, 100), non_empty, each(at_least(1)), distinct)
+    repeats: int = setting(10, at_least(1))  #: random splits per user and k
+    finetune_steps: int = setting(20, at_least(0))  #: fine-tuning budget, the same for every method (0 = none)
+    finetune_lr: float = setting(0.01, positive)
+    finetune_optimizer: str = setting("sgd", one_of(*OPTIMIZERS))
+    finetune_bn: str = setting("batch", one_of(*BN_MODES))  #: BatchNorm while fine-tuning: "batch" (as the inner loop) or "running"
+    batch_size: int = setting(100, at_least(1))
+    methods: tuple[str, ...] = setting(
+        ("blg-piaa", "meta-no-adapt", "giaa-finetune"), non_empty, each(one_of(*METHOD_NAMES)), distinct
+    )
 
 
 @dataclass(frozen=True)
-class GiaaConfig:
+class GiaaConfig(_Section):
     """The conventional prior: one generic model trained on all training users' ratings pooled."""
 
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 1e-3
+    SECTION: ClassVar[str] = "giaa"
+
+    steps: int = setting(600, at_least(1))
+    batch_size: int = setting(64, at_least(1))
+    lr: float = setting(1e-3, positive)
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """Where a run writes and how it is distributed and tracked."""
 
-    seed: int = 0
-    workers: int = 0  #: Ray Train workers; 0 runs the same loop in-process
-    cpus_per_worker: float = 1.0
-    use_gpu: str = "auto"  #: "auto", "yes" or "no"
-    threads_per_worker: int = 1  #: torch intra-op threads per worker (fair CPU comparisons)
+    SECTION: ClassVar[str] = "run"
+
+    seed: int = setting(0, at_least(0))  #: numpy seeds must be non-negative
+    workers: int = setting(0, at_least(0))  #: Ray Train workers; 0 runs the same loop in-process
+    cpus_per_worker: float = setting(1.0, positive)
+    use_gpu: str = setting("auto", one_of(*GPU_CHOICES), booleans=("yes", "no"))  #: "auto", "yes" or "no"
+    threads_per_worker: int = setting(1, at_least(1))  #: torch intra-op threads per worker (fair CPU comparisons)
     amp: bool = True  #: bf16 autocast of forward passes on CUDA (CPU always runs float32)
-    checkpoint_every: int = 50  #: meta-steps between checkpoints
-    storage_path: str = ""  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
-    max_failures: int = 2  #: Ray Train restarts from the last checkpoint
-    log_every: int = 10
-    validate_every: int = 100  #: meta-steps between validation SROCC measurements
+    checkpoint_every: int = setting(50, at_least(0))  #: meta-steps between checkpoints (0 = only at the end)
+    storage_path: str = setting("", storage_url)  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
+    max_failures: int = setting(2, at_least(-1))  #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)
+    log_every: int = setting(10, at_least(0))  #: meta-steps between loss reports (0 = only at checkpoints/validation/end)
+    validate_every: int = setting(100, at_least(0))  #: meta-steps between validation SROCC measurements (0 = off)
     mlflow_uri: str = ""  #: empty = $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db in the cwd
-    experiment: str = "piaa-dist"
-    register_name: str = "blg-piaa"  #: registered model name ("" = do not register)
-    alias: str = ""  #: alias to move to the registered version, e.g. "champion"
+    experiment: str = setting("piaa-dist", not_blank)
+    register_name: str = setting("blg-piaa", model_name)  #: registered model name ("" = do not register)
+    alias: str = setting("", model_alias)  #: alias to move to the registered version, e.g. "champion"
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(_Section):
     """Ray Tune search space and scheduler."""
 
-    samples: int = 4
-    max_concurrent: int = 1  #: trials at once; sized for 2 CPUs by default
-    inner_lr: tuple[float, float] = (1e-3, 1e-1)  #: log-uniform range
-    inner_steps: tuple[int, ...] = (1, 3, 5)
-    shots: tuple[int, ...] = (5, 10, 20)
-    meta_lr: tuple[float, float] = (1e-4, 3e-3)  #: log-uniform range
-    grace_period: int = 1  #: ASHA: validation rounds before a trial may be stopped
-    reduction_factor: int = 2
+    SECTION: ClassVar[str] = "tune"
+
+    samples: int = setting(4, at_least(1))
+    max_concurrent: int = setting(1, at_least(1))  #: trials at once; sized for 2 CPUs by default
+    inner_lr: tuple[float, float] = setting((1e-3, 1e-1), each(positive), increasing)  #: log-uniform range
+    inner_steps: tuple[int, ...] = setting((1, 3, 5), non_empty, each(at_least(1)), distinct)
+    shots: tuple[int, ...] = setting((5, 10, 20), non_empty, each(at_least(1)), distinct)
+    meta_lr: tuple[float, float] = setting((1e-4, 3e-3), each(positive), increasing)  #: log-uniform range
+    grace_period: int = setting(1, at_least(1))  #: ASHA: validation rounds before a trial may be stopped
+    reduction_factor: int = setting(2, at_least(2))  #: ASHA keeps 1/reduction_factor of the trials per rung
+
+
+# Cross-field rules: (keys the message names, check returning a problem or None). Cheap and
+# only where a combination is certainly wrong.
+
+
+def _convnet_weights(cfg: JobConfig) -> str | None:
+    if cfg.model.backbone == "convnet" and cfg.model.pretrained not in ("auto", "none"):
+        return (f"the convnet backbone has no pretrained weights: use 'auto' or 'none' "
+                f"(or model.backbone=resnet18), got {cfg.model.pretrained!r}")
+    return None
+
+
+def _convnet_input(cfg: JobConfig) -> str | None:
+    # Each convnet block halves the image (maxpool 2, floored); below one pixel PyTorch fails.
+    need = 2 ** cfg.model.conv_blocks
+    if cfg.model.backbone == "convnet" and cfg.data.image_size < need:
+        return (f"{cfg.data.image_size} px is too small for {cfg.model.conv_blocks} convnet blocks "
+                f"(each halves the image): needs data.image_size >= {need} or fewer model.conv_blocks")
+    return None
 
 
 @dataclass(frozen=True)
-class JobConfig:
+class JobConfig(_Section):
     """Everything a train / tune / evaluate job needs."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,99 +592,150 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
+    #: (keys involved, the first one named in the message; check returning a problem or None)
+    _CROSS_RULES: ClassVar[tuple[tuple[tuple[str, ...], Callable[[JobConfig], str | None]], ...]] = (
+        (("model.pretrained", "model.backbone"), _convnet_weights),
+        (("data.image_size", "model.conv_blocks", "model.backbone"), _convnet_input),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for keys, check in self._CROSS_RULES:
+            problem = check(self)
+            if problem:
+                raise ConfigError(f"{keys[0]}: {problem}", keys[0], also=keys[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML: booleans as typed, duplicate keys as errors, one-line messages
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without the YAML 1.1 implicit booleans and timestamps: ``no`` stays the
+    string ``"no"`` (the field's type decides what it means) and ``2024-01-01`` a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line L, column C: problem``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "reason", None) or str(err)
+    context = getattr(err, "context", None)
+    text = f"{context}: {problem}" if context else str(problem)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    position = getattr(err, "position", None)
+    return f"position {position}: {text}" if position is not None else text
+
+
+def _check_duplicates(root: yaml.Node, source: str) -> dict[str, int]:
+    """Raise ConfigError for a key given twice in any mapping; return each key path's line."""
+    lines: dict[str, int] = {}
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen_nodes: set[int] = set()
+    while stack:  # iterative: aliases may make the node graph deep or cyclic
+        node, path = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                child = path
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    ident = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    name = f"{path}.{key_node.value}" if path else key_node.value
+                    if ident in first:
+                        raise ConfigError(
+                            f"{source}:{line}: duplicate key {name!r} (first given on line "
+                            f"{first[ident]}); each key may appear once", name,
+                        )
+                    first[ident] = line
+                    lines.setdefault(name, line)
+                    child = name
+                stack.append((value_node, child))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, path) for v in node.value)
+    return lines
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parse one YAML document; return the data and the line of every key path."""
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader already rejects control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        lines = _check_duplicates(node, source)
+        try:
+            return loader.construct_document(node), lines
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as err:  # noqa: BLE001 - PyYAML's constructors of explicit tags (!!timestamp, !!float...) raise assorted errors on malformed values
+            raise ConfigError(f"{source}: invalid YAML: cannot construct a value ({type(err).__name__}: {err})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML at {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading, overriding, dumping
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Coerce a YAML value to a dataclass field type, or raise ConfigError naming `where`."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
-    if origin is tuple:
-        args = typing.get_args(typ)
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if dataclasses.is_dataclass(typ):
-        return _build(typ, value, where)
-    raise ConfigError(f"{where}: unsupported field type {typ!r}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; "
-            f"known keys: {', '.join(sorted(names))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> JobConfig:
-    """Build a JobConfig from a nested mapping, rejecting unknown keys.
+    """Build and validate a JobConfig from a nested mapping, rejecting unknown keys.
 
     Args:
         data: nested mapping ``{"meta": {"inner_lr": 0.01}, ...}``.
         source: name used in error messages (usually the file path).
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value, naming ``source`` and the key.
     """
     try:
-        return _build(JobConfig, data, "")
+        return _build(JobConfig, data)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{source}: {err}", err.key, also=err.keys[1:]) from None
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Turn ``["meta.inner_lr=0.01", ...]`` into a nested dict (no validation yet)."""
-    nested: dict[str, Any] = {}
+    """Turn ``["meta.inner_lr=0.01", ...]`` into a nested dict (types are checked later).
+
+    Values are YAML (``[10,100]`` is a list); ``no``/``yes`` stay strings until the field's
+    type decides what they mean. A key given twice keeps its last value.
+    """
+    return {section: dict(values) for section, values in _parse_overrides(overrides)[0].items()}
+
+
+def _parse_overrides(overrides: Iterable[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    nested: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}  # dotted key -> the override text that set it
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {item!r}: expected a 'section.key=value' string")
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. meta.inner_lr=0.01")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) != 2 or not all(p.strip() for p in parts):
             raise ConfigError(f"override {item!r}: key must be section.name, e.g. meta.inner_lr")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
+        parts = [p.strip() for p in parts]
+        value, _ = _parse_yaml(raw, f"override {item!r}") if raw.strip() else ("", {})
         nested.setdefault(parts[0], {})[parts[1]] = value
-    return nested
+        origin[".".join(parts)] = item
+    return nested, origin
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,35 +748,72 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read and parse a config file without validating its values.
+
+    Returns:
+        ``(data, lines)``: the top-level mapping and the line of every dotted key path.
+
+    Raises:
+        ConfigError: unreadable, not UTF-8 text, invalid YAML, a duplicate key, or a top
+            level that is not a mapping; naming the file (and the line where there is one).
+    """
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read config: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+    loaded, lines = _parse_yaml(text, source)
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, meta, ...), "
+                          f"got {_show(loaded)}")
+    return dict(loaded or {}), lines
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> JobConfig:
     """Load a job config from YAML (or defaults when `path` is None) and apply overrides.
+
+    Every value is validated here (types, enums, ranges, cross-field rules; see the module
+    docstring), so a bad config fails before any work starts.
 
     Args:
         path: YAML file; its top-level keys are JobConfig sections.
         overrides: ``section.key=value`` strings applied after the file.
 
     Raises:
-        ConfigError: unknown keys, wrong types, or a missing file, naming the file and key.
+        ConfigError: one line naming the file and line (or the override) and the key: unknown
+            keys, duplicate keys, wrong types, invalid values, a missing or unreadable file.
     """
     data: dict[str, Any] = {}
-    source = "<defaults>"
+    lines: dict[str, int] = {}
+    source = "<defaults>" if path is None else str(path)
     if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: invalid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
-        data = dict(loaded or {})
-    over = parse_overrides(overrides)
-    if over:
-        source = f"{source} with overrides {list(overrides)}"
-    return config_from_dict(_merge(data, over), source)
+        data, lines = read_config_file(path)
+    overrides = list(overrides)
+    over, origin = _parse_overrides(overrides)
+    try:
+        return _build(JobConfig, _merge(data, over))
+    except ConfigError as err:
+        where = _where(err.keys, source, lines, origin, overrides)
+        raise ConfigError(f"{where}: {err}", err.key, also=err.keys[1:]) from None
+
+
+def _where(keys: tuple[str, ...], source: str, lines: Mapping[str, int], origin: Mapping[str, str],
+           overrides: list[str]) -> str:
+    """Where bad keys came from: the override that set one, else ``FILE:LINE``, else the file."""
+    for key in keys:  # overrides are applied last: if one set an involved key, it is the cause
+        item = origin.get(key) or next((v for k, v in origin.items() if k.split(".")[0] == key), None)
+        if item is not None:
+            return f"override {item!r}"
+    for key in keys:
+        for k in (key, key.split(".")[0]):
+            if k in lines:
+                return f"{source}:{lines[k]}"
+    return f"{source} with overrides {overrides}" if overrides else source
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -308,11 +844,15 @@ def flat_params(cfg: JobConfig) -> dict[str, Any]:
 
 
 def with_overrides(cfg: JobConfig, updates: Mapping[str, Any]) -> JobConfig:
-    """Return a copy of `cfg` with flat ``{"section.key": value}`` updates applied and validated."""
+    """Return a copy of `cfg` with flat ``{"section.key": value}`` updates applied and validated.
+
+    Raises:
+        ConfigError: a key that is not ``section.name``, or an invalid resulting config.
+    """
     nested: dict[str, Any] = {}
     for key, value in updates.items():
-        section, _, name = key.partition(".")
+        section, _, name = str(key).partition(".")
         if not name:
-            raise ConfigError(f"update {key!r}: key must be section.name")
+            raise ConfigError(f"update {key!r}: key must be section.name", str(key))
         nested.setdefault(section, {})[name] = value
     return config_from_dict(_merge(config_to_dict(cfg), nested), "<updates>")
