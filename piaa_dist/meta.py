@@ -72,14 +72,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from piaa_dist.config import MetaConfig
+# FLAVOURS / OPTIMIZERS live in config.py (validated at load); re-exported here, never retyped.
+from piaa_dist.config import FLAVOURS, OPTIMIZERS, MetaConfig
 
 Tensor = torch.Tensor
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
 
-FLAVOURS = ("second_order", "first_order", "reptile")
-OPTIMIZERS = ("sgd", "adam")
 
 #: Functional Adam hyper-parameters (torch.optim.Adam's defaults).
 ADAM_BETAS = (0.9, 0.999)

@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from piaa_dist.config import ModelConfig
+from piaa_dist.config import BACKBONES, ModelConfig  # names validated at config load
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ PAPER_MODEL = ModelConfig(
     dropout=0.5,
 )
 
-BACKBONES = ("convnet", "resnet18")
 
 
 class ConvNet(nn.Module):

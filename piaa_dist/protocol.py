@@ -33,13 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piaa_dist.config import ConfigError, JobConfig
+from piaa_dist.config import BN_MODES, ConfigError, JobConfig  # names validated at config load
 from piaa_dist.meta import OPTIMIZERS, adaptation_lrs
 
 log = logging.getLogger(__name__)
 
-#: How BatchNorm normalizes during fine-tuning (see :func:`finetune`).
-BN_MODES = ("batch", "running")
 
 # Shortcut for head-only adaptation: run the (unchanged) backbone once instead of every step,
 # and predict from cached backbone features. A switch so tests can compare with the plain path.

@@ -227,12 +227,12 @@ def test_configs_round_trip_through_dump_and_dict(tmp_path, path):
 
 def test_enum_names_match_the_registries_they_stand_for():
     """config.py keeps light copies of names whose registries live in torch-heavy modules."""
-    from piaa_dist import evaluate, meta, model, train
+    from piaa_dist import evaluate, meta, model, protocol, train
 
     assert set(config_mod.METHOD_NAMES) == set(evaluate.METHODS)
     assert tuple(config_mod.FLAVOURS) == tuple(meta.FLAVOURS) == tuple(train.FLAVOURS)
     assert tuple(config_mod.OPTIMIZERS) == tuple(meta.OPTIMIZERS)
-    assert tuple(config_mod.BN_MODES) == tuple(evaluate.BN_MODES)
+    assert tuple(config_mod.BN_MODES) == tuple(protocol.BN_MODES)
     assert tuple(config_mod.BACKBONES) == tuple(model.BACKBONES)
     # ...and every name the config accepts loads.
     for name in config_mod.METHOD_NAMES:

@@ -78,3 +78,33 @@ def test_ceilings_leave_out_and_count_users_whose_ratings_are_all_equal():
         ceilings([([1.0, 2.0], [1.0, 2.0], [1.0, 2.0, 3.0])])
     with pytest.raises(ValueError, match="non-finite"):
         ceilings([([1.0, float("nan")], [1.0, 2.0], [1.0, 2.0])])
+
+
+def test_grouped_srocc_and_ceilings_equal_the_per_user_functions():
+    """The vectorized versions (scale worlds: millions of ratings) follow the same rules."""
+    from piaa_dist.metrics import ceilings, ceilings_by_group, srocc_by_group
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 40, size=600)
+    x = rng.normal(size=600)
+    y = rng.integers(1, 6, size=600).astype(float)  # many ties
+    x[groups == 3] = 1.0  # a constant predictor: 0.0, user kept
+    y[groups == 4] = 2.0  # constant ratings: 0.0, user left out of ceilings
+    groups = np.r_[groups, 99]  # a single rating: 0.0, left out of ceilings
+    x, y = np.r_[x, 0.5], np.r_[y, 3.0]
+    avg = x + rng.normal(size=x.size)
+    labels, rho = srocc_by_group(groups, x, y)
+    assert list(labels) == sorted(set(groups.tolist()))
+    for g, r in zip(labels, rho):
+        m = groups == g
+        assert r == pytest.approx(srocc(x[m], y[m]), abs=1e-12), g
+    assert rho[labels == 3][0] == 0.0 and rho[labels == 99][0] == 0.0
+    per_user = [(x[groups == g], avg[groups == g], y[groups == g]) for g in labels]
+    want, got = ceilings(per_user), ceilings_by_group(groups, x, avg, y)
+    assert (got.users, got.constant_users) == (want.users, want.constant_users) == (len(labels) - 2, 2)
+    assert got.oracle == pytest.approx(want.oracle, abs=1e-12)
+    assert got.average_user == pytest.approx(want.average_user, abs=1e-12)
+    half = groups < 20  # users never span the halves: combining equals computing at once
+    both = ceilings_by_group(groups[half], x[half], avg[half], y[half]).combine(
+        ceilings_by_group(groups[~half], x[~half], avg[~half], y[~half]))
+    assert both.users == got.users and both.oracle == pytest.approx(got.oracle, abs=1e-12)

@@ -20,7 +20,6 @@ from PIL import Image
 from piaa_dist.data import scaleworld, synth
 from piaa_dist.data.scaleworld import (
     ScaleSpec,
-    grouped_spearman,
     image_pool,
     iter_blocks,
     population,
@@ -219,23 +218,6 @@ def test_population_is_synths_definition_computed_by_streaming():
         for split in (False, True):
             counts = np.bincount(u.archetype[u.is_test == split], minlength=4)
             assert counts.max() - counts.min() <= 1
-
-
-def test_grouped_spearman_agrees_with_spearman_user_by_user():
-    rng = np.random.default_rng(0)
-    groups = rng.integers(0, 40, size=600)
-    x = rng.normal(size=600)
-    y = rng.integers(1, 6, size=600).astype(float)  # many ties
-    x[groups == 3] = 1.0  # a constant side: NaN
-    y[groups == 4] = 2.0
-    groups = np.r_[groups, 99]  # a single rating: NaN
-    x, y = np.r_[x, 0.5], np.r_[y, 3.0]
-    labels, rho = grouped_spearman(groups, x, y)
-    for g, r in zip(labels, rho):
-        m = groups == g
-        expected = synth.spearman(x[m], y[m])
-        assert (np.isnan(r) and np.isnan(expected)) or r == pytest.approx(expected, abs=1e-12), g
-    assert np.isnan(rho[labels == 3]).all() and np.isnan(rho[labels == 99]).all()
 
 
 def _peak_bytes(users: int, tmp: Path) -> int:

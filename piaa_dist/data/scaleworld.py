@@ -73,6 +73,7 @@ from piaa_dist.data.synth import (
     render_image,
     shared_score,
 )
+from piaa_dist.metrics import Ceilings, ceilings_by_group
 
 log = logging.getLogger(__name__)
 
@@ -458,79 +459,25 @@ def iter_blocks(spec: ScaleSpec, pool: ImagePool | None = None,
 # Ceilings, per block
 
 
-def grouped_spearman(groups: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Spearman's rho of ``x`` and ``y`` within each group, vectorized.
-
-    Average ranks for ties, NaN where either side is constant within a group (as
-    :func:`piaa_dist.data.synth.spearman`, user by user).
-
-    Args:
-        groups: [R] group label of each row (any sortable labels).
-        x, y: [R] values.
-
-    Returns:
-        ``(labels, rho)``: the sorted distinct groups and their correlations.
-    """
-    labels, g = np.unique(np.asarray(groups), return_inverse=True)
-    size = np.bincount(g, minlength=len(labels)).astype(np.float64)
-    rx = _grouped_ranks(g, np.asarray(x, dtype=np.float64)) - (size[g] - 1.0) / 2.0
-    ry = _grouped_ranks(g, np.asarray(y, dtype=np.float64)) - (size[g] - 1.0) / 2.0
-    # Centred exactly (mean rank = (n-1)/2), so a constant side gives exactly 0, hence NaN.
-    sxy = np.bincount(g, rx * ry, minlength=len(labels))
-    sxx = np.bincount(g, rx * rx, minlength=len(labels))
-    syy = np.bincount(g, ry * ry, minlength=len(labels))
-    den = np.sqrt(sxx * syy)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(den > 0, sxy / np.where(den > 0, den, 1.0), np.nan)
-    return labels, rho
-
-
-def _grouped_ranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """0-based average ranks of ``x`` within each group ``g``."""
-    n = len(x)
-    order = np.lexsort((x, g))
-    gs, xs = g[order], x[order]
-    pos = np.arange(n)
-    new_group = np.r_[True, gs[1:] != gs[:-1]]
-    within = pos - np.maximum.accumulate(np.where(new_group, pos, 0))
-    new_run = new_group | np.r_[True, xs[1:] != xs[:-1]]
-    run = np.cumsum(new_run) - 1
-    run_len = np.bincount(run)
-    ranks = np.empty(n)
-    ranks[order] = within[new_run][run] + (run_len[run] - 1) / 2.0
-    return ranks
-
-
 class _Ceilings:
-    """Running means of the per-user oracle and average-user SROCC, as synth.ceilings."""
+    """Per-split ceilings accumulated block by block (:func:`piaa_dist.metrics.ceilings_by_group`).
+
+    Users never span blocks, so combining the blocks' ceilings equals computing them at once.
+    """
 
     def __init__(self) -> None:
-        self.sums = {s: [0.0, 0.0, 0, 0] for s in ("all", "train", "test")}  # oracle, average, users, constant
+        self.by_split = {s: Ceilings(None, None, 0, 0) for s in ("all", "train", "test")}
 
     def add(self, block: RatingsBlock) -> None:
-        _, oracle = grouped_spearman(block.owner, block.latent, block.score)
-        _, average = grouped_spearman(block.owner, block.average_latent, block.score)
-        rated = np.unique(block.owner)
-        test = block.users.is_test[rated]
+        test = block.users.is_test[block.owner]
         for split, mask in (("all", np.ones_like(test)), ("train", ~test), ("test", test)):
-            o, a = oracle[mask], average[mask]
-            ok = ~(np.isnan(o) | np.isnan(a))
-            acc = self.sums[split]
-            acc[0] += float(o[ok].sum())
-            acc[1] += float(a[ok].sum())
-            acc[2] += int(ok.sum())
-            acc[3] += int((~ok).sum())
+            if mask.any():
+                part = ceilings_by_group(block.owner[mask], block.latent[mask],
+                                         block.average_latent[mask], block.score[mask])
+                self.by_split[split] = self.by_split[split].combine(part)
 
     def result(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for split, (o, a, n, constant) in self.sums.items():
-            out[split] = {
-                "oracle": o / n if n else None,
-                "average_user": a / n if n else None,
-                "users": n,
-                "constant_users": constant,
-            }
-        return out
+        return {split: c.to_dict() for split, c in self.by_split.items()}
 
 
 # ---------------------------------------------------------------------------------------------
