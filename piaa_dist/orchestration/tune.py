@@ -153,17 +153,17 @@ def _make_end_runs_callback(uri: str, experiment: str):
 
     class _EndRuns(tune.Callback):
         def _end(self, trial, status: str, reason: str) -> None:
-            from piaa_dist.orchestration.tracking import _client, get_or_create_experiment
+            from piaa_dist.orchestration.tracking import client, get_or_create_experiment
 
-            client = _client(uri)
+            mlflow_client = client(uri)
             exp_id = get_or_create_experiment(experiment, uri)
-            runs = client.search_runs(
+            runs = mlflow_client.search_runs(
                 [exp_id], filter_string=f"tags.`piaa_dist.trial_id` = '{trial.trial_id}'"
             )
             for run in runs:
                 if run.info.status == "RUNNING":
-                    client.set_tag(run.info.run_id, "piaa_dist.ended_by", reason)
-                    client.set_terminated(run.info.run_id, status=status)
+                    mlflow_client.set_tag(run.info.run_id, "piaa_dist.ended_by", reason)
+                    mlflow_client.set_terminated(run.info.run_id, status=status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
             self._end(trial, "KILLED", "stopped early by the scheduler")
