@@ -199,12 +199,13 @@ def test_storage_from_urls(tmp_path, s3_endpoint, monkeypatch):
 
 
 def test_store_step_hook_and_sinks_import_no_ray():
-    """The checkpoint store, step hook, metric sinks and in-process runner do not need Ray."""
+    """The checkpoint store, step hook, metric sinks, in-process runner and lock do not need Ray."""
     modules = [
         "piaa_dist.orchestration.checkpoint_store",
         "piaa_dist.orchestration.step_hook",
         "piaa_dist.orchestration.run_records",
         "piaa_dist.orchestration.in_process",
+        "piaa_dist.orchestration.run_lock",
     ]
     code = (
         "import importlib, json, sys\n"

@@ -19,7 +19,9 @@ stream is a pure function of ``(seed, step)`` the redone steps see the same task
 run ends bit-identical to an uninterrupted one.
 
 ``workers=0`` runs the same loop in this process without Ray
-(:mod:`piaa_dist.orchestration.in_process`).
+(:mod:`piaa_dist.orchestration.in_process`). Either way :func:`run_distributed` holds the
+output folder and the checkpoint storage (:mod:`piaa_dist.orchestration.run_lock`), so a
+second run on them is refused instead of pruning the first one's checkpoints.
 
 This module is the only one of the runner's that imports Ray; what it shares with the
 in-process runner (storage, checkpoint rules, step hook, metric sinks) does not.
@@ -49,6 +51,7 @@ from piaa_dist.orchestration.checkpoint_store import (
     write_checkpoint_folder,
 )
 from piaa_dist.orchestration.in_process import run_in_process
+from piaa_dist.orchestration.run_lock import hold_run
 from piaa_dist.orchestration.run_records import (
     Fanout,
     JsonlMetrics,
@@ -352,6 +355,7 @@ def run_distributed(
         The meta-learner and its final state.
 
     Raises:
+        RunLocked: another live run holds ``out_dir`` or the checkpoint storage.
         ray.train.TrainingFailedError: workers kept failing beyond ``run.max_failures``.
     """
     workers = cfg.run.workers if workers is None else workers
@@ -362,15 +366,16 @@ def run_distributed(
         storage_path or cfg.run.storage_path or str(out_dir / "checkpoints"), name, s3_endpoint
     )
     data_url = absolute_url(data_url)
-    sinks = Fanout(
-        [JsonlMetrics(out_dir / "metrics.jsonl")] + ([metrics_callback] if metrics_callback else [])
-    )
-    if workers <= 0:
-        return run_in_process(cfg, data_url, storage, s3_endpoint=s3_endpoint,
-                              metrics_callback=sinks, progress=progress)
-    return _fit(cfg, data_url, storage, workers=workers, s3_endpoint=s3_endpoint,
-                callbacks=callbacks, metrics_callback=sinks, ray_address=ray_address,
-                inject_failure=inject_failure)
+    with hold_run(out_dir, storage):
+        sinks = Fanout(
+            [JsonlMetrics(out_dir / "metrics.jsonl")] + ([metrics_callback] if metrics_callback else [])
+        )
+        if workers <= 0:
+            return run_in_process(cfg, data_url, storage, s3_endpoint=s3_endpoint,
+                                  metrics_callback=sinks, progress=progress)
+        return _fit(cfg, data_url, storage, workers=workers, s3_endpoint=s3_endpoint,
+                    callbacks=callbacks, metrics_callback=sinks, ray_address=ray_address,
+                    inject_failure=inject_failure)
 
 
 __all__ = [
