@@ -480,13 +480,13 @@ def is_model_dir(directory: str | Path) -> bool:
 
 __all__ = [
     "CONFIG_FILE",
-    "CheckpointError",
     "INFO_FILE",
     "MODEL_FILES",
     "MODEL_FORMAT",
     "STATE_JSON_FILE",
     "STATE_TENSORS_FILE",
     "WEIGHTS_FILE",
+    "CheckpointError",
     "info_digest",
     "is_model_dir",
     "load_model",

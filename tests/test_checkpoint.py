@@ -20,7 +20,13 @@ from piaa_dist.checkpoint import (
     save_model,
     save_training_state,
 )
-from piaa_dist.config import ConfigError, JobConfig, ModelConfig, load_config, with_overrides
+from piaa_dist.config import (
+    ConfigError,
+    JobConfig,
+    ModelConfig,
+    load_config,
+    with_overrides,
+)
 from piaa_dist.errors import UserError
 
 

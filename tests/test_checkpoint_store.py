@@ -90,7 +90,7 @@ def test_skipped_checkpoints_are_named_by_their_real_location(storage, caplog, t
     torn = storage.run_path("checkpoint_000004")
     _tear(storage, torn)
     real = storage.url_of(torn)
-    assert real.startswith("s3://") or real.startswith("/")
+    assert real.startswith(("s3://", "/"))
 
     with caplog.at_level(logging.WARNING, logger="piaa_dist.orchestration.checkpoint_store"):
         point = newest_loadable(storage)

@@ -590,10 +590,10 @@ def _registered_hashes(ref: str, tags: Mapping[str, str]) -> dict[str, str]:
         return {}
     try:
         recorded = json.loads(raw)
-        if not isinstance(recorded, dict):
-            raise ValueError("not a JSON object")
     except ValueError as err:
         raise TrackingError(f"{ref}: the registry tag {TAG_FILES_SHA256} is unreadable ({err})") from None
+    if not isinstance(recorded, dict):
+        raise TrackingError(f"{ref}: the registry tag {TAG_FILES_SHA256} is not a JSON object")
     missing = [f for f in checkpoint.MODEL_FILES if f not in recorded]
     if missing:
         raise TrackingError(f"{ref}: the registry records no SHA-256 for {', '.join(missing)}")
@@ -684,9 +684,9 @@ def plot_srocc_vs_shots(eval_json: Mapping[str, Any] | str | Path) -> "Figure":
 
 __all__ = [
     "MODEL_ARTIFACT_PATH",
-    "RunLogger",
     "TAG_FILES_SHA256",
     "TAG_SHA256",
+    "RunLogger",
     "TrackingError",
     "client",
     "get_or_create_experiment",
