@@ -7,11 +7,18 @@ pulled from a model registry or a shared bucket) cannot execute code. Two format
 
     model.safetensors   the model's state dict: parameters *and* buffers (BatchNorm statistics)
     config.yaml         the JobConfig that built the model (``piaa_dist.config.dump_config``)
-    info.json           caller's metadata + ``"_checkpoint": {"format", "weights_sha256", ...}``
+    info.json           caller's metadata + ``"_checkpoint": {"format", "files_sha256",
+                        "info_sha256", ...}``
 
 ``load_model`` rebuilds the architecture from ``config.yaml`` (``piaa_dist.model.build_model``)
-and loads the weights strictly; the SHA-256 recorded in ``info.json`` catches a weights file
-that was swapped or altered after saving even when it still parses.
+and loads the weights strictly. Every file of the folder is covered by a hash recorded at save
+time: ``files_sha256`` holds the SHA-256 of ``model.safetensors`` and ``config.yaml`` (a
+weights file swapped for one that still parses, or fine-tuning settings edited in
+``config.yaml``, are refused, naming the file), and ``info_sha256`` is the SHA-256 of
+``info.json``'s own content in canonical JSON form (:func:`info_digest`). These hashes catch
+accidental or careless changes; against deliberate tampering with a folder in a shared store,
+the registry keeps its own copy of every file's hash (``orchestration/tracking.py``), outside
+the folder. Folders written before these hashes existed load with whatever they record.
 
 **Training state folder** (trainer resume: meta-learner + optimizer + sampler step)::
 
@@ -145,6 +152,69 @@ def _read_json(path: Path) -> Any:
 # Model folders
 
 
+def info_digest(info: Mapping[str, Any]) -> str:
+    """SHA-256 of an ``info.json`` document's content, excluding its own recorded digest.
+
+    Canonical JSON (sorted keys, no whitespace), so the digest survives a re-indented file
+    but not a changed value.
+    """
+    doc = json.loads(json.dumps(info, default=_json_default))
+    meta = doc.get(_CHECKPOINT_KEY)
+    if isinstance(meta, dict):
+        meta.pop("info_sha256", None)
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_file_hashes(directory: str | Path) -> dict[str, str]:
+    """SHA-256 of each model file (:data:`MODEL_FILES`) present in ``directory``, by file name."""
+    folder = Path(directory)
+    return {name: sha256_file(folder / name) for name in MODEL_FILES if (folder / name).is_file()}
+
+
+def verify_model_folder(directory: str | Path) -> dict[str, Any]:
+    """Check every file of a model folder against the hashes recorded when it was saved.
+
+    Args:
+        directory: a folder written by :func:`save_model`.
+
+    Returns:
+        The full ``info.json`` document (with its ``"_checkpoint"`` record).
+
+    Raises:
+        CheckpointError: ``info.json`` is missing or unreadable, or a file is missing or does
+            not match its recorded hash (names the file).
+    """
+    folder = Path(directory)
+    info_path = folder / INFO_FILE
+    raw_info = _read_json(info_path)
+    if not isinstance(raw_info, dict):
+        raise CheckpointError(f"{info_path}: expected a JSON object")
+    meta = raw_info.get(_CHECKPOINT_KEY) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{info_path}: {_CHECKPOINT_KEY!r} must be a JSON object")
+    recorded_info = meta.get("info_sha256")
+    if recorded_info and info_digest(raw_info) != recorded_info:
+        raise CheckpointError(
+            f"{info_path}: content does not match the SHA-256 recorded in it when it was saved; "
+            "the file was modified after saving"
+        )
+    expected = meta.get("files_sha256")
+    if not isinstance(expected, dict):  # written before per-file hashes: the weights only
+        expected = {WEIGHTS_FILE: meta["weights_sha256"]} if meta.get("weights_sha256") else {}
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (its SHA-256 is recorded in {INFO_FILE})")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise CheckpointError(
+                f"{path}: SHA-256 {actual[:12]}… does not match {str(digest)[:12]}… recorded in "
+                f"{INFO_FILE}; the file was modified or replaced after saving"
+            )
+    return raw_info
+
+
 def save_model(
     directory: str | Path, model: nn.Module, cfg: JobConfig, info: Mapping[str, Any] | None = None
 ) -> Path:
@@ -175,14 +245,18 @@ def save_model(
     weights = out / WEIGHTS_FILE
     _atomic_write(weights, _tensor_bytes(state, {"format": MODEL_FORMAT}))
     _atomic_write(out / CONFIG_FILE, dump_config(cfg).encode())
+    files = {WEIGHTS_FILE: sha256_file(weights), CONFIG_FILE: sha256_file(out / CONFIG_FILE)}
     info[_CHECKPOINT_KEY] = {
         "format": MODEL_FORMAT,
-        "weights_sha256": sha256_file(weights),
+        "weights_sha256": files[WEIGHTS_FILE],  # what readers before files_sha256 check
+        "files_sha256": files,
         "tensors": len(state),
         "torch": torch.__version__,
     }
-    # info.json last: its presence with a matching hash marks a complete folder.
-    _atomic_write(out / INFO_FILE, json.dumps(info, indent=2, default=_json_default).encode())
+    doc = json.loads(json.dumps(info, default=_json_default))  # exactly what a reader will see
+    doc[_CHECKPOINT_KEY]["info_sha256"] = info_digest(doc)
+    # info.json last: its presence with matching hashes marks a complete folder.
+    _atomic_write(out / INFO_FILE, json.dumps(doc, indent=2).encode())
     log.debug("saved model (%d tensors) to %s", len(state), out)
     return out
 
@@ -217,9 +291,9 @@ def load_model(
         saved with, and the caller's info dict.
 
     Raises:
-        CheckpointError: a file is missing or corrupted, the weights' hash does not match the
-            one recorded at save time, or the weights do not fit the architecture (names the
-            file and the mismatching keys).
+        CheckpointError: a file is missing or corrupted, a file does not match the hash
+            recorded at save time (names the file), or the weights do not fit the architecture
+            (names the file and the mismatching keys).
         ConfigError: ``config.yaml`` is invalid (names the file).
     """
     folder = Path(directory)
@@ -234,18 +308,8 @@ def load_model(
             "are never loaded."
         )
     cfg = load_config(folder / CONFIG_FILE)  # ConfigError names the file
-    raw_info = _read_json(folder / INFO_FILE)
-    if not isinstance(raw_info, dict):
-        raise CheckpointError(f"{folder / INFO_FILE}: expected a JSON object")
-    meta = raw_info.pop(_CHECKPOINT_KEY, None) or {}
-    expected = meta.get("weights_sha256")
-    if expected:
-        actual = sha256_file(weights)
-        if actual != expected:
-            raise CheckpointError(
-                f"{weights}: SHA-256 {actual[:12]}… does not match {expected[:12]}… recorded in "
-                f"{INFO_FILE}; the weights were modified or replaced after saving"
-            )
+    raw_info = verify_model_folder(folder)
+    raw_info.pop(_CHECKPOINT_KEY, None)
     # Read on CPU: the model is built on CPU and moved once, whatever map_location is.
     tensors = _read_tensors(weights, "cpu")
 
@@ -416,15 +480,21 @@ def is_model_dir(directory: str | Path) -> bool:
 
 __all__ = [
     "CONFIG_FILE",
-    "CheckpointError",
     "INFO_FILE",
     "MODEL_FILES",
+    "MODEL_FORMAT",
+    "STATE_JSON_FILE",
+    "STATE_TENSORS_FILE",
     "WEIGHTS_FILE",
+    "CheckpointError",
+    "info_digest",
     "is_model_dir",
     "load_model",
     "load_training_state",
+    "model_file_hashes",
     "read_model_info",
     "save_model",
     "save_training_state",
     "sha256_file",
+    "verify_model_folder",
 ]

@@ -20,7 +20,13 @@ from piaa_dist.checkpoint import (
     save_model,
     save_training_state,
 )
-from piaa_dist.config import ConfigError, JobConfig, ModelConfig, with_overrides
+from piaa_dist.config import (
+    ConfigError,
+    JobConfig,
+    ModelConfig,
+    load_config,
+    with_overrides,
+)
 from piaa_dist.errors import UserError
 
 
@@ -59,6 +65,14 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
     for k in sa:
         assert sa[k].dtype == sb[k].dtype, k
         assert torch.equal(sa[k], sb[k]), k
+
+
+def _forget_hashes(folder: Path) -> None:
+    """Drop the hashes recorded in info.json (as a folder saved before they existed, or edited
+    by hand), so a test can reach the checks behind them."""
+    info = json.loads((folder / "info.json").read_text())
+    del info["_checkpoint"]
+    (folder / "info.json").write_text(json.dumps(info))
 
 
 def test_model_round_trip_keeps_weights_buffers_config_and_info(tmp_path, cfg):
@@ -100,6 +114,8 @@ def test_mismatched_architecture_names_file_and_keys(tmp_path, cfg):
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*extra\.weight"):
         load_model(tmp_path, build=Other)
     # a config whose shapes differ from the weights: size mismatch, again naming the file
+    # (past the config's recorded hash, which would refuse the edit first)
+    _forget_hashes(tmp_path)
     (tmp_path / "config.yaml").write_text(
         (tmp_path / "config.yaml").read_text().replace("width: 6", "width: 5")
     )
@@ -109,9 +125,7 @@ def test_mismatched_architecture_names_file_and_keys(tmp_path, cfg):
 
 def test_garbage_weights_file_gives_clear_error(tmp_path, cfg):
     save_model(tmp_path, _trained_standin(cfg), cfg, {})
-    info = json.loads((tmp_path / "info.json").read_text())
-    del info["_checkpoint"]["weights_sha256"]  # get past the hash: the parser must still refuse
-    (tmp_path / "info.json").write_text(json.dumps(info))
+    _forget_hashes(tmp_path)  # get past the hashes: the parser must still refuse
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
         load_model(tmp_path, build=StandIn)
@@ -126,6 +140,38 @@ def test_tampered_weights_fail_the_hash_check(tmp_path, cfg):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: SHA-256 .* does not match"):
         load_model(tmp_path, build=StandIn)
+
+
+def test_every_file_of_a_model_folder_is_covered_by_its_hashes(tmp_path, cfg):
+    """Fine-tuning settings edited in config.yaml, or metadata edited in info.json, are refused
+    at load, naming the file; a harmless re-indentation of info.json is not a change."""
+    out = save_model(tmp_path / "m", _trained_standin(cfg), cfg, {"step": 7})
+    pristine = {name: (out / name).read_bytes() for name in checkpoint.MODEL_FILES}
+
+    config = pristine["config.yaml"].decode()
+    assert "finetune_steps: 20" in config
+    (out / "config.yaml").write_text(config.replace("finetune_steps: 20", "finetune_steps: 200"))
+    assert load_config(out / "config.yaml").eval.finetune_steps == 200  # still a valid config
+    with pytest.raises(CheckpointError, match=r"config\.yaml: SHA-256 .* does not match"):
+        load_model(out, build=StandIn)
+    (out / "config.yaml").write_bytes(pristine["config.yaml"])
+
+    info = json.loads(pristine["info.json"])
+    info["step"] = 8
+    (out / "info.json").write_text(json.dumps(info, indent=2))
+    with pytest.raises(CheckpointError, match=r"info\.json: content does not match"):
+        load_model(out, build=StandIn)
+    # the hashes recorded inside info.json cannot be edited unnoticed either
+    info = json.loads(pristine["info.json"])
+    info["_checkpoint"]["files_sha256"]["config.yaml"] = "0" * 64
+    (out / "info.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"info\.json: content does not match"):
+        load_model(out, build=StandIn)
+
+    (out / "info.json").write_text(json.dumps(json.loads(pristine["info.json"])))  # no indent
+    _, _, got = load_model(out, build=StandIn)
+    assert got == {"step": 7}
+    assert checkpoint.model_file_hashes(out)["config.yaml"] == checkpoint.sha256_file(out / "config.yaml")
 
 
 class _Payload:

@@ -167,26 +167,90 @@ def test_in_process_checkpoints_on_s3(cfg, tiny_dataset_url, s3_endpoint, tmp_pa
     _assert_close_states(again.state, result.state, rtol=0, atol=0)
 
 
-def test_a_torn_checkpoint_is_skipped_on_resume(tmp_path):
-    """Resume picks the newest checkpoint folder that loads; a torn one is passed over."""
-    import pyarrow.fs
+def _tear(folder: Path) -> None:
+    """Corrupt a checkpoint's tensors in place: it still parses, but no longer matches its hash."""
+    path = folder / "training_state.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
 
-    from piaa_dist.checkpoint import save_training_state
-    from piaa_dist.orchestration.ray_train import newest_stored_state, stored_checkpoints
 
-    root = tmp_path / "meta-train"
-    for step in (2, 4, 6):
-        save_training_state(root / f"checkpoint_{step:06d}", {"step": step, "w": torch.full((3,), step)})
-    (root / "checkpoint_000006" / "training_state.safetensors").write_bytes(b"torn")
-    (root / "not_a_checkpoint").mkdir()
-    fs = pyarrow.fs.LocalFileSystem()
-    assert [s for s, _ in stored_checkpoints(fs, str(root))] == [6, 4, 2]
-    folder, state = newest_stored_state(fs, str(root))
-    assert folder.endswith("checkpoint_000004") and state["step"] == 4
-    assert torch.equal(state["w"], torch.full((3,), 4))
-    # Nothing newer than what Ray already handed back: (None, None).
-    assert newest_stored_state(fs, str(root), after=4) == (None, None)
-    assert newest_stored_state(fs, str(tmp_path / "missing")) == (None, None)
+def test_in_process_resume_skips_a_torn_newest_checkpoint(cfg, tiny_dataset_url, tmp_path, caplog):
+    """A torn newest checkpoint does not stop an in-process restart: it resumes from the intact
+    older one, names the real folder it skipped, and ends exactly where an uninterrupted run does."""
+    out = tmp_path / "run"
+    first = run_distributed(cfg, tiny_dataset_url, out, workers=0)
+    torn = out / "checkpoints" / "meta-train" / "local" / "checkpoint_000004"
+    _tear(torn)
+    with caplog.at_level(logging.WARNING):
+        again = run_distributed(cfg, tiny_dataset_url, out, workers=0)
+    assert again.step == 4
+    _assert_close_states(again.state, first.state, rtol=0, atol=0)
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert skipped and str(torn) in skipped[0], skipped
+    rows = _steps(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
+    assert {(r["resumed_from"], r["skipped_checkpoints"]) for r in rows[4:]} == {(2, 1)}
+    # the redone step-4 checkpoint replaced the torn one
+    kept = sorted(p.name for p in torn.parent.iterdir())
+    assert kept == ["LATEST", "checkpoint_000002", "checkpoint_000004"]
+
+
+def test_in_process_resume_skips_a_torn_checkpoint_on_s3(cfg, tiny_dataset_url, s3_endpoint, s3_bucket,
+                                                          tmp_path, caplog):
+    """The same on S3, where loading goes through a temporary copy: the warning names the
+    s3:// folder, not the copy."""
+    import boto3
+
+    storage = f"s3://{s3_bucket}/runs"
+    short = with_overrides(cfg, {"meta.meta_steps": 2, "run.checkpoint_every": 1})
+    run_distributed(short, tiny_dataset_url, tmp_path / "a", workers=0,
+                    storage_path=storage, s3_endpoint=s3_endpoint)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    key = "runs/meta-train/local/checkpoint_000002/training_state.safetensors"
+    data = bytearray(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
+    with caplog.at_level(logging.WARNING):
+        again = run_distributed(short, tiny_dataset_url, tmp_path / "b", workers=0,
+                                storage_path=storage, s3_endpoint=s3_endpoint)
+    assert again.step == 2
+    assert [(r["step"], r["resumed_from"]) for r in _steps(tmp_path / "b")] == [(2, 1)]
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert skipped and f"{storage}/meta-train/local/checkpoint_000002" in skipped[0], skipped
+    assert "piaa-checkpoint-" not in skipped[0] and "/tmp/" not in skipped[0]
+
+
+def test_in_process_empty_latest_does_not_restart_from_scratch(cfg, tiny_dataset_url, tmp_path):
+    """An empty LATEST pointer (what a crash mid-write of the old truncate-then-write left) does
+    not send the next run back to step 0: it resumes from the newest checkpoint that loads."""
+    out = tmp_path / "run"
+    run_distributed(with_overrides(cfg, {"meta.meta_steps": 2}), tiny_dataset_url, out, workers=0)
+    latest = out / "checkpoints" / "meta-train" / "local" / "LATEST"
+    latest.write_text("")
+    resumed = run_distributed(cfg, tiny_dataset_url, out, workers=0)
+    assert resumed.step == 4
+    assert [r["step"] for r in _steps(out)] == [1, 2, 3, 4]
+    assert latest.read_text() == "checkpoint_000004"
+
+
+def test_ray_resume_skips_a_torn_registered_checkpoint(runs, cfg, tiny_dataset_url, tmp_path):
+    """Ray's own registered (newest) checkpoint turns out torn when the run is started again: the
+    new attempt resumes from the intact older one instead of failing, and ends bit-identical to
+    the uninterrupted run."""
+    import shutil
+
+    one, d1 = runs["one"]
+    out = tmp_path / "out"
+    # The 1-worker run's storage, Ray's checkpoint manager snapshot included.
+    shutil.copytree(d1 / "checkpoints", out / "checkpoints")
+    _tear(out / "checkpoints" / "meta-train" / "checkpoint_000004")
+    again = run_distributed(cfg, tiny_dataset_url, out, workers=1)
+    assert again.step == 4
+    rows = _steps(out)
+    assert [r["step"] for r in rows] == [3, 4]
+    assert {(r["resumed_from"], r["skipped_checkpoints"]) for r in rows} == {(2, 1)}
+    _assert_close_states(again.state, one.state, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -245,17 +245,55 @@ def test_planted_pickle_and_tampering_in_artifact_store(store, cfg, tmp_path):
     (store_dir / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(TrackingError, match="SHA-256.*modified after registration"):
         resolve_model("models:/blg-tamper@champion", uri=store, dst=tmp_path / "dl2")
-    # replaced with garbage *and* the hashes faked: the safetensors parser still refuses
+    # replaced with garbage *and* every recorded hash faked: the safetensors parser still refuses
     (store_dir / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
-    client.set_model_version_tag(
-        "blg-tamper", str(version), tracking.TAG_SHA256, checkpoint.sha256_file(store_dir / "model.safetensors")
-    )
+    fake = checkpoint.sha256_file(store_dir / "model.safetensors")
     info = json.loads((store_dir / "info.json").read_text())
-    info["_checkpoint"]["weights_sha256"] = checkpoint.sha256_file(store_dir / "model.safetensors")
+    info["_checkpoint"]["weights_sha256"] = fake
+    info["_checkpoint"]["files_sha256"]["model.safetensors"] = fake
+    info["_checkpoint"]["info_sha256"] = checkpoint.info_digest(info)
     (store_dir / "info.json").write_text(json.dumps(info))
+    client.set_model_version_tag("blg-tamper", str(version), tracking.TAG_SHA256, fake)
+    client.set_model_version_tag(
+        "blg-tamper", str(version), tracking.TAG_FILES_SHA256,
+        json.dumps(checkpoint.model_file_hashes(store_dir)),
+    )
     with pytest.raises(checkpoint.CheckpointError, match="not a valid safetensors file"):
         tracking.load_model_uri("models:/blg-tamper@champion", uri=store)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("fname", ["config.yaml", "info.json"])
+def test_registry_hashes_cover_config_and_info(store, cfg, tmp_path, fname):
+    """Fine-tuning settings (config.yaml) or metadata (info.json) changed in the artifact store
+    after registration are refused at download, naming the file, even when the edit keeps the
+    folder's own recorded hashes consistent."""
+    folder = checkpoint.save_model(tmp_path / "m", _model(cfg, 5), cfg, {"tag": "x"})
+    with RunLogger("exp-reg", uri=store) as run:
+        version = run.register_model(folder, f"blg-cover-{fname[:4]}", alias="champion")
+    ref = f"models:/blg-cover-{fname[:4]}@champion"
+    mv = _client(store).get_model_version(f"blg-cover-{fname[:4]}", str(version))
+    assert json.loads(mv.tags[tracking.TAG_FILES_SHA256]) == checkpoint.model_file_hashes(folder)
+    store_dir = Path(_client(store).get_model_version_download_uri(
+        f"blg-cover-{fname[:4]}", str(version)).replace("file://", ""))
+
+    info = json.loads((store_dir / "info.json").read_text())
+    if fname == "config.yaml":
+        text = (store_dir / "config.yaml").read_text()
+        assert "finetune_steps: 20" in text
+        (store_dir / "config.yaml").write_text(text.replace("finetune_steps: 20", "finetune_steps: 500"))
+        # re-seal the folder as someone editing the store would: its own hashes now agree
+        info["_checkpoint"]["files_sha256"]["config.yaml"] = checkpoint.sha256_file(store_dir / "config.yaml")
+    else:
+        info["tag"] = "y"
+    info["_checkpoint"]["info_sha256"] = checkpoint.info_digest(info)
+    (store_dir / "info.json").write_text(json.dumps(info, indent=2))
+    checkpoint.load_model(store_dir)  # the folder alone cannot tell: only the registry can
+
+    with pytest.raises(TrackingError, match=rf"{fname}.*SHA-256.*modified after registration"):
+        resolve_model(ref, uri=store, dst=tmp_path / "dl")
+    with pytest.raises(TrackingError, match=rf"downloaded {fname}"):
+        tracking.load_model_uri(ref, uri=store)
 
 
 def test_resolve_errors_are_clear(store, tmp_path):

@@ -113,39 +113,43 @@ def train_main(
 
     Raises:
         ConfigError: bad config/overrides, or no data URL given anywhere.
+        RunLocked: another live run holds ``out`` (or its checkpoint storage).
     """
     from piaa_dist.checkpoint import save_model
     from piaa_dist.commands._common import job_config
     from piaa_dist.orchestration.ray_train import run_distributed
+    from piaa_dist.orchestration.run_lock import hold_run
 
     cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint,
                      updates={"run.workers": workers})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    tracking = _Tracking(cfg, mlflow_uri, enabled=mlflow)
-    try:
-        result = run_distributed(
-            cfg, cfg.data.url, out,
-            workers=cfg.run.workers,
-            s3_endpoint=cfg.data.s3_endpoint or None,
-            metrics_callback=tracking.metrics_callback(),
-            progress=progress and cfg.run.workers == 0,
-            ray_address=ray_address,
-        )
-    except BaseException as err:
-        tracking.fail(err)
-        raise
-    info = {
-        "kind": "blg-piaa-meta-learner",
-        "step": result.step,
-        "workers": result.workers,
-        "data": cfg.data.url,
-        "checkpoint": result.checkpoint,
-        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
-    model_dir = save_model(out / "model", result.model, cfg, info)
-    info.update(tracking.finish(cfg, model_dir, result))
+    # One run per output, for the whole command: training, then the model folder it writes.
+    with hold_run(out):
+        tracking = _Tracking(cfg, mlflow_uri, enabled=mlflow)
+        try:
+            result = run_distributed(
+                cfg, cfg.data.url, out,
+                workers=cfg.run.workers,
+                s3_endpoint=cfg.data.s3_endpoint or None,
+                metrics_callback=tracking.metrics_callback(),
+                progress=progress and cfg.run.workers == 0,
+                ray_address=ray_address,
+            )
+        except BaseException as err:
+            tracking.fail(err)
+            raise
+        info = {
+            "kind": "blg-piaa-meta-learner",
+            "step": result.step,
+            "workers": result.workers,
+            "data": cfg.data.url,
+            "checkpoint": result.checkpoint,
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        }
+        model_dir = save_model(out / "model", result.model, cfg, info)
+        info.update(tracking.finish(cfg, model_dir, result))
     log.info("meta-learner (step %d) written to %s", result.step, model_dir)
     return result, model_dir, info
 

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 #: Registered model version tags written by :func:`register_model`.
 TAG_FORMAT = "piaa_dist.format"
 TAG_SHA256 = "piaa_dist.weights_sha256"
+#: JSON ``{file name: SHA-256}`` of every registered model file (weights, config, info)
+TAG_FILES_SHA256 = "piaa_dist.files_sha256"
 #: Artifact folder (inside the run) that holds a registered model's files.
 MODEL_ARTIFACT_PATH = "model"
 
@@ -102,7 +104,11 @@ def tracking_uri(flag: str = "") -> str:
 _READY_SQLITE: set[str] = set()  # SQLite stores this process has already initialized
 
 
-def _client(uri: str = "") -> "MlflowClient":
+def client(uri: str = "") -> "MlflowClient":
+    """An ``MlflowClient`` for the tracking URI ``uri`` (see :func:`tracking_uri`).
+
+    A new SQLite store gets its schema created once per process, under an inter-process lock.
+    """
     _configure_environment()
     from mlflow import MlflowClient
 
@@ -165,17 +171,17 @@ def get_or_create_experiment(name: str, uri: str = "") -> str:
     """Experiment id for ``name``, creating it (artifacts beside a SQLite DB) when missing."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     root = _sqlite_artifact_root(tracking_uri(uri))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
     try:
-        return client.create_experiment(name, artifact_location=f"{root}/{slug}" if root else None)
+        return mlflow_client.create_experiment(name, artifact_location=f"{root}/{slug}" if root else None)
     except MlflowException as err:
         if _is_already_exists(err):  # another process (a Tune trial) created it meanwhile
-            return client.get_experiment_by_name(name).experiment_id
+            return mlflow_client.get_experiment_by_name(name).experiment_id
         raise
 
 
@@ -245,7 +251,7 @@ class RunLogger:
         """Create (or reopen) the run. Idempotent; does nothing on non-zero ranks."""
         if self.rank != 0 or self._client is not None:
             return self
-        self._client = _client(self.uri)
+        self._client = client(self.uri)
         if self.run_id:
             # Reopening a run (resume after a failure): mark it running again.
             self._client.update_run(self.run_id, status="RUNNING")
@@ -427,7 +433,9 @@ def register_model(
     Only the files of :data:`piaa_dist.checkpoint.MODEL_FILES` are uploaded (weights as
     safetensors, config.yaml, info.json); anything else in the folder stays behind. The version's
     source is the run's artifact URI of those files, so ``models:/NAME/VERSION`` downloads
-    plain files: no MLmodel, no pickled flavor.
+    plain files: no MLmodel, no pickled flavor. The SHA-256 of every uploaded file is kept in
+    the version's tags (:data:`TAG_FILES_SHA256`), in the tracking store rather than the
+    artifact store, so :func:`resolve_model` refuses a file changed in the artifact store.
 
     Args:
         run_id: the MLflow run that produced the model.
@@ -441,7 +449,8 @@ def register_model(
         The new version number.
 
     Raises:
-        CheckpointError: ``model_dir`` is not a model folder.
+        CheckpointError: ``model_dir`` is not a model folder, or a file does not match the
+            hashes recorded when it was saved (a changed folder is not registered).
     """
     from mlflow.exceptions import MlflowException
 
@@ -452,40 +461,45 @@ def register_model(
         raise checkpoint.CheckpointError(
             f"{folder}: not a model folder (needs {checkpoint.WEIGHTS_FILE} and {checkpoint.CONFIG_FILE})"
         )
-    client = _client(uri)
+    checkpoint.verify_model_folder(folder)
+    files_sha256 = checkpoint.model_file_hashes(folder)
+    mlflow_client = client(uri)
     for fname in checkpoint.MODEL_FILES:
         if (folder / fname).is_file():
-            client.log_artifact(run_id, str(folder / fname), MODEL_ARTIFACT_PATH)
-    run = client.get_run(run_id)
+            mlflow_client.log_artifact(run_id, str(folder / fname), MODEL_ARTIFACT_PATH)
+    run = mlflow_client.get_run(run_id)
     # The concrete artifact location (file:, s3:, mlflow-artifacts:), as MLflow's own docs do
     # with RunsArtifactRepository.get_underlying_uri: the version stays downloadable even
     # without resolving the run.
     source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
     try:
-        client.create_registered_model(name)
+        mlflow_client.create_registered_model(name)
     except MlflowException as err:
         if not _is_already_exists(err):
             raise
-    sha = checkpoint.sha256_file(folder / checkpoint.WEIGHTS_FILE)
-    mv = client.create_model_version(
+    mv = mlflow_client.create_model_version(
         name,
         source=source,
         run_id=run_id,
-        tags={TAG_FORMAT: checkpoint.MODEL_FORMAT, TAG_SHA256: sha},
+        tags={
+            TAG_FORMAT: checkpoint.MODEL_FORMAT,
+            TAG_SHA256: files_sha256[checkpoint.WEIGHTS_FILE],
+            TAG_FILES_SHA256: json.dumps(files_sha256, sort_keys=True),
+        },
         description=description or None,
     )
     version = int(mv.version)
     if alias:
         # Re-pointing an existing alias is how "promote to champion" works in MLflow 3.
-        client.set_registered_model_alias(name, alias, str(version))
-    client.set_tag(run_id, "piaa_dist.registered_model", f"{name}/{version}")
+        mlflow_client.set_registered_model_alias(name, alias, str(version))
+    mlflow_client.set_tag(run_id, "piaa_dist.registered_model", f"{name}/{version}")
     log.info(
         "registered %s version %d%s from run %s", name, version, f" (@{alias})" if alias else "", run_id
     )
     return version
 
 
-def _download(client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
+def _download(mlflow_client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
     """Download exactly the model files from an artifact URI into ``dst``."""
     from piaa_dist import checkpoint
 
@@ -514,8 +528,8 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
         The folder; for registry models it holds only the model files (weights, config, info).
 
     Raises:
-        TrackingError: unknown model, alias or version, an unsupported URI, or a download
-            whose weights do not match the hash recorded at registration.
+        TrackingError: unknown model, alias or version, an unsupported URI, or a downloaded
+            file that does not match the hash recorded at registration (names the file).
         CheckpointError: a local path that is not a model folder.
     """
     from piaa_dist import checkpoint
@@ -533,21 +547,21 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
 
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
-    expected_sha = None
+    mlflow_client = client(uri)
+    expected: dict[str, str] = {}
     m = _MODELS_URI.match(text)
     if m:
         name = m["name"]
         try:
             mv = (
-                client.get_model_version_by_alias(name, m["alias"])
+                mlflow_client.get_model_version_by_alias(name, m["alias"])
                 if m["alias"]
-                else client.get_model_version(name, m["version"])
+                else mlflow_client.get_model_version(name, m["version"])
             )
         except MlflowException as err:
             raise TrackingError(f"{text}: not found in the registry at {tracking_uri(uri)}: {err.message}") from None
-        source = client.get_model_version_download_uri(name, mv.version)
-        expected_sha = (mv.tags or {}).get(TAG_SHA256)
+        source = mlflow_client.get_model_version_download_uri(name, mv.version)
+        expected = _registered_hashes(text, mv.tags or {})
         label = f"{name}-v{mv.version}"
         log.info("%s -> %s version %s (%s)", text, name, mv.version, source)
     elif text.startswith("runs:/"):
@@ -562,15 +576,41 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
 
     out = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"piaa-{label}-"))
     out.mkdir(parents=True, exist_ok=True)
-    _download(client, source, out, tracking_uri(uri))
-    if expected_sha:
-        actual = checkpoint.sha256_file(out / checkpoint.WEIGHTS_FILE)
-        if actual != expected_sha:
+    _download(mlflow_client, source, out, tracking_uri(uri))
+    for fname, digest in expected.items():
+        actual = checkpoint.sha256_file(out / fname)
+        if actual != digest:
             raise TrackingError(
-                f"{text}: downloaded {checkpoint.WEIGHTS_FILE} has SHA-256 {actual[:12]}…, the "
-                f"registry recorded {expected_sha[:12]}…; the artifact was modified after registration"
+                f"{text}: downloaded {fname} has SHA-256 {actual[:12]}…, the registry recorded "
+                f"{digest[:12]}…; the artifact was modified after registration"
             )
     return out
+
+
+def _registered_hashes(ref: str, tags: Mapping[str, str]) -> dict[str, str]:
+    """``{file: SHA-256}`` a model version's tags record, weights first.
+
+    Versions registered before per-file hashes record the weights only.
+    """
+    from piaa_dist import checkpoint
+
+    raw = tags.get(TAG_FILES_SHA256)
+    if raw is None:
+        if tags.get(TAG_SHA256):
+            log.warning("%s was registered with a hash of its weights only; %s and %s are not "
+                        "verified against the registry", ref, checkpoint.CONFIG_FILE, checkpoint.INFO_FILE)
+            return {checkpoint.WEIGHTS_FILE: tags[TAG_SHA256]}
+        return {}
+    try:
+        recorded = json.loads(raw)
+    except ValueError as err:
+        raise TrackingError(f"{ref}: the registry tag {TAG_FILES_SHA256} is unreadable ({err})") from None
+    if not isinstance(recorded, dict):
+        raise TrackingError(f"{ref}: the registry tag {TAG_FILES_SHA256} is not a JSON object")
+    missing = [f for f in checkpoint.MODEL_FILES if f not in recorded]
+    if missing:
+        raise TrackingError(f"{ref}: the registry records no SHA-256 for {', '.join(missing)}")
+    return {f: str(recorded[f]) for f in checkpoint.MODEL_FILES}
 
 
 def load_model_uri(
@@ -588,8 +628,11 @@ def load_model_uri(
 
 __all__ = [
     "MODEL_ARTIFACT_PATH",
+    "TAG_FILES_SHA256",
+    "TAG_SHA256",
     "RunLogger",
     "TrackingError",
+    "client",
     "get_or_create_experiment",
     "load_model_uri",
     "register_model",

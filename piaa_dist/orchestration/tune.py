@@ -153,17 +153,17 @@ def _make_end_runs_callback(uri: str, experiment: str):
 
     class _EndRuns(tune.Callback):
         def _end(self, trial, status: str, reason: str) -> None:
-            from piaa_dist.orchestration.tracking import _client, get_or_create_experiment
+            from piaa_dist.orchestration.tracking import client, get_or_create_experiment
 
-            client = _client(uri)
+            mlflow_client = client(uri)
             exp_id = get_or_create_experiment(experiment, uri)
-            runs = client.search_runs(
+            runs = mlflow_client.search_runs(
                 [exp_id], filter_string=f"tags.`piaa_dist.trial_id` = '{trial.trial_id}'"
             )
             for run in runs:
                 if run.info.status == "RUNNING":
-                    client.set_tag(run.info.run_id, "piaa_dist.ended_by", reason)
-                    client.set_terminated(run.info.run_id, status=status)
+                    mlflow_client.set_tag(run.info.run_id, "piaa_dist.ended_by", reason)
+                    mlflow_client.set_terminated(run.info.run_id, status=status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
             self._end(trial, "KILLED", "stopped early by the scheduler")
@@ -229,25 +229,16 @@ def _best_checkpoint(result: Any) -> str | None:
 
 
 def _load_checkpoint_model(cfg: JobConfig, path: str, storage: str, s3_endpoint: str | None) -> Any:
-    """Load the meta-learner from a trial's Ray Train checkpoint.
+    """Load the meta-learner from a trial's checkpoint folder.
 
     ``path`` is what Ray reported: a local path, or ``bucket/key`` inside the S3 filesystem
     when the storage path is ``s3://``.
     """
-    from ray.train import Checkpoint
+    from piaa_dist.orchestration.checkpoint_store import RunStorage, load_checkpoint, model_from_state
 
-    from piaa_dist.orchestration.ray_train import resolve_storage, result_from_checkpoint
-
-    fs = None
-    if storage.startswith("s3://"):
-        _, fs = resolve_storage(storage, s3_endpoint)
-        if fs is None:  # real AWS: default credentials chain and region
-            import pyarrow.fs
-
-            fs = pyarrow.fs.S3FileSystem()
-        path = path[len("s3://"):] if path.startswith("s3://") else path
-    checkpoint = Checkpoint(path, filesystem=fs)
-    return result_from_checkpoint(cfg, checkpoint, {}, 0).model
+    run_storage = RunStorage.from_url(storage, endpoint_url=s3_endpoint)
+    state = load_checkpoint(run_storage, path[len("s3://"):] if path.startswith("s3://") else path)
+    return model_from_state(cfg, state)
 
 
 def run_sweep(
@@ -295,7 +286,8 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from piaa_dist.orchestration.ray_train import _use_gpu, absolute_url, ensure_ray, resolve_storage
+    from piaa_dist.orchestration.checkpoint_store import RunStorage, absolute_url
+    from piaa_dist.orchestration.ray_train import ensure_ray, use_gpu
 
     if cfg.run.validate_every <= 0:
         raise ValueError("tune needs run.validate_every > 0: validation SROCC is the metric")
@@ -304,7 +296,7 @@ def run_sweep(
     samples = samples or cfg.tune.samples
     storage = storage_path or cfg.run.storage_path or str((out_dir / "checkpoints").resolve())
     s3_endpoint = s3_endpoint or cfg.data.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or ""
-    tune_storage, tune_fs = resolve_storage(storage, s3_endpoint or None)
+    tune_storage, tune_fs = RunStorage.from_url(storage, name, s3_endpoint or None).ray_storage()
 
     param_space: dict[str, Any] = dict(search_space(cfg))
     param_space.update(
@@ -330,7 +322,7 @@ def run_sweep(
     callbacks = [_make_end_runs_callback(mlflow_uri, cfg.run.experiment)] if mlflow_uri else []
     if started and cfg.tune.max_concurrent == 1:
         bundle = {"CPU": float(cfg.run.cpus_per_worker)}
-        if _use_gpu(cfg):
+        if use_gpu(cfg):
             bundle["GPU"] = 1.0
         callbacks.append(_make_reclaim_callback(bundle))
     try:

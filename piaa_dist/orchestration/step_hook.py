@@ -1,0 +1,134 @@
+"""The per-step hook of a meta-training run: reports, checkpoints, validation, failure injection.
+
+Shared by Ray Train workers and the in-process loop, and free of Ray: the runner passes in a
+``report(step, metrics, trainer, with_checkpoint)`` function that does the Ray-specific (or
+local) part.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from piaa_dist.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+#: ``report(step, metrics, trainer, with_checkpoint)``
+Report = Callable[[int, dict, Any, bool], None]
+
+
+def due(step: int, every: int) -> bool:
+    """True when ``step`` is a positive multiple of ``every`` (``every <= 0``: never)."""
+    return every > 0 and step % every == 0
+
+
+class StepHook:
+    """``on_step`` for :func:`piaa_dist.train.meta_train`.
+
+    Reports happen at the same steps on every rank (multiples of ``log_every``,
+    ``checkpoint_every``, ``validate_every`` and the last step), because ``ray.train.report``
+    is a barrier that every rank must reach equally often.
+
+    Args:
+        cfg: job config (``run.*_every``, ``meta.meta_steps``).
+        rank: this process's rank (only rank 0 validates).
+        report: the runner's report function.
+        dataset: the opened dataset (validation users).
+        inject_failure: testing hook ``{"step": N, "rank": R, "marker": PATH}``: rank R
+            ``os._exit(1)`` s at step N once (the marker file records that it happened).
+        progress: a tqdm bar to advance, or None.
+        resumed_from: the step this attempt started at (0 = fresh); reported as
+            ``resumed_from`` so the metrics show where a restart resumed.
+        skipped_checkpoints: newer checkpoints this attempt could not load; reported as
+            ``skipped_checkpoints`` (their locations are in the log).
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        rank: int,
+        report: Report,
+        dataset: Any,
+        inject_failure: dict | None = None,
+        progress: Any = None,
+        resumed_from: int = 0,
+        skipped_checkpoints: int = 0,
+    ):
+        self.cfg = cfg
+        self.rank = rank
+        self.report = report
+        self.dataset = dataset
+        self.inject_failure = inject_failure
+        self.progress = progress
+        self.resumed_from = resumed_from
+        self.skipped_checkpoints = skipped_checkpoints
+        self.data_s = 0.0
+        self.step_s = 0.0
+
+    def __call__(self, step: int, metrics: dict, trainer: Any) -> None:
+        run = self.cfg.run
+        self._maybe_fail(step)
+        self.data_s += metrics["data_s"]
+        self.step_s += metrics["step_s"]
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(query_loss=f"{metrics['query_loss']:.4f}")
+        last = step == self.cfg.meta.meta_steps
+        checkpoint = due(step, run.checkpoint_every) or last
+        validate = due(step, run.validate_every) or (last and run.validate_every > 0)
+        if not (checkpoint or validate or due(step, run.log_every) or last):
+            return
+        out = dict(metrics, step=step, resumed_from=self.resumed_from,
+                   skipped_checkpoints=self.skipped_checkpoints)
+        # Share of wall time spent waiting for tasks since the last report (data-plane health).
+        out["data_wait_share"] = self.data_s / self.step_s if self.step_s > 0 else 0.0
+        self.data_s = self.step_s = 0.0
+        if validate and self.rank == 0:
+            score = validation_score(self.cfg, self.dataset, trainer.model)
+            if score is not None:
+                out["val_srocc"] = score
+        self.report(step, out, trainer, checkpoint)
+
+    def _maybe_fail(self, step: int) -> None:
+        """Testing hook: ``os._exit(1)`` once on one rank at one step (a marker file says "done")."""
+        spec = self.inject_failure
+        if not spec or self.rank != spec.get("rank", 1) or step != spec["step"]:
+            return
+        marker = Path(spec["marker"])
+        if marker.exists():
+            return
+        marker.write_text(f"rank {self.rank} exited at step {step}\n")
+        log.warning("injected failure: rank %d exits at step %d", self.rank, step)
+        logging.shutdown()
+        os._exit(1)
+
+
+def validation_score(cfg: JobConfig, dataset: Any, model: nn.Module) -> float | None:
+    """Validation SROCC of the meta-learner on the held-out training users (Tune's metric).
+
+    None when the config holds no validation users out.
+    """
+    from piaa_dist.evaluate import validation_srocc
+    from piaa_dist.train import validation_users
+
+    users = validation_users(cfg, dataset)
+    if not users:
+        return None
+    # A copy: evaluation fine-tunes and switches modes; the meta-learner must stay untouched.
+    return float(
+        validation_srocc(
+            cfg, dataset, copy.deepcopy(model), users,
+            shots=min(cfg.eval.shots), repeats=cfg.eval.repeats,
+        )
+    )
+
+
+__all__ = ["Report", "StepHook", "due", "validation_score"]
