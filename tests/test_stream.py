@@ -46,7 +46,7 @@ def local(tiny_dataset_url):
 
 def test_synth_to_s3_to_stream_round_trip(tiny_world, tiny_s3_dataset_url, s3_endpoint):
     ds = Dataset.open(tiny_s3_dataset_url, endpoint_url=s3_endpoint)
-    assert ds.source == "synth" and ds.version == "1" and ds.max_side == 256
+    assert ds.source == "synth" and ds.version == "2" and ds.max_side == 256
     test_ids = set((tiny_world / "test_workers.csv").read_text().split()[1:])
     assert set(ds.users("test")) == test_ids
     assert len(ds.users("train")) == 8 and ds.users("all") == sorted(ds.users("train") + ds.users("test"))
@@ -198,11 +198,13 @@ def test_missing_and_corrupt_shards_name_the_shard(tiny_world, s3_endpoint, s3_b
     import boto3
 
     url = f"s3://{s3_bucket}/d"
-    ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint)
+    # Shards of at most 40 samples: every tiny-world user (24-32 ratings) gets a shard of its own.
+    ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint, shard_size=40)
     ds = Dataset.open(url, endpoint_url=s3_endpoint, cache_users=0)
     users = ds.users("train")
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     gone, bad = ds.shard_urls(users[0])[0], ds.shard_urls(users[1])[0]
+    assert len({gone, bad, ds.shard_urls(users[2])[0]}) == 3
     s3.delete_object(Bucket=s3_bucket, Key=gone.split(f"s3://{s3_bucket}/", 1)[1])
     key = bad.split(f"s3://{s3_bucket}/", 1)[1]
     data = bytearray(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
@@ -210,10 +212,11 @@ def test_missing_and_corrupt_shards_name_the_shard(tiny_world, s3_endpoint, s3_b
     s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
     with pytest.raises(DataError, match=f"missing shard {gone}"):
         ds.load_user(users[0])
-    with pytest.raises(DataError, match=f"corrupt shard {bad}: sha256"):
+    with pytest.raises(DataError, match=rf"corrupt shard {bad} bytes \d+-\d+ \(user {users[1]}\): sha256"):
         ds.load_user(users[1])
     # The stream surfaces the same error for a batch that needs the user.
-    step = next(s for s in range(50) if users[0] in sample_meta_batch(users, s, 4, 0))
+    step = next(s for s in range(50) if users[0] in sample_meta_batch(users, s, 4, 0)
+                and users[1] not in sample_meta_batch(users, s, 4, 0))
     stream = TaskStream(ds, users, rank=0, world_size=1, **{**KW, "seed": 0})
     with pytest.raises(DataError, match="missing shard"):
         stream.tasks(step)
@@ -235,9 +238,9 @@ def test_transient_s3_faults_while_streaming_are_retried(tiny_world, s3_endpoint
 
 
 def test_no_manifest_is_a_clear_error(tmp_path, s3_endpoint, s3_bucket):
-    with pytest.raises(DataError, match=r"no dataset at .*manifest.parquet not found.*piaa-dist ingest"):
+    with pytest.raises(DataError, match=r"no dataset at .*_CURRENT not found.*piaa-dist ingest"):
         Dataset.open(str(tmp_path))
-    with pytest.raises(DataError, match=f"s3://{s3_bucket}/none/manifest.parquet not found"):
+    with pytest.raises(DataError, match=f"s3://{s3_bucket}/none/_CURRENT not found"):
         Dataset.open(f"s3://{s3_bucket}/none", endpoint_url=s3_endpoint)
     (tmp_path / "manifest.parquet").write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a readable Parquet file"):
