@@ -166,7 +166,8 @@ def test_reingesting_gives_identical_shards(tiny_world, tiny_dataset_url, tmp_pa
         shards = sorted(p.name for p in (_version(tmp_path) / "shards").iterdir())
         assert shards == sorted(p.name for p in (_version(other) / "shards").iterdir())
         for name in shards:
-            assert (_version(tmp_path) / "shards" / name).read_bytes() == (_version(other) / "shards" / name).read_bytes()
+            mine, theirs = _version(tmp_path) / "shards" / name, _version(other) / "shards" / name
+            assert mine.read_bytes() == theirs.read_bytes()
     for r in a:
         assert len(r["shards"]) == -(-r["n_ratings"] // 7) and max(r["samples"]) <= 7
     # Shard size does not change the samples, only how they are cut.

@@ -290,7 +290,8 @@ def test_missing_credentials_say_what_to_set(monkeypatch, tmp_path, s3_endpoint,
 
     _no_credentials_env(monkeypatch, tmp_path)
     store = open_store("s3://some-bucket/p", endpoint_url=s3_endpoint)
-    with pytest.raises(StorageError, match=r"no S3 credentials.*AWS_ENDPOINT_URL.*AWS_ACCESS_KEY_ID.*piaa-dist s3-local"):
+    hint = r"no S3 credentials.*AWS_ENDPOINT_URL.*AWS_ACCESS_KEY_ID.*piaa-dist s3-local"
+    with pytest.raises(StorageError, match=hint):
         store.read_bytes("manifest.parquet")
     # Through the CLI: one line, exit code 2, before any image is looked at.
     (tmp_path / "world").mkdir()
