@@ -215,7 +215,8 @@ class Dataset:
             data = store.read_bytes(MANIFEST)
         except ObjectNotFound:
             raise DataError(f"no dataset at {root.url}: {murl} not found (run `piaa-dist ingest` first)") from None
-        return cls(store, Manifest.from_bytes(data, murl), url=root.url, version_id=vid, cache_users=cache_users)
+        manifest = Manifest.from_bytes(data, murl)
+        return cls(store, manifest, url=root.url, version_id=vid, cache_users=cache_users)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -591,7 +592,9 @@ class TaskStream:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if isinstance(users, np.ndarray) and users.dtype.kind in "iu":
-            rows = np.unique(users.astype(np.int64))
+            rows = users.astype(np.int64)
+            if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+                rows = np.unique(rows)  # (Dataset.user_indices is sorted already: no sort)
             if len(rows) and (rows[0] < 0 or rows[-1] >= dataset.manifest.n):
                 raise ValueError(f"user rows must be in [0, {dataset.manifest.n}), got {rows[0]}..{rows[-1]}")
         else:
