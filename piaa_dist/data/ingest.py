@@ -462,7 +462,7 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     skips = SkipLog()
     rows = ManifestRows()
     decodes = 0
-    written_images: list[np.ndarray] = []
+    stored = np.zeros(len(spec.image_names), bool)  # distinct images written (not per sample: bounded)
 
     def work(k: int) -> tuple[bytes | None, str, str]:
         nonlocal decodes
@@ -550,7 +550,7 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
                 hasher.update(blob)
                 part_count += 1
                 n_samples += 1
-                written_images.append(spec.s_image[j : j + 1])
+                stored[spec.s_image[j]] = True
                 if truth and np.isnan(spec.s_latent[j]):
                     truth = False
             if hasher is not None and part_count:
@@ -573,7 +573,7 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    local = np.unique(np.concatenate(written_images)) if written_images else np.zeros(0, np.int64)
+    local = np.flatnonzero(stored)
     return PartitionResult(
         index=spec.index, rows=rows.table(), skips=skips, samples=n_samples, shards=n_shards, bytes=n_bytes,
         image_decodes=decodes, image_cache_hits=cache.hits, image_ids=spec.image_gid[local],
