@@ -47,6 +47,7 @@ import json
 import logging
 import re
 import resource
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +67,7 @@ from piaa_dist.data.images import (
     process_image,
 )
 from piaa_dist.data.layout import POINTER, REPORT, new_version_id, version_prefix, write_pointer
-from piaa_dist.data.manifest import MANIFEST, FORMAT_VERSION, ManifestRows, Part, manifest_bytes, shard_name
+from piaa_dist.data.manifest import FORMAT_VERSION, MANIFEST, ManifestRows, Part, manifest_bytes, shard_name
 from piaa_dist.data.readers import SKIP_LABELS, SKIP_REASONS, SkipLog, SourceRead, read_source
 from piaa_dist.data.tarfmt import (
     MAX_NAME_BYTES,
@@ -461,11 +462,11 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     cache = ByteLRU(int(s.image_cache_mb * 1024 * 1024))
     skips = SkipLog()
     rows = ManifestRows()
-    decodes = 0
+    decodes = [0]
+    decodes_lock = threading.Lock()
     stored = np.zeros(len(spec.image_names), bool)  # distinct images written (not per sample: bounded)
 
     def work(k: int) -> tuple[bytes | None, str, str]:
-        nonlocal decodes
         try:
             data = process_image(spec.images.read(spec.image_refs[k]), s.max_side, s.quality, s.max_pixels)
         except TooManyPixels as err:
@@ -476,7 +477,8 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
             raise  # the store, not the image: abort rather than count
         except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             return None, "unreadable_image", f"{type(err).__name__}: {err}"
-        decodes += 1
+        with decodes_lock:
+            decodes[0] += 1
         cache.put(k, data)
         return data, "", ""
 
@@ -576,7 +578,7 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     local = np.flatnonzero(stored)
     return PartitionResult(
         index=spec.index, rows=rows.table(), skips=skips, samples=n_samples, shards=n_shards, bytes=n_bytes,
-        image_decodes=decodes, image_cache_hits=cache.hits, image_ids=spec.image_gid[local],
+        image_decodes=decodes[0], image_cache_hits=cache.hits, image_ids=spec.image_gid[local],
         peak_rss_mb=_peak_rss_mb(), seconds=time.perf_counter() - t0,
     )
 

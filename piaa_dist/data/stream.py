@@ -214,7 +214,8 @@ class Dataset:
         try:
             data = store.read_bytes(MANIFEST)
         except ObjectNotFound:
-            raise DataError(f"no dataset at {root.url}: {murl} not found (run `piaa-dist ingest` first)") from None
+            raise DataError(f"{murl} not found: version {vid} of {root.url} is incomplete or was removed "
+                            f"(list the versions with `piaa-dist datasets {root.url}`)") from None
         manifest = Manifest.from_bytes(data, murl)
         return cls(store, manifest, url=root.url, version_id=vid, cache_users=cache_users)
 
