@@ -15,7 +15,9 @@ import sys
 # subcommand -> module under piaa_dist.commands (dashes become underscores)
 COMMANDS = {
     "synth": "Write a synthetic PIAA world in the FLICKR-AES layout.",
-    "ingest": "Ingest FLICKR-AES / AADB into per-user WebDataset shards + a Parquet manifest.",
+    "ingest": "Ingest FLICKR-AES / AADB / PARA / a ratings log into a new, atomically published dataset version.",
+    "verify": "Check every user of a dataset's published version (counts, checksums); one-line summary.",
+    "datasets": "List a dataset's versions (the published one marked); remove old ones explicitly.",
     "s3-local": "Start a local S3 endpoint (moto server) for the embedded defaults.",
     "train": "Meta-train the BLG-PIAA meta-learner (in-process or on Ray Train).",
     "evaluate": "Run the meta-testing protocol on test users.",

@@ -307,6 +307,19 @@ def meta_training_users(cfg: JobConfig, dataset: Any) -> list[str]:
     return users
 
 
+def _meta_training_rows(cfg: JobConfig, dataset: Any) -> Any:
+    """:func:`meta_training_users` as dataset rows where the dataset offers them: the same
+    users in the same order, without a Python string per user (a million-user dataset)."""
+    if not hasattr(dataset, "user_indices"):
+        return meta_training_users(cfg, dataset)
+    from piaa_dist.data.stream import split_validation_indices
+
+    rows, _ = split_validation_indices(dataset.user_indices("train"), cfg.data.validation_users, cfg.run.seed)
+    if not len(rows):
+        return meta_training_users(cfg, dataset)  # raises the usual error
+    return rows
+
+
 def validation_users(cfg: JobConfig, dataset: Any) -> list[str]:
     """The held-out validation users (the data plane's seeded split of the training users)."""
     from piaa_dist.data.stream import validation_users as split
@@ -362,7 +375,7 @@ def meta_train(
     elif reduce is not None and world_size > 1:
         trainer.sync_from_rank0(reduce, rank)
 
-    users = meta_training_users(cfg, dataset)
+    users = _meta_training_rows(cfg, dataset)
     if rank == 0:
         log.info(
             "meta-training on %d users, %d steps x %d tasks, %s, %d rank(s) on %s",

@@ -10,7 +10,10 @@
 * ``tiny_dataset_url`` (session): that world ingested to a local folder.
 * ``tiny_s3_dataset_url`` (session): that world ingested to the local S3 endpoint.
 * ``faulty_proxy``: an HTTP proxy in front of ``s3_endpoint`` that injects transient faults
-  (503s, truncated bodies) into GETs whose path contains ``proxy.match`` (default "flaky").
+  (503s, truncated bodies, stalled bodies) into GETs whose path contains ``proxy.match``
+  (default "flaky"), can play an endpoint that goes away (``proxy.down``, or by itself after
+  ``proxy.fail_puts_after`` PUTs matching ``proxy.put_match``) and comes back, and logs every
+  request it sees (``proxy.requests``: method, path, Range header).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import http.client
 import os
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -120,7 +124,13 @@ class FaultyProxy:
     """HTTP proxy to the moto server that injects faults into GETs of matching keys.
 
     ``faults`` is a list consumed one per matching GET: ``"503"`` answers Service Unavailable,
-    ``"truncate"`` sends the real headers but only half the body, then drops the connection.
+    ``"truncate"`` sends the real headers but only half the body, then drops the connection,
+    ``"stall"`` sends the real headers and then nothing for ``stall_s`` seconds.
+
+    ``down = True`` plays an endpoint that went away: every request's connection is closed
+    without an answer until ``down`` is set back to False. ``fail_puts_after = N`` sets
+    ``down`` by itself when a PUT whose path contains ``put_match`` arrives after N of them
+    went through (an endpoint dying in the middle of an upload).
     """
 
     def __init__(self, upstream: str, match: str = "flaky"):
@@ -128,6 +138,12 @@ class FaultyProxy:
         self.match = match
         self.faults: list[str] = []
         self.gets = 0
+        self.stall_s = 30.0
+        self.down = False
+        self.fail_puts_after: int | None = None
+        self.put_match = "/shards/"
+        self.puts = 0
+        self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         proxy = self
 
@@ -140,6 +156,16 @@ class FaultyProxy:
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = None
+                with proxy.lock:
+                    proxy.requests.append((self.command, self.path, self.headers.get("Range")))
+                    if self.command == "PUT" and proxy.put_match in self.path and proxy.fail_puts_after is not None:
+                        proxy.puts += 1
+                        if proxy.puts > proxy.fail_puts_after:
+                            proxy.down = True
+                    down = proxy.down
+                if down:
+                    self.close_connection = True  # no answer: the endpoint is gone
+                    return
                 if self.command == "GET" and proxy.match in self.path:
                     with proxy.lock:
                         proxy.gets += 1
@@ -163,6 +189,12 @@ class FaultyProxy:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
+                if fault == "stall":
+                    self.end_headers()
+                    self.wfile.flush()
+                    time.sleep(proxy.stall_s)  # headers sent, body never comes (within the timeout)
+                    self.close_connection = True
+                    return
                 if fault == "truncate":
                     self.send_header("Connection", "close")
                     self.end_headers()

@@ -1,4 +1,8 @@
-"""Ingestion: shards, manifest and report; every quirk of the published files; determinism."""
+"""Ingestion: packed shards, manifest and report; every quirk of the published files; determinism.
+
+The dataset layout is versioned (``_CURRENT`` names ``versions/<id>/``); the helpers below find
+the published version's folder the way a reader does.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from PIL import Image
 
 from piaa_dist.cli import main as cli_main
 from piaa_dist.data.ingest import MANIFEST, REPORT, _write_tar_with_tarfile, format_report, ingest, write_tar
+from piaa_dist.data.layout import POINTER
 from piaa_dist.data.readers import SKIP_REASONS, read_test_list
 from piaa_dist.data.stream import parse_shard
 from piaa_dist.errors import DataError
@@ -33,11 +38,36 @@ def _test_ids(world: Path) -> set[str]:
     return {line.strip() for line in (world / "test_workers.csv").read_text().splitlines()[1:]}
 
 
+def _version(root: Path) -> Path:
+    """Folder of the published version of the dataset at ``root``."""
+    return root / "versions" / json.loads((root / POINTER).read_text())["version"]
+
+
+def _manifest(root: Path):
+    return pq.read_table(_version(root) / MANIFEST)
+
+
+def _report(root: Path) -> dict:
+    return json.loads((_version(root) / REPORT).read_text())
+
+
+def _shard_path(root: Path, shard: int) -> Path:
+    return _version(root) / "shards" / f"{shard:06d}.tar"
+
+
+def _ranges(root: Path, row: dict) -> list[bytes]:
+    """The byte range of each part of a manifest row."""
+    out = []
+    for shard, off, length in zip(row["shards"], row["offsets"], row["lengths"]):
+        out.append(_shard_path(root, shard).read_bytes()[off : off + length])
+    return out
+
+
 def _shard_samples(root: Path, manifest) -> list[dict]:
     out = []
     for row in manifest.to_pylist():
-        for rel in row["shards"]:
-            out.extend(parse_shard((root / rel).read_bytes(), rel))
+        for data in _ranges(root, row):
+            out.extend(parse_shard(data, row["user"]))
     return out
 
 
@@ -53,29 +83,28 @@ def _assert_invariants(report: dict) -> None:
 
 def test_synth_world_ingests_completely(tiny_world, tiny_dataset_url):
     root = Path(tiny_dataset_url)
-    report = json.loads((root / REPORT).read_text())
+    report = _report(root)
     _assert_invariants(report)
     ratings = _csv_ratings(tiny_world)
     assert report["source"] == "synth" and report["has_truth"]
     assert report["ratings"]["read"] == report["ratings"]["ingested"] == len(ratings)
     assert sum(report["skipped"].values()) == 0
 
-    table = pq.read_table(root / MANIFEST)
+    table = _manifest(root)
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    assert meta["source"] == "synth" and meta["version"] == "1" and meta["max_side"] == "256"
+    assert meta["source"] == "synth" and meta["version"] == "2" and meta["max_side"] == "256"
     assert [f.name for f in table.schema] == [
-        "user", "split", "n_ratings", "shards", "sha256", "shard_samples", "has_truth"]
+        "user", "user_key", "split", "n_ratings", "has_truth", "shards", "offsets", "lengths", "samples", "sha256"]
     assert str(table.schema.field("n_ratings").type) == "int64"
-    assert str(table.schema.field("shards").type) == "list<element: string>"
+    assert str(table.schema.field("shards").type) == "list<element: int32>"
     rows = table.to_pylist()
     assert [r["user"] for r in rows] == sorted(r["user"] for r in rows)
     assert {r["user"] for r in rows if r["split"] == "test"} == _test_ids(tiny_world)
     for r in rows:
         assert r["has_truth"]
-        assert sum(r["shard_samples"]) == r["n_ratings"]
-        for rel, digest in zip(r["shards"], r["sha256"]):
-            assert rel.startswith(f"shards/{r['split']}/{r['user']}-") and rel.endswith(".tar")
-            assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == digest
+        assert sum(r["samples"]) == r["n_ratings"]
+        for data, digest in zip(_ranges(root, r), r["sha256"]):
+            assert hashlib.sha256(data).digest() == digest
 
     # Every rating arrives exactly once, with its score and the sidecar's truth.
     samples = _shard_samples(root, table)
@@ -94,12 +123,12 @@ def test_synth_world_ingests_completely(tiny_world, tiny_dataset_url):
 
 
 def test_shards_are_plain_webdataset(tiny_dataset_url):
-    """The shards read with WebDataset's own pipeline (what any other consumer would use)."""
+    """The packed shards read with WebDataset's own pipeline (what any other consumer would use)."""
     import webdataset as wds
 
     root = Path(tiny_dataset_url)
-    rows = pq.read_table(root / MANIFEST).to_pylist()
-    urls = [str(root / rel) for r in rows for rel in r["shards"]]
+    rows = _manifest(root).to_pylist()
+    urls = sorted(str(p) for p in (_version(root) / "shards").iterdir())
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False).decode("pil")
     n = 0
     for sample in ds:
@@ -127,15 +156,22 @@ def test_tar_writer_matches_the_standard_library():
 def test_reingesting_gives_identical_shards(tiny_world, tiny_dataset_url, tmp_path):
     ingest("flickr-aes", tiny_world, str(tmp_path), workers=1, shard_size=7)
     ingest("flickr-aes", tiny_world, str(tmp_path / "again"), workers=3, shard_size=7)
-    a = pq.read_table(tmp_path / MANIFEST).to_pylist()
-    b = pq.read_table(tmp_path / "again" / MANIFEST).to_pylist()
-    assert a == b
+    # Cut into several partitions (what N workers would each write): still the same bytes.
+    ingest("flickr-aes", tiny_world, str(tmp_path / "parts"), workers=2, shard_size=7, partitions=3)
+    a = _manifest(tmp_path).to_pylist()
+    assert _report(tmp_path / "parts")["partitions"] == 3
+    for other in (tmp_path / "again", tmp_path / "parts"):
+        assert _manifest(other).to_pylist() == a
+        assert (_version(other) / MANIFEST).read_bytes() == (_version(tmp_path) / MANIFEST).read_bytes()
+        shards = sorted(p.name for p in (_version(tmp_path) / "shards").iterdir())
+        assert shards == sorted(p.name for p in (_version(other) / "shards").iterdir())
+        for name in shards:
+            mine, theirs = _version(tmp_path) / "shards" / name, _version(other) / "shards" / name
+            assert mine.read_bytes() == theirs.read_bytes()
     for r in a:
-        assert len(r["shards"]) == -(-r["n_ratings"] // 7) and max(r["shard_samples"]) <= 7
-        for rel in r["shards"]:
-            assert (tmp_path / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes()
+        assert len(r["shards"]) == -(-r["n_ratings"] // 7) and max(r["samples"]) <= 7
     # Shard size does not change the samples, only how they are cut.
-    base = pq.read_table(Path(tiny_dataset_url) / MANIFEST).to_pylist()
+    base = _manifest(Path(tiny_dataset_url)).to_pylist()
     assert [r["n_ratings"] for r in base] == [r["n_ratings"] for r in a]
 
 
@@ -146,11 +182,15 @@ def test_ingest_to_s3_matches_local(tiny_world, tiny_dataset_url, s3_endpoint, s
     _assert_invariants(report)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
-    local = pq.read_table(Path(tiny_dataset_url) / MANIFEST).to_pylist()
-    remote_bytes = s3.get_object(Bucket=s3_bucket, Key=f"data/{MANIFEST}")["Body"].read()
+    local = _manifest(Path(tiny_dataset_url)).to_pylist()
+    vid = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"data/{POINTER}")["Body"].read())["version"]
+    assert vid == report["dataset_version"]
+    remote_bytes = s3.get_object(Bucket=s3_bucket, Key=f"data/versions/{vid}/{MANIFEST}")["Body"].read()
     remote = pq.read_table(io.BytesIO(remote_bytes)).to_pylist()
-    assert remote == local  # same paths and the same sha256: byte-identical shards
-    assert {f"data/{rel}" for r in local for rel in r["shards"]} | {f"data/{MANIFEST}", f"data/{REPORT}"} == keys
+    assert remote == local  # same ranges and the same sha256: byte-identical shards
+    shards = {f"data/versions/{vid}/shards/{i:06d}.tar" for r in local for i in r["shards"]}
+    assert shards | {f"data/versions/{vid}/{MANIFEST}", f"data/versions/{vid}/{REPORT}", f"data/{POINTER}"} == keys
+    assert report["objects"] == len(keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +244,7 @@ def test_every_quirk_is_counted(messy, tmp_path):
     assert report["ratings"]["ingested"] == 5
     assert report["ratings"]["skipped"] == {
         "missing_image": 1, "unreadable_image": 2, "duplicate_row": 1, "bad_score": 4,
-        "unknown_test_worker": 0, "malformed_row": 1,
+        "unknown_test_worker": 0, "malformed_row": 1, "outside_image_folder": 0, "too_many_pixels": 0,
     }
     assert report["test_workers"] == {
         "read": 3, "ingested": 1,
@@ -220,10 +260,10 @@ def test_every_quirk_is_counted(messy, tmp_path):
     assert [e.split(": ")[0].rsplit(":", 1)[1] for e in ex["bad_score"]] == ["8", "9", "10", "15"]
     assert ex["unknown_test_worker"] == [f"{messy / 'test_workers.csv'}:3: test worker AZZZZZZZZZZZZZ has no ratings"]
 
-    rows = {r["user"]: r for r in pq.read_table(tmp_path / "out" / MANIFEST).to_pylist()}
+    rows = {r["user"]: r for r in _manifest(tmp_path / "out").to_pylist()}
     assert {u: (r["split"], r["n_ratings"]) for u, r in rows.items()} == {
         "AAAAAAAAAAAAA1": ("train", 2), "AAAAAAAAAAAAA2": ("test", 2), "AAAAAAAAAAAAA3": ("train", 1)}
-    samples = _shard_samples(tmp_path / "out", pq.read_table(tmp_path / "out" / MANIFEST))
+    samples = _shard_samples(tmp_path / "out", _manifest(tmp_path / "out"))
     got = {(s["json"]["user"], s["json"]["image"]): s for s in samples}
     assert got[("AAAAAAAAAAAAA2", "farm1_1_2_aa_b.jpg")]["json"]["score"] == 2
     assert got[("AAAAAAAAAAAAA1", "farm1_1_0_aa_b.jpg")]["json"]["score"] == 4  # first row wins
@@ -237,7 +277,7 @@ def test_every_quirk_is_counted(messy, tmp_path):
 def test_strict_names_the_first_bad_row(messy, tmp_path):
     with pytest.raises(DataError, match=rf"{RATINGS}:4: duplicate row: AAAAAAAAAAAAA1 rated farm1_1_0_aa_b.jpg again"):
         ingest("flickr-aes", messy, str(tmp_path / "out"), strict=True)
-    assert not (tmp_path / "out" / MANIFEST).exists()
+    assert not (tmp_path / "out" / POINTER).exists() and not list((tmp_path / "out").rglob(MANIFEST))
     # Image problems are found after the row checks; the first one is still named by row.
     lines = (messy / RATINGS).read_text().splitlines()
     keep = [lines[i] for i in (0, 1, 2, 4, 5, 11)]
@@ -317,10 +357,10 @@ def test_aadb_batch_layout(tmp_path):
     # Rows are named by the line they start on: the first record spans lines 2-3.
     assert report["examples"]["bad_score"] == [f"{csv_path}:4: slot 10: score '0' is not an integer 1-5"]
     assert report["examples"]["duplicate_row"][0].startswith(f"{csv_path}:5: slot 1: W0000000000001 rated {names[9]}")
-    rows_m = {r["user"]: r for r in pq.read_table(tmp_path / "out" / MANIFEST).to_pylist()}
+    rows_m = {r["user"]: r for r in _manifest(tmp_path / "out").to_pylist()}
     assert {u: (r["split"], r["n_ratings"]) for u, r in rows_m.items()} == {
         "W0000000000001": ("train", 12), "W0000000000002": ("test", 9)}
-    samples = _shard_samples(tmp_path / "out", pq.read_table(tmp_path / "out" / MANIFEST))
+    samples = _shard_samples(tmp_path / "out", _manifest(tmp_path / "out"))
     got = {(x["json"]["user"], x["json"]["image"]): x["json"]["score"] for x in samples}
     assert got[("W0000000000001", names[4])] == 5 and got[("W0000000000001", names[10])] == 4
     with pytest.raises(DataError, match=r"AllinAll.csv:4: bad score: slot 10"):
@@ -340,8 +380,8 @@ def test_cli_synth_and_ingest(tmp_path, capsys):
     assert cli_main(["ingest", "--format", "flickr-aes", "--root", str(world), "--out", str(tmp_path / "d"),
                      "--max-side", "16", "--test-workers", str(world / "test_workers.csv")]) == 0
     out = capsys.readouterr().out
-    assert "ingested" in out and "skipped: missing image" in out and str(tmp_path / "d" / REPORT) in out
-    assert (tmp_path / "d" / REPORT).is_file()
+    assert "ingested" in out and "skipped: missing image" in out and str(_version(tmp_path / "d") / REPORT) in out
+    assert (_version(tmp_path / "d") / REPORT).is_file()
     # A user error is one line and exit code 2, not a traceback.
     assert cli_main(["ingest", "--format", "aadb", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
 
@@ -350,7 +390,8 @@ def test_cli_ingest_to_s3(tiny_world, s3_endpoint, s3_bucket, capsys):
     url = f"s3://{s3_bucket}/w"
     assert cli_main(["ingest", "--format", "flickr-aes", "--root", str(tiny_world), "--out", url,
                      "--s3-endpoint", s3_endpoint]) == 0
-    assert f"{url}/{REPORT}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{url}/versions/" in out and f"/{REPORT}" in out
 
 
 def test_copy_of_world_without_sidecar_is_plain_flickr(tiny_world, tmp_path):
@@ -365,7 +406,7 @@ def test_large_photos_are_reduced_and_truncation_still_detected(tmp_path):
     """Full-size JPEGs decode at reduced scale (draft mode) yet a truncated one still fails."""
     import numpy as np
 
-    from piaa_dist.data.ingest import process_image
+    from piaa_dist.data.images import process_image
 
     pixels = (np.random.default_rng(0).random((900, 1200, 3)) * 255).astype("uint8")
     Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90)

@@ -9,6 +9,7 @@ mocked.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import pytest
 
@@ -170,3 +171,151 @@ def test_s3_local_command_serves_until_interrupted(monkeypatch):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# ranged reads, streamed writes, listing and deletion (what packed shards and versions need)
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "root"))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/pre", endpoint_url=endpoint)
+
+
+def test_ranged_reads_return_exactly_the_range(any_store):
+    from piaa_dist.storage import ShortObject
+
+    payload = bytes(range(256)) * 40
+    any_store.write_bytes("shards/000000.tar", payload)
+    assert any_store.read_range("shards/000000.tar", 0, 10) == payload[:10]
+    assert any_store.read_range("shards/000000.tar", 1000, 2000) == payload[1000:3000]
+    assert any_store.read_range("shards/000000.tar", len(payload) - 7, 7) == payload[-7:]
+    assert any_store.size("shards/000000.tar") == len(payload)
+    # A range past the end means the object is not what the manifest says: a permanent error.
+    with pytest.raises(ShortObject, match="shards/000000.tar"):
+        any_store.read_range("shards/000000.tar", len(payload) - 5, 10)
+    with pytest.raises(ObjectNotFound, match="shards/000001.tar"):
+        any_store.read_range("shards/000001.tar", 0, 10)
+
+
+def test_streamed_writes_appear_whole_or_not_at_all(any_store):
+    # Three parts' worth on S3 (5 MiB parts): a multipart upload, invisible until committed.
+    chunk = bytes(range(256)) * (1 << 12)  # 1 MiB
+    if isinstance(any_store, S3Store):
+        any_store.options = replace(any_store.options, part_size=5 << 20)
+    w = any_store.open_writer("big.tar")
+    for _ in range(12):
+        w.write(chunk)
+        assert not any_store.exists("big.tar")
+    assert w.size == 12 * len(chunk)
+    w.commit()
+    assert any_store.read_bytes("big.tar") == chunk * 12
+    # An aborted writer leaves the previous object untouched and no temporary debris.
+    w = any_store.open_writer("big.tar")
+    w.write(b"partial")
+    w.abort()
+    assert any_store.read_bytes("big.tar") == chunk * 12
+    with pytest.raises(RuntimeError):
+        with any_store.open_writer("other.tar") as w2:
+            w2.write(b"x" * 100)
+            raise RuntimeError("crash mid-write")
+    assert not any_store.exists("other.tar") and any_store.list() == ["big.tar"]
+    if isinstance(any_store, S3Store):
+        # No multipart upload is left behind to be billed (or listed) later.
+        assert not any_store.client.list_multipart_uploads(Bucket=any_store.bucket).get("Uploads")
+
+
+def test_listing_sub_stores_and_deleting(any_store):
+    for rel in ("versions/v1/manifest.parquet", "versions/v1/shards/000000.tar", "versions/v2/shards/000000.tar",
+                "_CURRENT"):
+        any_store.write_bytes(rel, b"x")
+    assert any_store.list_dirs("versions") == ["v1", "v2"]
+    assert any_store.list_dirs() == ["versions"]
+    sub = any_store.sub("versions/v1")
+    assert sub.list() == ["manifest.parquet", "shards/000000.tar"]
+    assert sub.url_of("manifest.parquet") == any_store.url_of("versions/v1/manifest.parquet")
+    assert any_store.delete(any_store.list("versions/v1/")) == 2
+    assert any_store.list_dirs("versions") == ["v2"]
+    assert any_store.list() == ["_CURRENT", "versions/v2/shards/000000.tar"]
+    any_store.check()
+
+
+def test_s3_options_come_from_the_environment(monkeypatch, s3_endpoint):
+    monkeypatch.setenv("PIAA_S3_READ_TIMEOUT", "2.5")
+    monkeypatch.setenv("PIAA_S3_RETRY_SECONDS", "7")
+    store = open_store("s3://bucket-x/p", endpoint_url=s3_endpoint)
+    assert (store.options.read_timeout, store.options.retry_seconds) == (2.5, 7.0)
+    assert store.client.meta.config.read_timeout == 2.5
+    monkeypatch.setenv("PIAA_S3_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(StorageError, match="PIAA_S3_CONNECT_TIMEOUT must be a positive number, got 'soon'"):
+        open_store("s3://bucket-x/p", endpoint_url=s3_endpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# stalled reads, missing credentials, unreachable endpoints, missing buckets
+
+
+def test_a_stalled_read_gives_up_in_bounded_time_naming_the_url(faulty_proxy, s3_endpoint, s3_bucket):
+    """Headers arrive, the body never does: the read timeout fires per attempt, and retrying
+    stops when the total retry time is spent, long before the attempts run out."""
+    _put(s3_endpoint, s3_bucket, "flaky.bin", b"x" * 5000)
+    faulty_proxy.stall_s = 20
+    faulty_proxy.faults = ["stall"] * 100
+    store = S3Store(f"s3://{s3_bucket}", endpoint_url=faulty_proxy.url, attempts=100, backoff=0.05,
+                    read_timeout=0.4, retry_seconds=1.5)
+    with pytest.raises(StorageError, match=rf"s3://{s3_bucket}/flaky.bin.*gave up after \d+ attempts"):
+        store.read_bytes("flaky.bin")
+    # Bounded by the retry time, not by the 100 attempts (each attempt waits 0.4 s at least).
+    assert 2 <= faulty_proxy.gets <= 8
+    # Once the endpoint answers again, the same store reads normally.
+    faulty_proxy.faults = []
+    assert store.read_bytes("flaky.bin") == b"x" * 5000
+
+
+def _no_credentials_env(monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_missing_credentials_say_what_to_set(monkeypatch, tmp_path, s3_endpoint, caplog):
+    from piaa_dist.cli import main as cli_main
+
+    _no_credentials_env(monkeypatch, tmp_path)
+    store = open_store("s3://some-bucket/p", endpoint_url=s3_endpoint)
+    hint = r"no S3 credentials.*AWS_ENDPOINT_URL.*AWS_ACCESS_KEY_ID.*piaa-dist s3-local"
+    with pytest.raises(StorageError, match=hint):
+        store.read_bytes("manifest.parquet")
+    # Through the CLI: one line, exit code 2, before any image is looked at.
+    (tmp_path / "world").mkdir()
+    caplog.clear()
+    code = cli_main(["ingest", "--format", "flickr-aes", "--root", str(tmp_path / "world"),
+                     "--out", "s3://some-bucket/p", "--s3-endpoint", s3_endpoint])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and "piaa-dist s3-local" in errors[0]
+
+
+def test_unreachable_endpoint_is_named(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = S3Store("s3://bucket-x/p", endpoint_url=f"http://127.0.0.1:{port}", attempts=2, backoff=0.01,
+                    connect_timeout=0.5, retry_seconds=2)
+    with pytest.raises(StorageError, match=rf"cannot reach the S3 endpoint.*127.0.0.1:{port}.*piaa-dist s3-local"):
+        store.check()
+
+
+def test_missing_bucket_is_named_with_what_to_do(s3_endpoint):
+    store = open_store("s3://no-such-bucket-here/p", endpoint_url=s3_endpoint)
+    with pytest.raises(ObjectNotFound, match=r"no such bucket: s3://no-such-bucket-here .*create it first"):
+        store.check()

@@ -46,7 +46,7 @@ def local(tiny_dataset_url):
 
 def test_synth_to_s3_to_stream_round_trip(tiny_world, tiny_s3_dataset_url, s3_endpoint):
     ds = Dataset.open(tiny_s3_dataset_url, endpoint_url=s3_endpoint)
-    assert ds.source == "synth" and ds.version == "1" and ds.max_side == 256
+    assert ds.source == "synth" and ds.version == "2" and ds.max_side == 256
     test_ids = set((tiny_world / "test_workers.csv").read_text().split()[1:])
     assert set(ds.users("test")) == test_ids
     assert len(ds.users("train")) == 8 and ds.users("all") == sorted(ds.users("train") + ds.users("test"))
@@ -198,11 +198,13 @@ def test_missing_and_corrupt_shards_name_the_shard(tiny_world, s3_endpoint, s3_b
     import boto3
 
     url = f"s3://{s3_bucket}/d"
-    ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint)
+    # Shards of at most 40 samples: every tiny-world user (24-32 ratings) gets a shard of its own.
+    ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint, shard_size=40)
     ds = Dataset.open(url, endpoint_url=s3_endpoint, cache_users=0)
     users = ds.users("train")
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     gone, bad = ds.shard_urls(users[0])[0], ds.shard_urls(users[1])[0]
+    assert len({gone, bad, ds.shard_urls(users[2])[0]}) == 3
     s3.delete_object(Bucket=s3_bucket, Key=gone.split(f"s3://{s3_bucket}/", 1)[1])
     key = bad.split(f"s3://{s3_bucket}/", 1)[1]
     data = bytearray(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
@@ -210,10 +212,11 @@ def test_missing_and_corrupt_shards_name_the_shard(tiny_world, s3_endpoint, s3_b
     s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
     with pytest.raises(DataError, match=f"missing shard {gone}"):
         ds.load_user(users[0])
-    with pytest.raises(DataError, match=f"corrupt shard {bad}: sha256"):
+    with pytest.raises(DataError, match=rf"corrupt shard {bad} bytes \d+-\d+ \(user {users[1]}\): sha256"):
         ds.load_user(users[1])
     # The stream surfaces the same error for a batch that needs the user.
-    step = next(s for s in range(50) if users[0] in sample_meta_batch(users, s, 4, 0))
+    step = next(s for s in range(50) if users[0] in sample_meta_batch(users, s, 4, 0)
+                and users[1] not in sample_meta_batch(users, s, 4, 0))
     stream = TaskStream(ds, users, rank=0, world_size=1, **{**KW, "seed": 0})
     with pytest.raises(DataError, match="missing shard"):
         stream.tasks(step)
@@ -235,9 +238,9 @@ def test_transient_s3_faults_while_streaming_are_retried(tiny_world, s3_endpoint
 
 
 def test_no_manifest_is_a_clear_error(tmp_path, s3_endpoint, s3_bucket):
-    with pytest.raises(DataError, match=r"no dataset at .*manifest.parquet not found.*piaa-dist ingest"):
+    with pytest.raises(DataError, match=r"no dataset at .*_CURRENT not found.*piaa-dist ingest"):
         Dataset.open(str(tmp_path))
-    with pytest.raises(DataError, match=f"s3://{s3_bucket}/none/manifest.parquet not found"):
+    with pytest.raises(DataError, match=f"s3://{s3_bucket}/none/_CURRENT not found"):
         Dataset.open(f"s3://{s3_bucket}/none", endpoint_url=s3_endpoint)
     (tmp_path / "manifest.parquet").write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a readable Parquet file"):
@@ -297,3 +300,128 @@ def test_augmentation_is_driven_by_the_generator():
     batch = decode_batch([jpeg, jpeg], 32, True, torch.Generator().manual_seed(5))
     assert torch.equal(batch[0], a) and batch.shape == (2, 3, 32, 32)
     assert decode_batch([], 8).shape == (0, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# packed shards: one ranged GET per user (per shard part for users that span shards)
+
+
+def test_a_user_is_read_with_one_ranged_get(tiny_world, s3_endpoint, s3_bucket, faulty_proxy):
+    url = f"s3://{s3_bucket}/packed"
+    ingest("flickr-aes", tiny_world, url, endpoint_url=s3_endpoint)  # default shard size: one shard
+    expected = _csv_ratings(tiny_world)
+    ds = Dataset.open(url, endpoint_url=faulty_proxy.url, cache_users=0)
+    assert len({p.shard for u in ds.users("all") for p in ds.parts(u)}) == 1  # all users share a shard
+    got = Counter()
+    for u in ds.users("all"):
+        faulty_proxy.requests.clear()
+        r = ds.load_user(u)
+        gets = [(path, rng) for method, path, rng in faulty_proxy.requests if method == "GET"]
+        (part,) = ds.parts(u)
+        assert gets == [(gets[0][0], f"bytes={part.offset}-{part.offset + part.length - 1}")], gets
+        assert gets[0][0].endswith(".tar")
+        got.update((u, img, int(s)) for img, s in zip(r.images, r.scores))
+    assert got == expected
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_users_larger_than_a_shard_span_shards(tiny_world, tmp_path, where, request):
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        url = f"s3://{request.getfixturevalue('s3_bucket')}/span"
+    else:
+        endpoint, url = None, str(tmp_path / "span")
+    ingest("flickr-aes", tiny_world, url, endpoint_url=endpoint, shard_size=10)
+    ds = Dataset.open(url, endpoint_url=endpoint)
+    with open(tiny_world / "FLICKR-AES_image_labeled_by_each_worker.csv", newline="") as f:
+        order = [(r[0].strip(), r[1].strip()) for r in list(csv.reader(f))[1:]]
+    for u in ds.users("all"):
+        parts = ds.parts(u)
+        assert len(parts) == -(-ds.n_ratings(u) // 10) and all(p.samples <= 10 for p in parts)
+        assert len({p.shard for p in parts}) == len(parts)
+        # The user's samples come back whole and in file order, across the shards.
+        assert ds.load_user(u).images == [img for w, img in order if w == u]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and lookups whose cost does not grow with the number of users
+
+
+def test_seeded_permutation_is_a_bijection():
+    from piaa_dist.data.stream import SeededPermutation
+
+    for n in (1, 2, 3, 5, 16, 17, 100, 257, 1000):
+        perm = SeededPermutation(n, 7, 0)
+        assert sorted(perm[i] for i in range(n)) == list(range(n))
+    a = [SeededPermutation(1000, 7, 0)[i] for i in range(50)]
+    assert a != [SeededPermutation(1000, 7, 1)[i] for i in range(50)]  # epoch changes it
+    assert a != [SeededPermutation(1000, 8, 0)[i] for i in range(50)]  # seed changes it
+    assert a != list(range(50))
+
+
+def test_meta_batches_of_a_huge_population_cost_only_the_batch():
+    """No permutation of all users is built: 2^62 'users' (a range: nothing materialized)."""
+    users = range(2**62)
+    batch = sample_meta_batch(users, step=10**12, meta_batch=8, seed=3)
+    assert len(set(batch)) == 8 and all(0 <= u < 2**62 for u in batch)
+    assert batch == sample_meta_batch(users, step=10**12, meta_batch=8, seed=3)
+
+
+def test_every_user_once_per_epoch_and_equally_often_over_epochs():
+    users = [f"U{i:03d}" for i in range(60)]
+    per_epoch = 60 // 7  # 8 steps; 4 users left out each epoch, different ones
+    total = Counter()
+    left_out = []
+    for epoch in range(30):
+        seen = Counter()
+        for i in range(per_epoch):
+            seen.update(sample_meta_batch(users, epoch * per_epoch + i, 7, seed=1))
+        assert max(seen.values()) == 1 and len(seen) == 56
+        left_out.append(frozenset(users) - frozenset(seen))
+        total.update(seen)
+    assert len(set(left_out)) > 20  # who is left out changes with the epoch
+    assert min(total.values()) >= 20 and max(total.values()) <= 30
+
+
+def test_rows_and_ids_give_the_same_stream(local):
+    users = local.users("train")
+    rows = local.user_indices("train")
+    assert local.manifest.users_at(rows) == users and [local.index_of(u) for u in users] == rows.tolist()
+    a = TaskStream(local, users, rank=0, world_size=1, **KW)
+    b = TaskStream(local, rows, rank=0, world_size=1, **KW)
+    for step in range(5):
+        assert a.global_batch(step) == b.global_batch(step) == sample_meta_batch(users, step, 4, 3)
+    _assert_same(a.tasks(2), b.tasks(2))
+
+
+def test_validation_rows_match_validation_users(local):
+    from piaa_dist.data.stream import split_validation_indices
+
+    users = local.users("train")
+    rest, val = split_validation_users(users, 3, seed=5)
+    rrest, rval = split_validation_indices(local.user_indices("train"), 3, seed=5)
+    assert local.manifest.users_at(rval) == val and local.manifest.users_at(rrest) == rest
+
+
+def test_a_large_manifest_opens_and_finds_every_user(tmp_path):
+    """A 20,000-user manifest: lookups, splits and meta-batches without per-user objects."""
+    from piaa_dist.data.manifest import ManifestRows, Part, manifest_bytes
+
+    n = 20_000
+    names = sorted(f"user-{(i * 7919) % 100_003:06d}-{i}" for i in range(n))
+    rows = ManifestRows()
+    for i, u in enumerate(names):
+        rows.add(u, "test" if i % 10 == 0 else "train", False,
+                 [Part(i // 1000, (i % 1000) * 4096, 4096, 3 + i % 5, bytes(32))])
+    (tmp_path / "manifest.parquet").write_bytes(manifest_bytes(rows.table(), {"source": "synth", "max_side": "64"}))
+    ds = Dataset.open(str(tmp_path))
+    assert ds.num_users() == n and ds.num_users("test") == n // 10
+    for i in range(0, n, 997):
+        assert ds.index_of(names[i]) == i and ds.user_at(i) == names[i] and ds.n_ratings(names[i]) == 3 + i % 5
+    assert ds.manifest.index_of("nobody") == -1
+    with pytest.raises(DataError, match="'nobody' is not in the manifest"):
+        ds.n_ratings("nobody")
+    stream = TaskStream(ds, ds.user_indices("train"), rank=1, world_size=2, **KW)
+    batch = stream.global_batch(123_456)
+    assert len(set(batch)) == 4 and all(ds.split_of(u) == "train" for u in batch)
+    assert stream.rank_users(123_456) == batch[1::2]

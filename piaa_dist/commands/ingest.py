@@ -1,52 +1,78 @@
-"""``piaa-dist ingest``: dataset files to per-user WebDataset shards + a Parquet manifest."""
+"""``piaa-dist ingest``: rating files + images to a new, atomically published dataset version."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-HELP = "Ingest FLICKR-AES / AADB into per-user WebDataset shards + a Parquet manifest."
+HELP = "Ingest FLICKR-AES / AADB / PARA / a ratings log into a new, atomically published dataset version."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from piaa_dist.data.ingest import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, DEFAULT_SHARD_SIZE
+    from piaa_dist.data.images import DEFAULT_MAX_PIXELS
+    from piaa_dist.data.ingest import DEFAULT_IMAGE_CACHE_MB, DEFAULT_MAX_SIDE, DEFAULT_QUALITY, DEFAULT_SHARD_SIZE
+    from piaa_dist.data.readers import READERS
 
-    parser.add_argument("--format", required=True, choices=["flickr-aes", "aadb"], help="input layout")
-    parser.add_argument("--root", required=True, help="dataset folder")
-    parser.add_argument("--out", required=True, help="output: a local folder or s3://bucket/prefix")
-    parser.add_argument("--test-workers", help="test-worker list: the published 'ID' CSV or one ID per line "
-                        "(default: ROOT/test_workers.csv for flickr-aes if present; else all users train)")
-    parser.add_argument("--ratings", help="ratings file (default: the published name under ROOT)")
-    parser.add_argument("--images", help="image folder (default: ROOT/images or the published folder name, else ROOT)")
+    formats = ", ".join(f"{name}: {spec.help}" for name, spec in READERS.items())
+    parser.add_argument("--format", required=True, choices=list(READERS), help=f"input layout ({formats})")
+    parser.add_argument("--root", help="dataset folder (flickr-aes, aadb, para)")
+    parser.add_argument("--out", required=True, help="dataset URL: a local folder or s3://bucket/prefix")
+    parser.add_argument("--ratings", help="ratings file (ratings: a CSV or Parquet log with user,image,score"
+                        "[,split]; others: default is the published name under ROOT)")
+    parser.add_argument("--images", help="image folder or s3://bucket/prefix that image paths are relative to "
+                        "(default: the published folder under ROOT)")
+    parser.add_argument("--test-workers", "--test-users", dest="test_users",
+                        help="test-user list: the published 'ID' CSV or one ID per line "
+                             "(flickr-aes default: ROOT/test_workers.csv if present)")
+    parser.add_argument("--test-fraction", type=float,
+                        help="choose this fraction of users as test users, by a seeded hash of the user ID")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of --test-fraction (default 0)")
+    parser.add_argument("--fold", type=int, help="para: test users from userset/TestUserIDs_Fold<FOLD>.txt")
+    parser.add_argument("--score-range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="ratings, para: the file's score scale, mapped onto 1-5 (default 1 5); "
+                             "scores outside it are skipped as bad scores")
     parser.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL, then AWS)")
     parser.add_argument("--strict", action="store_true", help="fail on the first skipped record (names file and row)")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                         help=f"longest side of stored images (default {DEFAULT_MAX_SIDE})")
-    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help=f"JPEG quality (default {DEFAULT_QUALITY})")
+    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
+                        help=f"JPEG quality (default {DEFAULT_QUALITY})")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                        help=f"samples per shard at most (default {DEFAULT_SHARD_SIZE})")
+                        help=f"target samples per shard, whole users packed together (default {DEFAULT_SHARD_SIZE})")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"skip input images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--image-cache-mb", type=float, default=DEFAULT_IMAGE_CACHE_MB,
+                        help=f"re-encoded images kept so shared images are decoded once (default "
+                             f"{DEFAULT_IMAGE_CACHE_MB} MB)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads for image work and uploads")
 
 
 def run(args: argparse.Namespace) -> int:
-    from piaa_dist.data.ingest import REPORT, format_report, ingest
+    from piaa_dist.data.ingest import format_report, ingest
 
     report = ingest(
         args.format,
         args.root,
         args.out,
-        test_workers=args.test_workers,
+        test_users=args.test_users,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        fold=args.fold,
         ratings_file=args.ratings,
         images_dir=args.images,
+        score_range=tuple(args.score_range) if args.score_range else None,
         endpoint_url=args.s3_endpoint,
         strict=args.strict,
         max_side=args.max_side,
         quality=args.quality,
         shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
+        image_cache_mb=args.image_cache_mb,
         workers=args.workers,
         progress=True,
     )
     print(format_report(report))
-    print(f"report saved as {report['out'].rstrip('/')}/{REPORT}")
+    print(f"published version {report['dataset_version']} at {report['out']}")
+    print(f"report saved as {report['report_url']}")
     return 0

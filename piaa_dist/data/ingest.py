@@ -1,501 +1,799 @@
-"""Ingestion: a dataset folder to per-user WebDataset shards, a Parquet manifest and a report.
+"""Ingestion: rating files and images to a new, atomically published dataset version.
 
-Layout written at the output URL (see ``docs/ARCHITECTURE.md``)::
+Three stages, so the same code runs in one process or spread over workers (the
+orchestration layer may run :func:`ingest_partition` in Ray tasks; this module never imports
+Ray):
 
-    manifest.parquet                  one row per user
-    ingest_report.json                read / ingested / skipped by reason
-    shards/<split>/<user>-<i:04d>.tar WebDataset tars of at most ``shard_size`` samples
+1. :func:`plan_ingest` (driver): check the output store (a missing bucket or missing
+   credentials fail here), read the rating files (:mod:`piaa_dist.data.readers`), check every
+   image *path* (outside the image folder, missing), validate user IDs (names that collide
+   after sanitising, or are too long, fail here, naming the rows), and pack users into shards.
+   No image is decoded; everything that can fail on the input fails before the expensive work.
+2. :func:`ingest_partition` (a worker, any number of them): decode, re-encode and write the
+   shards of one partition straight to the store, streaming (memory: a bounded window of
+   images plus one upload part, whatever the dataset size); returns its manifest rows.
+3. :func:`publish` (driver): write the manifest and the report into the version, check that
+   every shard the rows name is there, then switch the dataset's pointer (one atomic write).
+   See :mod:`piaa_dist.data.layout` for what this guarantees readers.
 
-Determinism: images are re-encoded with fixed settings, tar members carry a fixed mtime,
-owner and mode, users are sorted and a user's samples keep file order, so re-ingesting the
-same input gives byte-identical shards (and sha256). Shards are written before the manifest,
-so a manifest never names a shard that was not written.
+Packing (issue 12): a shard holds about ``shard_size`` samples of whole users, contiguously,
+in sorted user order; a user larger than a shard spans several. Packing is a pure function of
+the sorted users and their candidate rating counts (known before any image is processed), and
+a partition is a run of whole shards, so the bytes written are identical whatever the number
+of partitions or workers. Images that fail at decode time leave gaps in their shard, never
+moving another user.
 
-Accounting: every record read is either ingested or skipped with a reason. Records are
-ratings (one per rating row; for AADB one per filled image slot) and test-list entries
-(a test list names users, so an ID that matches no rater is a skipped record too). The
-report keeps the two kinds apart and sums them: ``read == ingested + sum(skipped)`` holds for
-each kind and for the total.
+Determinism: images are re-encoded with fixed settings, tar members carry fixed metadata
+(:mod:`piaa_dist.data.tarfmt`), users are sorted and a user's samples keep file order, so
+re-ingesting the same input gives byte-identical shards and manifest (the version ID lives
+only in the folder name and the pointer).
+
+Sample in a shard: key ``<user>_<i:06d>`` (``<user>`` is the ID with every character outside
+``[A-Za-z0-9_-]`` replaced by ``_``; ``i`` the rating's index among the user's candidates);
+members ``<key>.jpg`` (JPEG, longest side <= ``max_side``) and ``<key>.json`` =
+``{"user", "image", "score", "latent", "average_latent"}`` (``score`` on 1-5: an int for
+FLICKR-AES/AADB, a float for PARA and ratings logs, which also carry ``raw_score``, the
+file's own value, when the scale is not 1-5).
+
+Accounting: every record read is either ingested or skipped with a reason. Records are ratings
+and test-list entries; the report keeps the two kinds apart and sums them:
+``read == ingested + sum(skipped)`` holds for each kind and for the total.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import re
-import tarfile
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import resource
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from piaa_dist.data.readers import SKIP_LABELS, SKIP_REASONS, Rating, Skip, SourceRead, read_source
-from piaa_dist.errors import DataError
-from piaa_dist.storage import open_store
+from piaa_dist.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ByteLRU,
+    ImageSource,
+    MissingImage,
+    TooManyPixels,
+    process_image,
+)
+from piaa_dist.data.layout import POINTER, REPORT, new_version_id, version_prefix, write_pointer
+from piaa_dist.data.manifest import FORMAT_VERSION, MANIFEST, ManifestRows, Part, manifest_bytes, shard_name
+from piaa_dist.data.readers import SKIP_LABELS, SKIP_REASONS, SkipLog, SourceRead, read_source
+from piaa_dist.data.tarfmt import (
+    MAX_NAME_BYTES,
+    TAR_MTIME,  # noqa: F401 - re-exported for callers of the old module
+    TAR_OWNER,  # noqa: F401
+    end_of_archive,
+    sample_bytes,
+    write_tar,  # noqa: F401 - re-exported: the public tar writer lives in tarfmt
+    write_tar_with_tarfile,
+)
+from piaa_dist.errors import DataError, StorageError
+from piaa_dist.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.parquet"
-REPORT = "ingest_report.json"
-SIDECAR = "latent_scores.csv"
-FORMAT_VERSION = 1
+__all__ = [
+    "DEFAULT_IMAGE_CACHE_MB", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "DEFAULT_QUALITY", "DEFAULT_SHARD_SIZE",
+    "IngestPlan", "IngestSettings", "MANIFEST", "PartitionResult", "PartitionSpec", "REPORT", "format_report",
+    "ingest", "ingest_dataset", "ingest_partition", "plan_ingest", "process_image", "publish", "safe_name",
+    "write_tar",
+]
+
 DEFAULT_MAX_SIDE = 256
 DEFAULT_QUALITY = 90
-DEFAULT_SHARD_SIZE = 1000
-#: Fixed tar member metadata: re-ingesting must give identical bytes.
-TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
-TAR_OWNER = "piaa"
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("user", pa.string()),
-        ("split", pa.string()),
-        ("n_ratings", pa.int64()),
-        ("shards", pa.list_(pa.string())),
-        ("sha256", pa.list_(pa.string())),
-        ("shard_samples", pa.list_(pa.int64())),
-        ("has_truth", pa.bool_()),
-    ]
-)
+#: Target samples per shard. At the default 256 px a sample is ~20-30 KB, so ~200-300 MB per
+#: shard: WebDataset's guidance of hundreds of MB, and few objects for many small users.
+DEFAULT_SHARD_SIZE = 10_000
+#: Re-encoded images kept per partition so an image rated by several users is decoded once.
+DEFAULT_IMAGE_CACHE_MB = 64
+#: Reference implementation of the tar writer (tests compare the two).
+_write_tar_with_tarfile = write_tar_with_tarfile
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def safe_name(user: str) -> str:
-    """A user ID as used in shard names and sample keys (no dots, no slashes)."""
+    """A user ID as used in sample keys (no dots, no slashes)."""
     return _SAFE.sub("_", user)
 
 
-def process_image(path: str | Path, max_side: int, quality: int) -> bytes:
-    """Load an image file and re-encode it: longest side <= ``max_side``, JPEG ``quality``.
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
-    EXIF orientation is applied and metadata dropped, so the bytes depend only on the pixels
-    and the settings.
 
-    Raises:
-        OSError/ValueError (from PIL): the file is not a complete, decodable image.
+@dataclass(frozen=True)
+class IngestSettings:
+    """How images are processed and shards cut (recorded in the manifest and report).
+
+    Attributes:
+        max_side: longest side of stored images.
+        quality: JPEG quality of stored images.
+        shard_size: target samples per shard (whole users; a larger user spans shards).
+        max_pixels: images with more pixels are skipped (``too_many_pixels``), not decoded.
+        image_cache_mb: re-encoded images kept per partition (shared by raters of an image).
+        workers: threads per partition for image work and uploads.
+        strict: fail on the first skip instead of counting it.
     """
-    with Image.open(path) as img:
-        if img.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays >= max_side:
-            # several times faster on full-size photos, and still deterministic.
-            img.draft("RGB", (max_side, max_side))
-        img.load()  # raises on truncated data (we never set LOAD_TRUNCATED_IMAGES)
-        img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            if img.mode in ("RGBA", "LA", "P"):
-                # Composite transparency over white instead of letting it turn black.
-                img = img.convert("RGBA")
-                bg = Image.new("RGB", img.size, (255, 255, 255))
-                bg.paste(img, mask=img.getchannel("A"))
-                img = bg
-            else:
-                img = img.convert("RGB")
-        w, h = img.size
-        if w == 0 or h == 0:
-            raise ValueError("empty image")
-        if max(w, h) > max_side:
-            f = max_side / max(w, h)
-            img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.LANCZOS)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
-        return buf.getvalue()
 
+    max_side: int = DEFAULT_MAX_SIDE
+    quality: int = DEFAULT_QUALITY
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB
+    workers: int = 4
+    strict: bool = False
 
-_BLOCK = 512
-_RECORD = 20 * _BLOCK
-
-
-def _octal(n: int, width: int) -> bytes:
-    return ("%0*o" % (width - 1, n)).encode("ascii") + b"\0"
-
-
-def _ustar_header(name: str, size: int) -> bytes:
-    """One USTAR header block, laid out as Python's tarfile writes it (so tar, tarfile and
-    WebDataset read it), with fixed mode, owner and mtime."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100:
-        raise DataError(f"tar member name longer than 100 bytes: {name!r}")
-    owner = TAR_OWNER.encode("ascii").ljust(32, b"\0")
-    buf = b"".join([
-        raw.ljust(100, b"\0"),
-        _octal(0o444, 8),  # mode
-        _octal(0, 8),  # uid
-        _octal(0, 8),  # gid
-        _octal(size, 12),
-        _octal(TAR_MTIME, 12),
-        b" " * 8,  # checksum placeholder: counts as spaces in the sum
-        b"0",  # regular file
-        b"\0" * 100,  # linkname
-        b"ustar\x0000",
-        owner,  # uname
-        owner,  # gname
-        b"\0" * 16,  # devmajor, devminor
-        b"\0" * 155,  # prefix
-    ]).ljust(_BLOCK, b"\0")
-    return buf[:148] + ("%06o" % sum(buf)).encode("ascii") + b"\0" + buf[155:]
-
-
-def write_tar(samples: list[tuple[str, bytes, bytes]]) -> bytes:
-    """Tar bytes of ``(key, jpeg, json)`` samples with fixed member metadata (deterministic).
-
-    The layout is WebDataset's: members ``<key>.jpg`` then ``<key>.json``, in sample order.
-    We write the USTAR blocks ourselves: Python's tarfile costs ~0.15 ms per member, the
-    bulk of ingestion time, and its header details vary between Python versions, which would
-    break byte-identical re-ingestion across machines.
-    """
-    out: list[bytes] = []
-    total = 0
-    for key, jpeg, meta in samples:
-        for ext, data in (("jpg", jpeg), ("json", meta)):
-            pad = -len(data) % _BLOCK
-            out += [_ustar_header(f"{key}.{ext}", len(data)), data, b"\0" * pad]
-            total += _BLOCK + len(data) + pad
-    # End of archive: two zero blocks, then zeros up to a whole record (as tarfile does).
-    total += 2 * _BLOCK
-    out.append(b"\0" * (2 * _BLOCK + (-total % _RECORD)))
-    return b"".join(out)
-
-
-def _write_tar_with_tarfile(samples: list[tuple[str, bytes, bytes]]) -> bytes:
-    """Reference implementation of :func:`write_tar` with the standard library (for tests)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, jpeg, meta in samples:
-            for ext, data in (("jpg", jpeg), ("json", meta)):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mtime = TAR_MTIME
-                info.mode = 0o444
-                info.uid = info.gid = 0
-                info.uname = info.gname = TAR_OWNER
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _read_truth(root: Path) -> dict[tuple[str, str], tuple[float, float]] | None:
-    path = root / SIDECAR
-    if not path.is_file():
-        return None
-    truth: dict[tuple[str, str], tuple[float, float]] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        for i, row in enumerate(reader, start=2):
-            try:
-                truth[(row["worker"].strip(), row["imagePair"].strip())] = (
-                    float(row["latent"]),
-                    float(row["average_latent"]),
-                )
-            except (KeyError, TypeError, ValueError):
-                raise DataError(f"{path}:{i}: expected worker,imagePair,latent,average_latent") from None
-    return truth
+    def __post_init__(self) -> None:
+        if self.max_side < 8:
+            raise DataError(f"max_side must be at least 8, got {self.max_side}")
+        if not 1 <= self.quality <= 100:
+            raise DataError(f"JPEG quality must be 1-100, got {self.quality}")
+        if self.shard_size < 1:
+            raise DataError(f"shard_size must be at least 1, got {self.shard_size}")
+        if self.max_pixels < 1:
+            raise DataError(f"max_pixels must be at least 1, got {self.max_pixels}")
+        if self.image_cache_mb < 0:
+            raise DataError(f"image_cache_mb must be >= 0, got {self.image_cache_mb}")
 
 
 @dataclass
-class _Prepared:
-    ratings: list[Rating]  # accepted, in file order
-    skips: list[Skip]
-    images: dict[str, bytes]
-    test_users: set[str]
+class PartitionSpec:
+    """Everything one partition needs, self-contained and picklable (ships to a worker).
+
+    Samples are in write order: users in sorted order, a user's ratings in file order.
+    """
+
+    index: int
+    out_url: str
+    endpoint_url: str | None
+    version: str
+    settings: IngestSettings
+    images: ImageSource
+    ratings_file: str
+    integer_scores: bool
+    keep_raw: bool
+    users: list[str]
+    is_test: np.ndarray  #: per user
+    user_start: np.ndarray  #: per user + 1: first sample of each user
+    image_names: list[str]  #: distinct images of this partition
+    image_refs: list[str]  #: what ImageSource.read takes, aligned with image_names
+    image_gid: np.ndarray  #: dataset-wide image index of each distinct image
+    s_image: np.ndarray  #: per sample: index into image_names
+    s_score: np.ndarray
+    s_raw: np.ndarray
+    s_row: np.ndarray
+    s_slot: np.ndarray
+    s_shard: np.ndarray  #: per sample: the planned shard
+    s_latent: np.ndarray | None
+    s_avg: np.ndarray | None
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.s_score)
 
 
-def _check_images(src: SourceRead, max_side: int, quality: int, workers: int, progress: bool) -> _Prepared:
-    """Image-level and test-list checks; re-encode every referenced image once."""
-    images_dir = Path(src.images_dir)
-    names = sorted({r.image for r in src.candidates if r.image})
-    missing: set[str] = set()
-    present: list[str] = []
-    for name in names:
-        # A name with a path separator could escape the image folder: treat it as missing.
-        if "/" in name or "\\" in name or name in (".", ".."):
-            missing.add(name)
-        elif (images_dir / name).is_file():
-            present.append(name)
+@dataclass
+class PartitionResult:
+    """What a partition returns to the driver (small: no image bytes)."""
+
+    index: int
+    rows: pa.Table
+    skips: SkipLog
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    image_decodes: int = 0
+    image_cache_hits: int = 0
+    image_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    peak_rss_mb: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class IngestPlan:
+    """The driver's plan: what to write where, before any image is decoded."""
+
+    fmt: str
+    source: str  #: recorded source ("synth" for a world with a truth sidecar)
+    out_url: str
+    endpoint_url: str | None
+    version: str
+    settings: IngestSettings
+    src: SourceRead
+    images: ImageSource
+    skips: SkipLog  #: reader and plan-time skips
+    users: list[str]  #: sorted users with at least one candidate
+    user_uid: np.ndarray  #: their index in src.users
+    user_start: np.ndarray  #: per user + 1, into the sample arrays below
+    sample_idx: np.ndarray  #: per sample (write order): index into src's candidate arrays
+    sample_shard: np.ndarray
+    image_refs: dict[int, str]  #: located images (src image index -> ref)
+    cut_points: np.ndarray  #: user positions where a partition may start (a fresh shard)
+    n_shards: int
+    started: float = field(default_factory=time.time)
+
+    def partitions(self, n: int) -> list[PartitionSpec]:
+        """The plan cut into at most ``n`` partitions of whole shards, balanced by samples.
+
+        A pure function of the plan and ``n``; the output bytes do not depend on ``n``.
+        """
+        n = max(1, int(n))
+        total = len(self.sample_idx)
+        bounds = [0]
+        for k in range(1, n):
+            target = total * k / n
+            # The first allowed cut at or after the target sample count.
+            pos = int(np.searchsorted(self.user_start[self.cut_points], target, "left"))
+            if pos < len(self.cut_points):
+                cut = int(self.cut_points[pos])
+                if cut > bounds[-1]:
+                    bounds.append(cut)
+        bounds.append(len(self.users))
+        return [self.partition(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+
+    def partition(self, index: int, u0: int, u1: int) -> PartitionSpec:
+        """The spec of users ``[u0, u1)`` (must start and end at shard boundaries)."""
+        src = self.src
+        a, b = int(self.user_start[u0]), int(self.user_start[u1])
+        idx = self.sample_idx[a:b]
+        gids, local = np.unique(src.iid[idx], return_inverse=True)
+        return PartitionSpec(
+            index=index,
+            out_url=self.out_url,
+            endpoint_url=self.endpoint_url,
+            version=self.version,
+            settings=self.settings,
+            images=self.images,
+            ratings_file=src.ratings_file,
+            integer_scores=src.integer_scores,
+            keep_raw=src.keep_raw,
+            users=self.users[u0:u1],
+            is_test=src.is_test[self.user_uid[u0:u1]],
+            user_start=self.user_start[u0 : u1 + 1] - a,
+            image_names=[src.images[g] for g in gids],
+            image_refs=[self.image_refs[int(g)] for g in gids],
+            image_gid=gids.astype(np.int64),
+            s_image=local.astype(np.int32).reshape(-1),
+            s_score=src.score[idx],
+            s_raw=src.raw[idx],
+            s_row=src.row[idx],
+            s_slot=src.slot[idx],
+            s_shard=self.sample_shard[a:b],
+            s_latent=None if src.latent is None else src.latent[idx],
+            s_avg=None if src.average_latent is None else src.average_latent[idx],
+        )
+
+
+def _strict_error(skips: SkipLog) -> DataError:
+    s = skips.first
+    assert s is not None
+    return DataError(f"{s.where()}: {SKIP_LABELS[s.reason]}: {s.detail} (--strict)")
+
+
+def pack_shards(counts: np.ndarray, shard_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Assign each sample to a shard: users in order, whole users per shard where possible.
+
+    A user joins the current shard if it fits, else starts a new one; a user larger than a
+    shard fills whole shards and its remainder starts the next. Pure in ``(counts, shard_size)``.
+
+    Returns:
+        ``(sample_shard, cut_points, n_shards)``: the shard of every sample (users
+        concatenated), the user positions that start a fresh shard, and the shard count.
+    """
+    total = int(counts.sum())
+    sample_shard = np.empty(total, np.int32)
+    cuts = []
+    shard, fill, pos = 0, 0, 0
+    for u, n in enumerate(counts.tolist()):
+        if fill and fill + n > shard_size:
+            shard, fill = shard + 1, 0
+        if fill == 0:
+            cuts.append(u)
+        left = n
+        while left:
+            take = min(left, shard_size - fill)
+            sample_shard[pos : pos + take] = shard
+            pos += take
+            left -= take
+            fill += take
+            if fill == shard_size:
+                shard, fill = shard + 1, 0
+    n_shards = shard + (1 if fill else 0)
+    return sample_shard, np.array(cuts, dtype=np.int64), n_shards
+
+
+def _check_user_ids(src: SourceRead, uids: np.ndarray, counts: np.ndarray) -> None:
+    """Sample keys must be unique and fit a tar header: fail early, naming the rows."""
+    seen: dict[str, int] = {}
+    for uid, n in zip(uids.tolist(), counts.tolist()):
+        user = src.users[uid]
+        key = safe_name(user)
+        width = max(6, len(str(max(0, n - 1))))
+        if len(key) + 1 + width + len(".json") > MAX_NAME_BYTES:
+            raise DataError(f"{src.ratings_file}:{int(src.user_first_row[uid])}: user ID {user[:40]!r}... is "
+                            f"{len(user)} characters; sample keys allow at most "
+                            f"{MAX_NAME_BYTES - 1 - width - len('.json')}")
+        other = seen.get(key)
+        if other is not None:
+            ou = src.users[other]
+            raise DataError(
+                f"{src.ratings_file}:{int(src.user_first_row[uid])}: user ID {user!r} and {ou!r} (line "
+                f"{int(src.user_first_row[other])}) both become the sample key {key!r} once characters outside "
+                "[A-Za-z0-9_-] are replaced; rename one of them"
+            )
+        seen[key] = uid
+
+
+def plan_ingest(
+    fmt: str,
+    root: str | Path | None,
+    out_url: str,
+    *,
+    test_workers: str | Path | None = None,
+    test_users: str | Path | None = None,
+    test_fraction: float | None = None,
+    split_seed: int = 0,
+    fold: int | None = None,
+    ratings_file: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    score_range: tuple[float, float] | None = None,
+    endpoint_url: str | None = None,
+    settings: IngestSettings | None = None,
+) -> IngestPlan:
+    """Read, check and pack; no image is decoded and nothing is written but folders.
+
+    Args: see :func:`ingest`.
+
+    Raises:
+        StorageError: the output (or an ``s3://`` image root) cannot be used: missing bucket,
+            missing credentials, unreachable endpoint.
+        DataError: unreadable input files, colliding or too long user IDs, with ``strict``
+            the first skipped record (each names the file and row).
+    """
+    settings = settings or IngestSettings()
+    store = open_store(out_url, endpoint_url)
+    store.check()
+    src = read_source(fmt, root, test_users=test_users or test_workers, test_fraction=test_fraction,
+                      split_seed=split_seed, fold=fold, ratings_file=ratings_file, images_dir=images_dir,
+                      score_range=score_range, endpoint_url=endpoint_url)
+    images = ImageSource(src.images_dir, endpoint_url)
+    images.check()
+    skips = src.skips
+    if settings.strict and skips.first is not None:
+        raise _strict_error(skips)
+
+    # Image paths: refuse those outside the folder, find missing ones (local folders), all
+    # before decoding anything.
+    used = np.unique(src.iid) if src.n else np.zeros(0, np.int32)
+    status = np.zeros(len(src.images), np.int8)  # 0 ok, 1 outside, 2 missing
+    refs: dict[int, str] = {}
+    fallback = 0
+    for iid in used.tolist():
+        name = src.images[iid]
+        state, ref = images.locate(name) if name else ("missing", None)
+        if state == "missing" and src.image_fallback == "basename" and "/" in name:
+            state, ref = images.locate(name.rsplit("/", 1)[1])
+            fallback += state == "ok"
+        if state == "ok":
+            refs[iid] = ref
         else:
-            missing.add(name)
+            status[iid] = 1 if state == "outside" else 2
+    if fallback:
+        log.info("%d image(s) found by file name only (a flattened image folder)", fallback)
+    bad = status[src.iid] if src.n else np.zeros(0, np.int8)
+    for code, reason in ((1, "outside_image_folder"), (2, "missing_image")):
+        idx = np.flatnonzero(bad == code)
+        if len(idx):
+            def detail(i: int, idx: np.ndarray = idx, reason: str = reason) -> str:
+                j = int(idx[i])
+                where = f"slot {src.slot[j]}: " if src.slot[j] else ""
+                name = src.images[src.iid[j]]
+                if reason == "missing_image":
+                    return f"{where}no image {images.display(name) if name else '(no image named)'}"
+                return f"{where}refused image path {name!r} (outside {images.url})"
+            skips.add_many(reason, src.ratings_file, src.row[idx], detail)
+    if settings.strict and skips.first is not None:
+        raise _strict_error(skips)
+    keep = bad == 0
 
-    processed: dict[str, bytes] = {}
-    unreadable: dict[str, str] = {}
+    # Users in sorted order, their candidates in file order.
+    cand = np.flatnonzero(keep)
+    per_user = np.bincount(src.uid[cand], minlength=len(src.users))
+    uids = np.flatnonzero(per_user)
+    order_names = sorted(uids.tolist(), key=src.users.__getitem__)
+    user_uid = np.array(order_names, dtype=np.int64)
+    rank = np.full(len(src.users), -1, np.int64)
+    rank[user_uid] = np.arange(len(user_uid))
+    sample_idx = cand[np.argsort(rank[src.uid[cand]], kind="stable")]
+    counts = per_user[user_uid]
+    _check_user_ids(src, user_uid, counts)
+    user_start = np.zeros(len(user_uid) + 1, np.int64)
+    np.cumsum(counts, out=user_start[1:])
+    sample_shard, cuts, n_shards = pack_shards(counts, settings.shard_size)
+    truth = src.latent is not None
+    return IngestPlan(
+        fmt=fmt, source="synth" if truth else fmt, out_url=store.url, endpoint_url=endpoint_url,
+        version=new_version_id(), settings=settings, src=src, images=images, skips=skips,
+        users=[src.users[u] for u in order_names], user_uid=user_uid, user_start=user_start,
+        sample_idx=sample_idx, sample_shard=sample_shard, image_refs=refs, cut_points=cuts, n_shards=n_shards,
+    )
 
-    def work(name: str) -> tuple[str, bytes | None, str]:
+
+def _sample_meta(spec: PartitionSpec, user: str, image: str, j: int) -> bytes:
+    score: Any = int(spec.s_score[j]) if spec.integer_scores else float(spec.s_score[j])
+    meta: dict[str, Any] = {"user": user, "image": image, "score": score, "latent": None, "average_latent": None}
+    if spec.s_latent is not None and not np.isnan(spec.s_latent[j]):
+        meta["latent"] = float(spec.s_latent[j])
+        meta["average_latent"] = float(spec.s_avg[j])
+    if spec.keep_raw:
+        meta["raw_score"] = float(spec.s_raw[j])
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None = None) -> PartitionResult:
+    """Decode, re-encode and write one partition's shards; return its manifest rows.
+
+    Importable and picklable on both sides (the orchestration layer may run it in a Ray
+    task). Memory is bounded by the look-ahead window of images, the image cache and one
+    upload part, not by the partition's size.
+
+    Args:
+        spec: from :meth:`IngestPlan.partitions`.
+        progress: called with the number of samples handled since the previous call.
+
+    Raises:
+        DataError: with ``strict``, the first image skipped (names the file and row).
+        StorageError: the store cannot be written, or an S3 image root read (after retries).
+    """
+    t0 = time.perf_counter()
+    s = spec.settings
+    store = open_store(spec.out_url, spec.endpoint_url).sub(version_prefix(spec.version))
+    cache = ByteLRU(int(s.image_cache_mb * 1024 * 1024))
+    skips = SkipLog()
+    rows = ManifestRows()
+    decodes = [0]
+    decodes_lock = threading.Lock()
+    stored = np.zeros(len(spec.image_names), bool)  # distinct images written (not per sample: bounded)
+
+    def work(k: int) -> tuple[bytes | None, str, str]:
         try:
-            return name, process_image(images_dir / name, max_side, quality), ""
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            return name, None, f"{type(err).__name__}: {err}"
+            data = process_image(spec.images.read(spec.image_refs[k]), s.max_side, s.quality, s.max_pixels)
+        except TooManyPixels as err:
+            return None, "too_many_pixels", str(err)
+        except MissingImage as err:
+            return None, "missing_image", str(err)
+        except StorageError:
+            raise  # the store, not the image: abort rather than count
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+            return None, "unreadable_image", f"{type(err).__name__}: {err}"
+        with decodes_lock:
+            decodes[0] += 1
+        cache.put(k, data)
+        return data, "", ""
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(work, present)
-        if progress:
-            from tqdm import tqdm
+    pool = ThreadPoolExecutor(max_workers=max(1, s.workers), thread_name_prefix=f"ingest-{spec.index}")
+    inflight: dict[int, Future] = {}
+    window = max(8, 4 * max(1, s.workers))
+    pending: deque[tuple[int, Any]] = deque()
+    n = spec.n_samples
+    next_j = 0
 
-            results = tqdm(results, total=len(present), desc="images", unit="img", leave=False)
-        for name, data, err in results:
-            if data is None:
-                unreadable[name] = err
-            else:
-                processed[name] = data
+    def submit(j: int) -> Any:
+        k = int(spec.s_image[j])
+        hit = cache.get(k)
+        if hit is not None:
+            return (hit, "", "")
+        fut = inflight.get(k)
+        if fut is None:
+            fut = inflight[k] = pool.submit(work, k)
+        return fut
 
-    skips = list(src.skips)
-    accepted: list[Rating] = []
-    for r in src.candidates:
-        if not r.image or r.image in missing:
-            where = f"slot {r.slot}: " if r.slot else ""
-            skips.append(Skip("missing_image", r.file, r.row, f"{where}no image {images_dir / r.image}"))
-        elif r.image in unreadable:
-            where = f"slot {r.slot}: " if r.slot else ""
-            skips.append(Skip("unreadable_image", r.file, r.row, f"{where}{images_dir / r.image}: {unreadable[r.image]}"))
-        else:
-            accepted.append(r)
+    writer = None
+    writer_shard = -1
+    n_shards = n_bytes = n_samples = 0
+    done_since = 0
+    try:
+        for u, user in enumerate(spec.users):
+            a, b = int(spec.user_start[u]), int(spec.user_start[u + 1])
+            key = safe_name(user)
+            parts: list[Part] = []
+            truth = spec.s_latent is not None
+            part_start = part_count = 0
+            hasher = None
+            for j in range(a, b):
+                while next_j < n and next_j < j + window:
+                    pending.append((next_j, submit(next_j)))
+                    next_j += 1
+                _, res = pending.popleft()
+                if isinstance(res, Future):
+                    k = int(spec.s_image[j])
+                    if inflight.get(k) is res:
+                        del inflight[k]
+                    res = res.result()
+                data, reason, detail = res
+                done_since += 1
+                if progress is not None and done_since >= 256:
+                    progress(done_since)
+                    done_since = 0
+                if data is None:
+                    where = f"slot {spec.s_slot[j]}: " if spec.s_slot[j] else ""
+                    name = spec.image_names[spec.s_image[j]]
+                    skips.add(reason, spec.ratings_file, int(spec.s_row[j]),
+                              f"{where}{spec.images.display(name)}: {detail}")
+                    if s.strict:
+                        raise _strict_error(skips)
+                    continue
+                shard = int(spec.s_shard[j])
+                if shard != writer_shard:
+                    if hasher is not None and part_count:
+                        parts.append(Part(writer_shard, part_start, writer.size - part_start, part_count,
+                                          hasher.digest()))
+                    hasher, part_count = None, 0
+                    if writer is not None:
+                        n_bytes += _close_shard(writer)
+                        n_shards += 1
+                    writer, writer_shard = store.open_writer(shard_name(shard)), shard
+                if hasher is None:
+                    hasher, part_start, part_count = hashlib.sha256(), writer.size, 0
+                meta = _sample_meta(spec, user, spec.image_names[spec.s_image[j]], j)
+                blob = sample_bytes(f"{key}_{j - a:06d}", data, meta)
+                writer.write(blob)
+                hasher.update(blob)
+                part_count += 1
+                n_samples += 1
+                stored[spec.s_image[j]] = True
+                if truth and np.isnan(spec.s_latent[j]):
+                    truth = False
+            if hasher is not None and part_count:
+                parts.append(Part(writer_shard, part_start, writer.size - part_start, part_count, hasher.digest()))
+            if parts:
+                rows.add(user, "test" if spec.is_test[u] else "train", truth, parts)
+            elif spec.is_test[u]:
+                log.warning("test user %s is in the ratings file but none of their ratings could be ingested", user)
+        if writer is not None:
+            n_bytes += _close_shard(writer)
+            n_shards += 1
+            writer = None
+        if progress is not None and done_since:
+            progress(done_since)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        for fut in inflight.values():
+            fut.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    local = np.flatnonzero(stored)
+    return PartitionResult(
+        index=spec.index, rows=rows.table(), skips=skips, samples=n_samples, shards=n_shards, bytes=n_bytes,
+        image_decodes=decodes[0], image_cache_hits=cache.hits, image_ids=spec.image_gid[local],
+        peak_rss_mb=_peak_rss_mb(), seconds=time.perf_counter() - t0,
+    )
 
-    test_users: set[str] = set()
-    for e in src.test_entries:
-        if e.user in src.raters:
-            test_users.add(e.user)
-        else:
-            skips.append(Skip("unknown_test_worker", e.file, e.row, f"test worker {e.user} has no ratings", "test_workers"))
-    used = {r.image for r in accepted}
-    return _Prepared(accepted, skips, {k: v for k, v in processed.items() if k in used}, test_users)
+
+def _close_shard(writer: Any) -> int:
+    writer.write(end_of_archive(writer.size))
+    size = writer.size
+    writer.commit()
+    return size
 
 
-def _first_skip(skips: list[Skip], src: SourceRead) -> Skip:
-    order = {src.ratings_file: 0, src.test_file: 1}
-    return min(skips, key=lambda s: (order.get(s.file, 2), s.file, s.row))
+def publish(plan: IngestPlan, results: list[PartitionResult]) -> dict[str, Any]:
+    """Write the manifest and report into the version, check it, then switch the pointer.
+
+    Args:
+        plan: the plan the partitions came from.
+        results: one per partition, any order.
+
+    Returns:
+        The report (also written as ``versions/<version>/ingest_report.json``).
+
+    Raises:
+        DataError: nothing could be ingested (nothing is published), or a shard the rows name
+            is missing from the version.
+    """
+    results = sorted(results, key=lambda r: r.index)
+    store = open_store(plan.out_url, plan.endpoint_url)
+    vstore = store.sub(version_prefix(plan.version))
+    skips = SkipLog()
+    skips.merge(plan.skips)
+    for r in results:
+        skips.merge(r.skips)
+    table = pa.concat_tables([r.rows for r in results]) if results else ManifestRows().table()
+    src = plan.src
+    if table.num_rows == 0:
+        raise DataError(f"{src.ratings_file}: no rating could be ingested ({len(skips)} skipped; "
+                        f"images looked up in {src.images_dir}); nothing was published")
+    s = plan.settings
+    named = {shard_name(i) for i in np.unique(table.column("shards").combine_chunks().flatten().to_numpy()).tolist()}
+    present = set(vstore.list("shards/"))
+    lost = sorted(named - present)
+    if lost:
+        raise DataError(f"{vstore.url_of(lost[0])} is named by the manifest but was not written; nothing was published")
+    meta = {"source": plan.source, "max_side": str(s.max_side), "jpeg_quality": str(s.quality),
+            "shard_size": str(s.shard_size)}
+    vstore.write_bytes(MANIFEST, manifest_bytes(table, meta))
+    report = build_report(plan, results, skips, table, store, vstore)
+    vstore.write_bytes(REPORT, (json.dumps(report, indent=1) + "\n").encode())
+    write_pointer(store, plan.version, {"users": report["users"]["train"] + report["users"]["test"],
+                                        "ratings": report["ratings"]["ingested"], "bytes": report["bytes"]})
+    log.info("published version %s of %s: %d of %d ratings, %d shards", plan.version, store.url,
+             report["ratings"]["ingested"], report["ratings"]["read"], report["shards"])
+    return report
 
 
-def _counts(skips: list[Skip], kind: str) -> dict[str, int]:
-    c = {reason: 0 for reason in SKIP_REASONS}
-    for s in skips:
-        if s.kind == kind:
-            c[s.reason] += 1
-    return c
+def build_report(plan: IngestPlan, results: list[PartitionResult], skips: SkipLog, table: pa.Table,
+                 store: Store, vstore: Store) -> dict[str, Any]:
+    """The ingest report: counts by kind and reason, examples, output and resource summary."""
+    src, s = plan.src, plan.settings
+    samples = sum(r.samples for r in results)
+    ratings = {"read": src.ratings_read, "ingested": samples, "skipped": skips.by_reason("ratings")}
+    tests_read = len(src.test_entries) + skips.counts.get(("test_workers", "duplicate_row"), 0)
+    is_test_users = int(src.is_test.sum()) if src.test_entries else 0
+    tests = {"read": tests_read, "ingested": is_test_users if src.test_file else 0,
+             "skipped": skips.by_reason("test_workers")}
+    for name, part in (("ratings", ratings), ("test_workers", tests)):
+        total = part["ingested"] + sum(part["skipped"].values())
+        if total != part["read"]:
+            raise AssertionError(f"ingest accounting bug ({name}): read {part['read']} != {total}")
+    images = np.unique(np.concatenate([r.image_ids for r in results])) if results else np.zeros(0)
+    splits = table.column("split").to_pylist()
+    n_shards = sum(r.shards for r in results)
+    has_truth = table.column("has_truth").to_pylist()
+    return {
+        "version": FORMAT_VERSION,
+        "dataset_version": plan.version,
+        "source": plan.source,
+        "format": plan.fmt,
+        "ratings_file": src.ratings_file,
+        "images_dir": src.images_dir,
+        "test_workers_file": src.test_file,
+        "test_fraction": src.test_fraction,
+        "truth_sidecar": src.sidecar,
+        "out": store.url,
+        "version_url": vstore.url,
+        "report_url": vstore.url_of(REPORT),
+        "pointer_url": store.url_of(POINTER),
+        "read": ratings["read"] + tests["read"],
+        "ingested": ratings["ingested"] + tests["ingested"],
+        "skipped": {r: ratings["skipped"][r] + tests["skipped"][r] for r in SKIP_REASONS},
+        "ratings": ratings,
+        "test_workers": tests,
+        "examples": skips.example_lines(),
+        "users": {"train": splits.count("train"), "test": splits.count("test")},
+        "images": int(len(images)),
+        "samples": samples,
+        # Each rater's shard holds its own copy of an image: stored copies / distinct images.
+        "image_amplification": round(samples / len(images), 3) if len(images) else 0.0,
+        "shards": n_shards,
+        "objects": n_shards + 3,  # shards + manifest + report + pointer
+        "bytes": sum(r.bytes for r in results),
+        "partitions": len(results),
+        "image_decodes": sum(r.image_decodes for r in results),
+        "image_cache_hits": sum(r.image_cache_hits for r in results),
+        "max_side": s.max_side,
+        "jpeg_quality": s.quality,
+        "shard_size": s.shard_size,
+        "max_pixels": s.max_pixels,
+        "image_cache_mb": s.image_cache_mb,
+        "peak_rss_mb": round(max([_peak_rss_mb()] + [r.peak_rss_mb for r in results]), 1),
+        "seconds": round(time.time() - plan.started, 2),
+        "has_truth": bool(has_truth) and all(has_truth),
+    }
 
 
 def ingest(
     fmt: str,
-    root: str | Path,
+    root: str | Path | None,
     out_url: str,
     *,
     test_workers: str | Path | None = None,
+    test_users: str | Path | None = None,
+    test_fraction: float | None = None,
+    split_seed: int = 0,
+    fold: int | None = None,
     ratings_file: str | Path | None = None,
     images_dir: str | Path | None = None,
+    score_range: tuple[float, float] | None = None,
     endpoint_url: str | None = None,
     strict: bool = False,
     max_side: int = DEFAULT_MAX_SIDE,
     quality: int = DEFAULT_QUALITY,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
     workers: int = 4,
+    partitions: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Ingest a dataset folder into shards + manifest + report at ``out_url``.
+    """Ingest rating files and images into a new version at ``out_url`` and publish it.
 
     Args:
-        fmt: ``"flickr-aes"`` or ``"aadb"``. A FLICKR-AES-layout folder that holds a synthetic
-            world's truth sidecar (``latent_scores.csv``) is recorded with source ``synth`` and
-            its samples carry ``latent`` / ``average_latent``.
-        root: dataset folder.
-        out_url: local folder or ``s3://bucket/prefix``.
-        test_workers: test-worker list (``ID`` CSV or one ID per line).
-        ratings_file, images_dir: override the default locations under ``root``.
+        fmt: a format of :data:`piaa_dist.data.readers.READERS` (``flickr-aes``, ``aadb``,
+            ``ratings``, ``para``).
+        root: dataset folder (not used by ``ratings``).
+        out_url: dataset URL: local folder or ``s3://bucket/prefix``.
+        test_workers, test_users: test-user list (``ID`` CSV or one ID per line).
+        test_fraction: choose this fraction of users as test users (seeded by user ID).
+        split_seed: seed of that choice.
+        fold: PARA user-split fold (1-4).
+        ratings_file, images_dir: the ratings file and the image folder or ``s3://`` prefix.
+        score_range: ``(lo, hi)`` of the file's scores (``ratings``, ``para``; default 1 5).
         endpoint_url: S3 endpoint (default ``$AWS_ENDPOINT_URL``).
         strict: raise on the first skip instead of counting it.
-        max_side: longest side of stored images.
-        quality: JPEG quality of stored images.
-        shard_size: samples per shard at most.
+        max_side, quality: stored images' longest side and JPEG quality.
+        shard_size: target samples per shard.
+        max_pixels: larger input images are skipped (``too_many_pixels``).
+        image_cache_mb: re-encoded images kept per partition.
         workers: threads for image work and uploads.
-        progress: show tqdm bars.
+        partitions: partitions processed one after the other (the output does not depend on it).
+        progress: show a tqdm bar.
 
     Returns:
-        The report (also written as ``ingest_report.json`` beside the manifest).
+        The report (also written into the version as ``ingest_report.json``).
 
     Raises:
-        DataError: unreadable input files; with ``strict``, the first skipped record (names
-            the file and row); no rating left to ingest.
-        StorageError: the output cannot be written.
+        DataError: bad input (names the file and row), or nothing to ingest.
+        StorageError: the output cannot be written (names the URL); nothing is published.
     """
-    if max_side < 8:
-        raise DataError(f"max_side must be at least 8, got {max_side}")
-    if not 1 <= quality <= 100:
-        raise DataError(f"JPEG quality must be 1-100, got {quality}")
-    if shard_size < 1:
-        raise DataError(f"shard_size must be at least 1, got {shard_size}")
-    root = Path(root)
-    src = read_source(fmt, root, test_workers=test_workers, ratings_file=ratings_file, images_dir=images_dir)
-    if strict and src.skips:
-        # Fail fast on row-level problems before touching any image.
-        first = _first_skip(src.skips, src)
-        raise DataError(f"{first.where()}: {SKIP_LABELS[first.reason]}: {first.detail} (--strict)")
-    prep = _check_images(src, max_side, quality, workers, progress)
-    if strict and prep.skips:
-        first = _first_skip(prep.skips, src)
-        raise DataError(f"{first.where()}: {SKIP_LABELS[first.reason]}: {first.detail} (--strict)")
-    if not prep.ratings:
-        raise DataError(
-            f"{src.ratings_file}: no rating could be ingested "
-            f"({len(prep.skips)} skipped; images looked up in {src.images_dir})"
-        )
+    settings = IngestSettings(max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels,
+                              image_cache_mb=image_cache_mb, workers=workers, strict=strict)
+    plan = plan_ingest(fmt, root, out_url, test_workers=test_workers, test_users=test_users,
+                       test_fraction=test_fraction, split_seed=split_seed, fold=fold, ratings_file=ratings_file,
+                       images_dir=images_dir, score_range=score_range, endpoint_url=endpoint_url, settings=settings)
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-    truth = _read_truth(root) if fmt == "flickr-aes" else None
-    source = "synth" if truth is not None else fmt
-
-    by_user: dict[str, list[Rating]] = defaultdict(list)
-    for r in prep.ratings:
-        by_user[r.user].append(r)
-    keys = {u: safe_name(u) for u in by_user}
-    if len(set(keys.values())) != len(keys):
-        clash = sorted(u for u in keys if list(keys.values()).count(keys[u]) > 1)
-        raise DataError(f"{src.ratings_file}: worker IDs {clash[:4]} map to the same shard name")
-    for u in sorted(prep.test_users - set(by_user)):
-        log.warning("test worker %s is in the ratings file but none of their ratings could be ingested", u)
-
-    store = open_store(out_url, endpoint_url)
-    rows: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
-    missing_truth = 0
-    total_bytes = 0
-    jobs: list[tuple[str, bytes]] = []
-    for user in sorted(by_user):
-        ratings = by_user[user]
-        split = "test" if user in prep.test_users else "train"
-        shards, digests, counts = [], [], []
-        user_truth = True
-        for s, start in enumerate(range(0, len(ratings), shard_size)):
-            samples = []
-            for i, r in enumerate(ratings[start : start + shard_size], start=start):
-                lat = truth.get((r.user, r.image)) if truth is not None else None
-                if truth is not None and lat is None:
-                    missing_truth += 1
-                if lat is None:
-                    user_truth = False
-                meta = {
-                    "user": user,
-                    "image": r.image,
-                    "score": r.score,
-                    "latent": lat[0] if lat else None,
-                    "average_latent": lat[1] if lat else None,
-                }
-                key = f"{keys[user]}_{i:06d}"
-                samples.append((key, prep.images[r.image], json.dumps(meta, sort_keys=True).encode()))
-            data = write_tar(samples)
-            rel = f"shards/{split}/{keys[user]}-{s:04d}.tar"
-            shards.append(rel)
-            digests.append(hashlib.sha256(data).hexdigest())
-            counts.append(len(samples))
-            total_bytes += len(data)
-            jobs.append((rel, data))
-        rows["user"].append(user)
-        rows["split"].append(split)
-        rows["n_ratings"].append(len(ratings))
-        rows["shards"].append(shards)
-        rows["sha256"].append(digests)
-        rows["shard_samples"].append(counts)
-        rows["has_truth"].append(bool(truth is not None and user_truth))
-    if missing_truth:
-        log.warning("%s: %d ingested ratings have no row in the truth sidecar", root / SIDECAR, missing_truth)
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        done = pool.map(lambda job: store.write_bytes(*job), jobs)
-        if progress:
-            from tqdm import tqdm
-
-            done = tqdm(done, total=len(jobs), desc="shards", unit="shard", leave=False)
-        for _ in done:
-            pass
-
-    table = pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-        {
-            "source": source,
-            "max_side": str(max_side),
-            "version": str(FORMAT_VERSION),
-            "jpeg_quality": str(quality),
-            "shard_size": str(shard_size),
-        }
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.write_bytes(MANIFEST, buf.getvalue())
-
-    report = build_report(src, prep, source=source, out=store.url, max_side=max_side, quality=quality,
-                          shard_size=shard_size, n_shards=len(jobs), total_bytes=total_bytes, rows=rows)
-    store.write_bytes(REPORT, (json.dumps(report, indent=1) + "\n").encode())
-    log.info("ingested %d of %d ratings into %s (%d shards)", report["ratings"]["ingested"],
-             report["ratings"]["read"], store.url, len(jobs))
-    return report
+        bar = tqdm(total=len(plan.sample_idx), desc="samples", unit="img", leave=False)
+    try:
+        results = [ingest_partition(spec, bar.update if bar is not None else None)
+                   for spec in plan.partitions(partitions)]
+    finally:
+        if bar is not None:
+            bar.close()
+    return publish(plan, results)
 
 
 #: The name the orchestration layer imports.
 ingest_dataset = ingest
 
 
-def build_report(src: SourceRead, prep: _Prepared, *, source: str, out: str, max_side: int, quality: int,
-                 shard_size: int, n_shards: int, total_bytes: int, rows: dict[str, list[Any]]) -> dict[str, Any]:
-    """The ingest report: counts by kind and reason, examples of each skip, output summary."""
-    ratings_skipped = _counts(prep.skips, "ratings")
-    tests_skipped = _counts(prep.skips, "test_workers")
-    ratings = {"read": src.ratings_read, "ingested": len(prep.ratings), "skipped": ratings_skipped}
-    # Test-list records read: the distinct entries plus those the reader already skipped.
-    tests_read = len(src.test_entries) + sum(1 for s in src.skips if s.kind == "test_workers")
-    tests = {"read": tests_read, "ingested": len(prep.test_users), "skipped": tests_skipped}
-    # Invariants: every record is accounted for exactly once.
-    for name, part in (("ratings", ratings), ("test_workers", tests)):
-        total = part["ingested"] + sum(part["skipped"].values())
-        if total != part["read"]:
-            raise AssertionError(f"ingest accounting bug ({name}): read {part['read']} != {total}")
-    examples: dict[str, list[str]] = {}
-    for s in sorted(prep.skips, key=lambda s: (s.file, s.row)):
-        lst = examples.setdefault(s.reason, [])
-        if len(lst) < 5:
-            lst.append(f"{s.where()}: {s.detail}")
-    splits = rows["split"]
-    return {
-        "version": FORMAT_VERSION,
-        "source": source,
-        "ratings_file": src.ratings_file,
-        "images_dir": src.images_dir,
-        "test_workers_file": src.test_file,
-        "out": out,
-        "read": ratings["read"] + tests["read"],
-        "ingested": ratings["ingested"] + tests["ingested"],
-        "skipped": {r: ratings_skipped[r] + tests_skipped[r] for r in SKIP_REASONS},
-        "ratings": ratings,
-        "test_workers": tests,
-        "examples": examples,
-        "users": {"train": splits.count("train"), "test": splits.count("test")},
-        "images": len(prep.images),
-        "shards": n_shards,
-        "bytes": total_bytes,
-        "max_side": max_side,
-        "jpeg_quality": quality,
-        "shard_size": shard_size,
-        "has_truth": bool(rows["has_truth"]) and all(rows["has_truth"]),
-    }
-
-
 def format_report(report: dict[str, Any]) -> str:
     """The report as a text table (what ``piaa-dist ingest`` prints)."""
     r, t = report["ratings"], report["test_workers"]
     lines = [
-        f"ingest report: {report['source']} -> {report['out']}",
-        f"{'':28s}{'ratings':>10s}{'test list':>11s}{'total':>10s}",
-        f"{'read':28s}{r['read']:>10d}{t['read']:>11d}{report['read']:>10d}",
-        f"{'ingested':28s}{r['ingested']:>10d}{t['ingested']:>11d}{report['ingested']:>10d}",
+        f"ingest report: {report['source']} -> {report['out']} (version {report['dataset_version']})",
+        f"{'':36s}{'ratings':>10s}{'test list':>11s}{'total':>10s}",
+        f"{'read':36s}{r['read']:>10d}{t['read']:>11d}{report['read']:>10d}",
+        f"{'ingested':36s}{r['ingested']:>10d}{t['ingested']:>11d}{report['ingested']:>10d}",
     ]
     for reason in SKIP_REASONS:
         lines.append(
-            f"{'skipped: ' + SKIP_LABELS[reason]:28s}{r['skipped'][reason]:>10d}"
+            f"{'skipped: ' + SKIP_LABELS[reason]:36s}{r['skipped'][reason]:>10d}"
             f"{t['skipped'][reason]:>11d}{report['skipped'][reason]:>10d}"
         )
     lines.append(
         f"users: {report['users']['train']} train, {report['users']['test']} test; "
-        f"{report['images']} images; {report['shards']} shards, {report['bytes'] / 1e6:.1f} MB"
-        + ("; truth sidecar attached" if report["has_truth"] else "")
+        f"{report['images']} images stored {report['samples']} times (amplification "
+        f"{report['image_amplification']:.2f}); {report['shards']} shards, {report['objects']} objects, "
+        f"{report['bytes'] / 1e6:.1f} MB" + ("; truth sidecar attached" if report["has_truth"] else "")
     )
+    lines.append(f"pixel limit {report['max_pixels']:,}; {report['image_decodes']} decodes, "
+                 f"{report['image_cache_hits']} cache hits; peak RSS {report['peak_rss_mb']:.0f} MB; "
+                 f"{report['seconds']:.1f}s")
     for reason, ex in report["examples"].items():
         lines.append(f"  e.g. {SKIP_LABELS[reason]}: {ex[0]}")
     return "\n".join(lines)
