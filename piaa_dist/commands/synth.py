@@ -1,4 +1,4 @@
-"""``piaa-dist synth``: write a synthetic PIAA world in the FLICKR-AES layout."""
+"""``piaa-dist synth``: flags → :func:`piaa_dist.orchestration.usecases.synth` → print."""
 
 from __future__ import annotations
 
@@ -6,8 +6,18 @@ import argparse
 
 HELP = "Write a synthetic PIAA world in the FLICKR-AES layout."
 
+DESCRIPTION = """\
+Write a synthetic personalized-aesthetics world in the FLICKR-AES layout: rendered images,
+one rating per (user, image) with each user's own taste and noise, the test-user list, and
+sidecar files with every user's noise-free scores (so evaluate can report how far from perfect
+a model is). Ingest it like the real dataset: piaa-dist ingest --format flickr-aes --root OUT.
+
+example:
+  piaa-dist synth --out world --users 80 --images 3000"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``synth`` arguments (defaults from :class:`piaa_dist.data.synth.WorldSpec`)."""
     from piaa_dist.data.synth import WorldSpec
 
     d = WorldSpec()
@@ -24,18 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """Write the world; print its size and ceilings."""
+    from piaa_dist.orchestration.usecases import synth
 
-    from piaa_dist.data.synth import WorldSpec, make_world
-
-    try:
-        spec = WorldSpec(users=args.users, images=args.images, seed=args.seed, test_fraction=args.test_fraction,
-                         ratings_per_user=tuple(args.ratings), image_size=args.image_size)
-    except ValueError as err:
-        from piaa_dist.errors import UserError
-
-        raise UserError(f"synth: {err}") from None
-    summary = make_world(args.out, spec, progress=lambda it: tqdm(it, total=spec.images, desc="render", unit="img"))
+    summary = synth(out=args.out, users=args.users, images=args.images, seed=args.seed,
+                    test_fraction=args.test_fraction, ratings_per_user=tuple(args.ratings),
+                    image_size=args.image_size, progress=True)
     print(f"synthetic world in {summary.out}: {summary.users} users ({summary.train_users} train, "
           f"{summary.test_users} test), {summary.images} images, {summary.ratings} ratings")
     print(f"{'ceiling (SROCC vs observed ratings)':38s}{'oracle':>8s}{'average user':>14s}")
