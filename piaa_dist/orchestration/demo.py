@@ -19,6 +19,10 @@ Every stage is a use-case of :mod:`piaa_dist.orchestration.usecases` (the functi
 ``piaa-dist`` commands and :mod:`piaa_dist.api` call); the demo adds the stage banners, the
 local S3 endpoint and the report. Every process the demo starts (the moto server thread, the
 local Ray cluster) is stopped before it returns, also on failure.
+
+The README's results block is written to ``<out>/readme-results.md`` (synthetic world only);
+``make readme-results`` (or ``--readme README.md``) copies it into the README, so that running
+the demo never edits a tracked file.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class DemoSettings:
         workers: Ray Train workers for meta-training.
         tune_samples: trials of the sweep (0 skips the sweep).
         shots / repeats: the meta-testing protocol.
-        readme: README to update with the results table (None = leave it).
+        readme: README whose results block to replace with this run's (None = leave it; the
+            block is in ``<out>/readme-results.md`` either way).
     """
 
     out: Path
@@ -297,12 +302,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 f"{summary['train']['step']} meta-steps.",
                 f"Champion: `{champion}` (version {version}, from the {best_from} run).",
             ]
+            # Only the embedded-defaults demo owns the README's table (not a run on real data).
+            # The block goes to a file of this run: the README is copied from it on request
+            # (`make readme-results` / --readme), so running the demo leaves the checkout clean.
+            readme_block_file = None
+            readme_lines: list[str] = []
+            if not settings.data:
+                readme_block_file = out / report.README_BLOCK_FILE
+                readme_block_file.write_text(
+                    report.readme_block(result_eval, summary.get("world", {}).get("users", "?")) + "\n")
+                readme_lines = report.readme_instructions(readme_block_file)
             path = report.write_report(out, {
                 "title": "piaa-dist demo report",
                 "summary": summary_lines,
                 "results": result_eval,
                 "plots": plots,
                 "personalization": personal_lines,
+                "readme": readme_lines,
                 "registry": [
                     f"- tracking URI: `{mlflow_uri}`",
                     f"- registered model `{name}`, version {version}, alias `champion` → `{champion}`",
@@ -319,11 +335,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 "timings": timings,
             })
             summary["report"] = str(path)
-            # Only the embedded-defaults demo owns the README's table (not a run on real data).
-            if settings.readme is not None and not settings.data:
-                block = report.readme_block(result_eval, summary.get("world", {}).get("users", "?"))
-                if report.update_readme(settings.readme, block):
-                    print(f"    README results table updated: {settings.readme}")
+            if readme_block_file is not None:
+                summary["readme_block"] = str(readme_block_file)
+                if settings.readme is not None:
+                    if report.update_readme(settings.readme, readme_block_file.read_text()):
+                        print(f"    README results table updated: {settings.readme}")
+                    else:
+                        log.warning("%s has no %s ... %s markers: README left as it is",
+                                    settings.readme, report.README_START, report.README_END)
             print(f"    report: {path}")
     summary["timings"] = dict(timings)
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
