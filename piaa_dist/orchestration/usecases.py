@@ -430,7 +430,8 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = _open_run(cfg, mlflow_uri, "train") if mlflow else None
-    try:
+    # The run ends FINISHED, or FAILED with the error recorded (RunLogger as a context manager).
+    with run if run is not None else contextlib.nullcontext():
         metrics_callback = None
         if run is not None:
             from piaa_dist.orchestration.tracking import RunMetricsCallback
@@ -451,12 +452,6 @@ def train(
         if run is not None:
             run.log_metrics({f"final.{k}": v for k, v in metrics.items()}, step=result.step)
             registered, alias_uri = _register(run, model_dir, cfg.run.register_name, cfg.run.alias)
-    except BaseException as err:
-        if run is not None:
-            run.__exit__(type(err), err, None)
-        raise
-    if run is not None:
-        run.end("FINISHED")
     log.info("meta-learner (step %d) written to %s", result.step, model_dir)
     return TrainOutcome(
         model_dir=Path(model_dir), step=result.step, workers=result.workers, data=cfg.data.url,
@@ -507,7 +502,7 @@ def tune(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = _open_run(cfg, mlflow_uri, "tune") if mlflow else None
-    try:
+    with run if run is not None else contextlib.nullcontext():
         with ray_output(ray_address):
             sweep = run_sweep(
                 cfg, cfg.data.url, out, samples=samples, workers_per_trial=workers_per_trial,
@@ -524,6 +519,8 @@ def tune(
             checkpoint=str(sweep.best_checkpoint), trials=tuple(sweep.trials),
             best_config_file=out / BEST_CONFIG_FILE, summary_file=out / SWEEP_FILE,
         )
+        # Written before MLflow is touched, so that the sweep's record survives a registry error.
+        outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
         if run is not None:
             run.log_metrics({"best.val_srocc": sweep.best_score})
             run.log_dict(outcome.to_dict(), SWEEP_FILE)
@@ -532,13 +529,7 @@ def tune(
                                               cfg.run.alias)
             outcome = dataclasses.replace(outcome, mlflow_run_id=run.run_id, mlflow_uri=run.uri,
                                           registered=registered, alias=alias_uri)
-        outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
-    except BaseException as err:
-        if run is not None:
-            run.__exit__(type(err), err, None)
-        raise
-    if run is not None:
-        run.end("FINISHED")
+            outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
     return outcome
 
 
