@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= demo-out
 DEMO_ARGS ?=
 
-.PHONY: demo test test-slow install benchmarks clean
+.PHONY: demo readme-results test test-slow install benchmarks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo writes its README results block to $(OUT)/readme-results.md and never edits a
+# tracked file; `make readme-results` (after `make demo`) copies that block into README.md.
 demo: $(STAMP)
-	$(BIN)/piaa-dist demo --out $(OUT) --readme README.md $(DEMO_ARGS)
+	$(BIN)/piaa-dist demo --out $(OUT) $(DEMO_ARGS)
+
+readme-results: $(STAMP)
+	$(BIN)/python -m piaa_dist.orchestration.report $(OUT)/readme-results.md README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -101,6 +101,12 @@ def test_demo_produces_every_artifact_and_stops_everything(tmp_path, monkeypatch
     # the README's results table is the demo's, not typed
     text = readme.read_text()
     assert "old" not in text and "| `blg-piaa` |" in text and text.endswith("rest\n")
+    # it comes from the run's own block file, which the report points to (the demo itself
+    # never needs to touch a README: `make demo` passes none)
+    block = out / "readme-results.md"
+    assert summary["readme_block"] == str(block)
+    assert "| `blg-piaa` |" in block.read_text() and block.read_text().strip() in text
+    assert "readme-results.md" in report and "make readme-results" in report
     # nothing left running: no new Ray processes (ray.shutdown reaps its workers
     # asynchronously, so allow them a bounded moment to exit), the S3 endpoint is gone
     import time

@@ -21,11 +21,11 @@ TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_dataset_url):
-    from piaa_dist.commands.tune import tune_main
+    from piaa_dist.orchestration.usecases import tune
 
     out = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    summary = tune_main(
+    summary = tune(
         data=tiny_dataset_url, out=out / "sweep", config=TINY,
         overrides=["meta.meta_steps=4", "run.validate_every=2", "run.checkpoint_every=2",
                    "data.validation_users=2", "run.register_name=blg-piaa-test",
@@ -37,23 +37,23 @@ def sweep(tmp_path_factory, tiny_dataset_url):
 
 def test_sweep_finishes_on_two_cpus_and_reports_every_trial(sweep):
     summary, out, _ = sweep
-    trials = summary["trials"]
+    trials = summary.trials
     assert len(trials) == 2
     assert all(t["status"] == "TERMINATED" for t in trials), trials
     scores = [t["val_srocc"] for t in trials if t["val_srocc"] is not None]
-    assert scores and summary["best_score"] == max(scores)
+    assert scores and summary.best_score == max(scores)
     # the searched hyperparameters are in the trial rows and within the configured ranges
     for t in trials:
         assert 0.001 <= t["meta.inner_lr"] <= 0.1
         assert t["meta.inner_steps"] in (1, 3, 5)
         assert t["data.shots"] in (5, 10, 20)
     best = json.loads((out / "sweep" / "sweep.json").read_text())
-    assert best["best_params"] == summary["best_params"]
+    assert best["best_params"] == summary.best_params
     assert (out / "sweep" / "best-model" / "model.safetensors").is_file()
     from piaa_dist.config import load_config
 
     best_cfg = load_config(out / "sweep" / "best.yaml")
-    assert best_cfg.meta.inner_lr == pytest.approx(summary["best_params"]["meta.inner_lr"])
+    assert best_cfg.meta.inner_lr == pytest.approx(summary.best_params["meta.inner_lr"])
 
 
 def test_mlflow_holds_the_sweep_and_its_trials(sweep):
@@ -63,9 +63,9 @@ def test_mlflow_holds_the_sweep_and_its_trials(sweep):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("piaa-dist")
     runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.info.run_id == summary["mlflow_run_id"]]
+    parent = [r for r in runs if r.info.run_id == summary.mlflow_run_id]
     assert parent and parent[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.mlflow_run_id]
     assert len(children) == 2
     # trials that ran to the end finish; one ASHA stopped is closed as KILLED, never left RUNNING
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
@@ -81,7 +81,7 @@ def test_mlflow_holds_the_sweep_and_its_trials(sweep):
 
 def test_registered_alias_resolves_and_personalizes_in_a_fresh_process(sweep, tiny_world, tmp_path):
     summary, out, uri = sweep
-    assert summary["alias"] == "models:/blg-piaa-test@champion"
+    assert summary.alias == "models:/blg-piaa-test@champion"
     # a test user's ratings from the synthetic world, as a person would bring them
     import csv
 
@@ -99,14 +99,14 @@ def test_registered_alias_resolves_and_personalizes_in_a_fresh_process(sweep, ti
         "print(json.dumps({'params': sum(p.numel() for p in model.parameters()),"
         " 'source': info.get('source')}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, summary["alias"], uri],
+    proc = subprocess.run([sys.executable, "-c", code, summary.alias, uri],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded["source"] == "tune" and loaded["params"] > 0
     ranking = tmp_path / "ranking.csv"
     proc = subprocess.run(
-        [sys.executable, "-m", "piaa_dist.cli", "personalize", "--model", summary["alias"],
+        [sys.executable, "-m", "piaa_dist.cli", "personalize", "--model", summary.alias,
          "--mlflow-uri", uri, "--ratings", str(ratings), "--images", str(tiny_world / "images"),
          "--score", *to_score, "--out", str(ranking)],
         capture_output=True, text=True, timeout=300,

@@ -6,6 +6,16 @@ import argparse
 
 HELP = "List a dataset's versions (the published one marked); remove old ones explicitly."
 
+DESCRIPTION = """\
+List the versions of a dataset (each ingest writes a new one and publishes it atomically) with
+their status, size and age. Old versions are never removed silently: --remove names them,
+--prune removes every version except the published one and the --keep newest others
+(incomplete versions younger than --grace-hours are left alone: an ingest may be writing them).
+
+examples:
+  piaa-dist datasets s3://my-bucket/flickr-aes
+  piaa-dist datasets s3://my-bucket/flickr-aes --prune --keep 1"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="dataset URL: a local folder or s3://bucket/prefix")
@@ -33,33 +43,13 @@ def _table(versions) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from datetime import datetime, timedelta, timezone
+    """List (and clean up); print what was removed and the versions left."""
+    from piaa_dist.orchestration.usecases import dataset_versions
 
-    from piaa_dist.data.layout import list_versions, remove_version
-    from piaa_dist.errors import UserError
-    from piaa_dist.storage import open_store
-
-    store = open_store(args.url, args.s3_endpoint)
-    versions = list_versions(store)
-    doomed = list(args.remove)
-    if args.prune:
-        cutoff = datetime.now(timezone.utc) - timedelta(hours=args.grace_hours)
-        others = [v for v in versions if not v.current]
-        complete = [v for v in others if v.complete]
-        keep = {v.version for v in complete[len(complete) - args.keep:]} if args.keep > 0 else set()
-        for v in others:
-            if v.version in keep:
-                continue
-            if not v.complete and (v.created is None or v.created > cutoff):
-                continue
-            doomed.append(v.version)
-    if not versions and not doomed:
-        raise UserError(f"no dataset versions at {store.url}")
-    for version in dict.fromkeys(doomed):
-        n = remove_version(store, version)
+    result = dataset_versions(args.url, remove=args.remove, prune=args.prune, keep=args.keep,
+                              grace_hours=args.grace_hours, s3_endpoint=args.s3_endpoint)
+    for version, n in result.removed.items():
         print(f"removed {version} ({n} objects)")
-    if doomed:
-        versions = list_versions(store)
-    print(f"{store.url}: {len(versions)} version(s)")
-    print(_table(versions))
+    print(f"{result.url}: {len(result.versions)} version(s)")
+    print(_table(result.versions))
     return 0

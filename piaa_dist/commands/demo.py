@@ -1,10 +1,4 @@
-"""``piaa-dist demo``: the whole system end to end on embedded defaults (see
-:mod:`piaa_dist.orchestration.demo`).
-
-    piaa-dist demo --out demo-out                      # local S3 + local Ray + local MLflow
-    piaa-dist demo --out demo-out --data s3://bucket/prefix --s3-endpoint https://minio:9000 \
-        --mlflow-uri http://mlflow:5000 --ray-address auto   # a real endpoint and cluster
-"""
+"""``piaa-dist demo`` (and ``jobs/demo.py``): flags → :func:`piaa_dist.orchestration.demo.run_demo` → print."""
 
 from __future__ import annotations
 
@@ -13,6 +7,21 @@ import json
 from pathlib import Path
 
 HELP = "Run the whole system end to end on embedded defaults and write a report."
+
+DESCRIPTION = """\
+Run the whole system end to end and write OUT/report.md: a local S3 endpoint, a synthetic
+world, ingestion into S3, meta-training on a local Ray with 2 Train workers, a short Ray Tune
+sweep, the better meta-learner registered in MLflow as champion, meta-testing against the
+baselines at 10 and 100 shots, and one test user personalized from 10 ratings. Every process it
+starts is stopped at the end. Nothing but Python is needed; every flag has a default.
+
+The README's results block of the run is OUT/readme-results.md; --readme README.md (or
+'make readme-results' afterwards) copies it into the README.
+
+examples:
+  piaa-dist demo --out demo-out
+  piaa-dist demo --out demo-out --data s3://bucket/prefix --s3-endpoint https://minio:9000 \\
+      --mlflow-uri http://mlflow:5000 --ray-address auto     # a real endpoint and cluster"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overrides for the sweep's trials only (default: 100-step trials)")
     parser.add_argument("--shots", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--readme", default="", help="README whose results table to update")
+    parser.add_argument("--readme", default="",
+                        help="README whose results block to replace with this run's "
+                             "(default: none; the block is in OUT/readme-results.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats, readme=Path(args.readme) if args.readme else None,
     ))
     print(f"\nDone in {sum(summary['timings'].values()):.0f}s. Report: {summary['report']}")
+    if summary.get("readme_block"):
+        print(f"README results block: {summary['readme_block']} (make readme-results copies it in)")
     print(json.dumps({k: summary[k] for k in ('registry', 'evaluate', 'mlflow_uri') if k in summary},
                      indent=2, default=str))
     return 0

@@ -7,6 +7,18 @@ import os
 
 HELP = "Ingest FLICKR-AES / AADB / PARA / a ratings log into a new, atomically published dataset version."
 
+DESCRIPTION = """\
+Turn rating files and images into a dataset piaa-dist trains on: per-user samples packed into
+WebDataset shards, a Parquet manifest and an ingest report, written as a new version and
+published in one final write (readers of the old version keep working; old versions are removed
+only by 'piaa-dist datasets --prune'). Every rating is ingested or counted under a skip reason;
+--strict turns the first skip into an error naming the file and row.
+
+examples:
+  piaa-dist ingest --format flickr-aes --root /data/FLICKR-AES --out s3://my-bucket/flickr-aes
+  piaa-dist ingest --format ratings --ratings log.parquet --images s3://photos/ --score-range 1 10 \\
+      --test-fraction 0.1 --out s3://my-bucket/product"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from piaa_dist.data.images import DEFAULT_MAX_PIXELS
@@ -49,28 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from piaa_dist.data.ingest import format_report, ingest
+    """Ingest; print the report and where the new version is published."""
+    from piaa_dist.data.ingest import format_report
+    from piaa_dist.orchestration.usecases import ingest
 
     report = ingest(
-        args.format,
-        args.root,
-        args.out,
-        test_users=args.test_users,
-        test_fraction=args.test_fraction,
-        split_seed=args.split_seed,
-        fold=args.fold,
-        ratings_file=args.ratings,
-        images_dir=args.images,
-        score_range=tuple(args.score_range) if args.score_range else None,
-        endpoint_url=args.s3_endpoint,
-        strict=args.strict,
-        max_side=args.max_side,
-        quality=args.quality,
-        shard_size=args.shard_size,
-        max_pixels=args.max_pixels,
-        image_cache_mb=args.image_cache_mb,
-        workers=args.workers,
-        progress=True,
+        format=args.format, root=args.root, out=args.out, ratings_file=args.ratings,
+        images_dir=args.images, test_users=args.test_users, test_fraction=args.test_fraction,
+        score_range=args.score_range, s3_endpoint=args.s3_endpoint, strict=args.strict,
+        progress=True, split_seed=args.split_seed, fold=args.fold, max_side=args.max_side,
+        quality=args.quality, shard_size=args.shard_size, max_pixels=args.max_pixels,
+        image_cache_mb=args.image_cache_mb, workers=args.workers,
     )
     print(format_report(report))
     print(f"published version {report['dataset_version']} at {report['out']}")

@@ -1,23 +1,28 @@
-"""``piaa-dist personalize``: adapt a meta-learner to one person's ratings, rank new images.
-
-    piaa-dist personalize --model models:/blg-piaa@champion --ratings me.csv --images photos/ \
-        --score new_photos/ --out ranking.csv
-"""
+"""``piaa-dist personalize`` (and ``jobs/personalize.py``): flags → :func:`piaa_dist.orchestration.usecases.personalize` → print."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-
-log = logging.getLogger(__name__)
 
 HELP = "Adapt a registered meta-learner to one person's ratings and rank new images."
 
+DESCRIPTION = """\
+Adapt a meta-learner to one person from their ratings (a CSV of image,score rows: 10 or more
+ratings on a 1-5 scale, images in --images) and rank new images (--score) the way they would.
+Writes the ranking as CSV (rank,image,predicted_score) and prints the top five.
+
+--model takes a model folder, the folder 'piaa-dist train --out' or 'piaa-dist tune --out'
+wrote, or a registry reference such as models:/blg-piaa@champion.
+
+example:
+  piaa-dist personalize --model models:/blg-piaa@champion --ratings me.csv --images photos/ \\
+      --score new_photos/ --out ranking.csv"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``personalize`` subcommand's arguments."""
+    """The ``personalize`` arguments, shared by ``piaa-dist personalize`` and ``jobs/personalize.py``."""
     parser.add_argument("--model", required=True,
-                        help="model folder, models:/NAME@ALIAS or models:/NAME/VERSION")
+                        help="model folder, train/tune --out folder, models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--ratings", required=True,
                         help="CSV with image,score columns (10 or more ratings, scores 1-5)")
     parser.add_argument("--images", required=True, help="folder holding the rated images")
@@ -30,18 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``piaa-dist personalize``."""
-    from piaa_dist.orchestration.tracking import load_model_uri
-    from piaa_dist.personalize import list_images, personalize, read_ratings, write_ranking
+    """Personalize; print the top of the ranking."""
+    from piaa_dist.orchestration.usecases import personalize
 
-    model, cfg, info = load_model_uri(args.model, uri=args.mlflow_uri or "")
-    ratings = read_ratings(args.ratings, args.images)
-    targets = list_images(args.score)
-    log.info("adapting %s to %d ratings (skipped %s); scoring %d images",
-             args.model, len(ratings.images), ratings.skipped or "none", len(targets))
-    ranked = personalize(model, cfg, ratings, targets, seed=args.seed)
-    out = write_ranking(ranked, args.out)
-    print(f"ranked {len(ranked)} images for this person -> {out}")
-    for i, (path, score) in enumerate(ranked[:5], start=1):
+    ranking = personalize(model=args.model, ratings=args.ratings, images=args.images,
+                          score=args.score, out=args.out, mlflow_uri=args.mlflow_uri, seed=args.seed)
+    print(f"ranked {len(ranking)} images for this person -> {ranking.out}")
+    for i, (path, score) in enumerate(ranking.top(5), start=1):
         print(f"  {i}. {path.name}  {score:.2f}")
     return 0

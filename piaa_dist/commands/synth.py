@@ -17,6 +17,20 @@ import math
 
 HELP = "Write a synthetic PIAA world (FLICKR-AES layout, or a ratings log at any scale)."
 
+DESCRIPTION = """\
+Write a synthetic personalized-aesthetics world: rendered images, one rating per (user, image)
+with each user's own taste, scale use and noise, the test-user list, and a truth sidecar with
+every rating's noise-free scores (so evaluate can report how far from perfect a model is).
+
+Without --scale: the FLICKR-AES layout (every user rates 150-250 images); ingest it like the
+real dataset with 'piaa-dist ingest --format flickr-aes --root OUT'. With --scale: users with a
+long tail of ratings over a shared pool of small images, up to millions of users, streamed in
+bounded memory, as a ratings log ('piaa-dist ingest --format ratings') or the FLICKR-AES layout.
+
+examples:
+  piaa-dist synth --out world --users 80 --images 3000
+  piaa-dist synth --out big --scale --users 1000000 --images 20000 --no-images"""
+
 # Options that only mean something for a scale world (flag -> argparse dest).
 _SCALE_ONLY = {"--layout": "layout", "--format": "format", "--score-range": "score_range",
                "--ratings-median": "ratings_median", "--ratings-sigma": "ratings_sigma",
@@ -87,15 +101,12 @@ def _given(args: argparse.Namespace, **fields: str) -> dict:
 
 
 def _small(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from piaa_dist.orchestration.usecases import synth
 
-    from piaa_dist.data.synth import WorldSpec, make_world
-
-    kw = _given(args, users="users", images="images", test_fraction="test_fraction", image_size="image_size")
-    if args.ratings is not None:
-        kw["ratings_per_user"] = tuple(args.ratings)
-    spec = WorldSpec(seed=args.seed, **kw)
-    summary = make_world(args.out, spec, progress=lambda it: tqdm(it, total=spec.images, desc="render", unit="img"))
+    summary = synth(out=args.out, users=args.users, images=args.images, seed=args.seed,
+                    test_fraction=args.test_fraction,
+                    ratings_per_user=tuple(args.ratings) if args.ratings is not None else None,
+                    image_size=args.image_size, progress=True)
     print(f"synthetic world in {summary.out}: {summary.users} users ({summary.train_users} train, "
           f"{summary.test_users} test), {summary.images} images, {summary.ratings} ratings")
     _print_ceilings(summary.ceilings)
@@ -103,9 +114,7 @@ def _small(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from piaa_dist.data.scaleworld import ScaleSpec, write_scale_world
+    from piaa_dist.orchestration.usecases import scale_world
 
     kw = _given(args, users="users", images="images", test_fraction="test_fraction", image_size="image_size",
                 layout="layout", format="format", ratings_median="ratings_median",
@@ -114,9 +123,7 @@ def _scale(args: argparse.Namespace) -> int:
         kw["ratings_min"], kw["ratings_max"] = args.ratings
     if args.score_range is not None:
         kw["score_range"] = tuple(args.score_range)
-    spec = ScaleSpec(seed=args.seed, **kw)
-    summary = write_scale_world(args.out, spec, images=not args.no_images,
-                                progress=lambda it, total, desc: tqdm(it, total=total, desc=desc))
+    summary = scale_world(out=args.out, seed=args.seed, images=not args.no_images, progress=True, **kw)
     dist = summary.ratings_per_user
     print(f"scale world ({summary.layout}) in {summary.out}: {summary.users:,} users ({summary.train_users:,} "
           f"train, {summary.test_users:,} test), {summary.images:,} images, {summary.ratings:,} ratings "

@@ -37,7 +37,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from piaa_dist.data.manifest import FORMAT_VERSION, MANIFEST
@@ -168,6 +168,28 @@ def list_versions(store: Store) -> list[VersionInfo]:
             complete = sub.exists(MANIFEST)
         out.append(VersionInfo(name, name == current, complete, version_created(name), users, ratings, size))
     return sorted(out, key=lambda v: (v.created or datetime.min.replace(tzinfo=timezone.utc), v.version))
+
+
+def versions_to_prune(versions: list[VersionInfo], *, keep: int = 0, grace_hours: float = 24.0,
+                      now: datetime | None = None) -> list[str]:
+    """The versions ``--prune`` removes: all but the published one and the ``keep`` newest complete.
+
+    An incomplete version younger than ``grace_hours`` (or of unknown age) stays: it may be an
+    ingest that is still writing.
+
+    Args:
+        versions: :func:`list_versions`' answer (oldest first).
+        keep: other complete versions to keep, newest first.
+        grace_hours: age under which an incomplete version is left alone.
+        now: the current time (tests); default now, UTC.
+    """
+    cutoff = (now or datetime.now(timezone.utc)) - timedelta(hours=grace_hours)
+    others = [v for v in versions if not v.current]
+    complete = [v for v in others if v.complete]
+    kept = {v.version for v in complete[len(complete) - keep:]} if keep > 0 else set()
+    return [v.version for v in others
+            if v.version not in kept
+            and (v.complete or (v.created is not None and v.created <= cutoff))]
 
 
 def remove_version(store: Store, version: str) -> int:

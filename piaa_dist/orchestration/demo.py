@@ -15,8 +15,14 @@ Stages (each shown with a progress line and timed):
 8. personalization of one test user from 10 of their ratings;
 9. ``report.md`` with the results table, plots and the commands to look further.
 
-Every process the demo starts (the moto server thread, the local Ray cluster) is stopped
-before it returns, also on failure.
+Every stage is a use-case of :mod:`piaa_dist.orchestration.usecases` (the functions the
+``piaa-dist`` commands and :mod:`piaa_dist.api` call); the demo adds the stage banners, the
+local S3 endpoint and the report. Every process the demo starts (the moto server thread, the
+local Ray cluster) is stopped before it returns, also on failure.
+
+The README's results block is written to ``<out>/readme-results.md`` (synthetic world only);
+``make readme-results`` (or ``--readme README.md``) copies it into the README, so that running
+the demo never edits a tracked file.
 """
 
 from __future__ import annotations
@@ -30,10 +36,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from piaa_dist.results import EvaluationResult
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ class DemoSettings:
         workers: Ray Train workers for meta-training.
         tune_samples: trials of the sweep (0 skips the sweep).
         shots / repeats: the meta-testing protocol.
-        readme: README to update with the results table (None = leave it).
+        readme: README whose results block to replace with this run's (None = leave it; the
+            block is in ``<out>/readme-results.md`` either way).
     """
 
     out: Path
@@ -162,10 +166,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         Whatever a stage raises; processes started so far are stopped first.
     """
     from piaa_dist import presentation
-    from piaa_dist.commands.train import train_main
-    from piaa_dist.commands.tune import format_trials, tune_main
+    from piaa_dist.checkpoint import WEIGHTS_FILE
     from piaa_dist.config import load_config
-    from piaa_dist.orchestration import report, tracking
+    from piaa_dist.data.synth import TEST_WORKERS_FILE
+    from piaa_dist.orchestration import report, usecases
 
     out = Path(settings.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -190,11 +194,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         data_url = settings.data
         if not data_url:
             with stages.stage("synthetic PIAA world"):
-                from piaa_dist.data.synth import WorldSpec, make_world
-
-                spec = settings.world or WorldSpec(users=settings.users, images=settings.images,
-                                                   seed=settings.seed)
-                summary_world = make_world(world, spec)
+                spec = settings.world
+                summary_world = usecases.synth(
+                    out=world,
+                    **({"users": settings.users, "images": settings.images, "seed": settings.seed}
+                       if spec is None else {"users": spec.users, "images": spec.images,
+                                             "seed": spec.seed, "test_fraction": spec.test_fraction,
+                                             "ratings_per_user": spec.ratings_per_user,
+                                             "image_size": spec.image_size}),
+                )
                 summary["world"] = {"users": summary_world.users, "images": summary_world.images,
                                     "ratings": summary_world.ratings}
                 print(f"    {summary_world.ratings} ratings by {summary_world.users} users "
@@ -205,9 +213,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 summary["ingest"] = ingest_report
                 # The local S3 endpoint goes away with the demo; a folder copy of the same
                 # shards keeps the report's follow-up commands runnable afterwards.
-                from piaa_dist.data.ingest import ingest
-
-                ingest("flickr-aes", world, str(out / "shards"), test_workers=world / "test_workers.csv")
+                usecases.ingest(format="flickr-aes", root=world, out=str(out / "shards"),
+                                test_users=world / TEST_WORKERS_FILE)
         summary["data"] = data_url
 
         # Without --ray-address each Ray stage (train, tune) starts its own local Ray and stops
@@ -216,51 +223,57 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
         with stages.stage(f"meta-training on Ray ({settings.workers} Train workers)"):
             train_out = out / "train"
-            result, model_dir, info = train_main(
+            # Registered below, as whichever of train and tune validates best.
+            trained = usecases.train(
                 data=data_url, out=train_out, config=settings.config,
                 overrides=[*settings.overrides, "run.register_name=", "run.alias="],
                 workers=settings.workers, s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
                 progress=False, ray_address=ray_address,
             )
-            train_val = (result.metrics or {}).get("val_srocc")
-            summary["train"] = {"model": str(model_dir), "step": result.step, "val_srocc": train_val,
-                                "mlflow_run_id": info.get("mlflow_run_id")}
-            print(f"    meta-learner at step {result.step}, validation SROCC {train_val}")
+            train_val = trained.val_srocc
+            summary["train"] = {"model": str(trained.model_dir), "step": trained.step,
+                                "val_srocc": train_val, "mlflow_run_id": trained.mlflow_run_id}
+            print(f"    meta-learner at step {trained.step}, validation SROCC {train_val}")
 
         sweep = None
         if settings.tune_samples > 0:
             with stages.stage(f"Ray Tune sweep ({settings.tune_samples} trials, ASHA)"):
-                sweep = tune_main(
+                sweep = usecases.tune(
                     data=data_url, out=out / "tune", config=settings.config,
                     overrides=[*settings.overrides, *settings.tune_overrides, "run.register_name="],
                     samples=settings.tune_samples, workers_per_trial=1,
                     s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri, ray_address=ray_address,
                 )
-                print(format_trials(sweep["trials"]))
-                summary["tune"] = {k: v for k, v in sweep.items() if k != "trials"}
+                print(sweep.trials_table())
+                summary["tune"] = sweep.to_dict(trials=False)
 
         with stages.stage("register the best meta-learner as champion"):
             # The sweep's trials train for fewer steps; the champion is whichever meta-learner
             # scores best on the same held-out training users (never the test users).
-            best_dir, best_from, best_score = model_dir, "train", train_val
-            if sweep and (train_val is None or sweep["best_score"] > train_val):
-                best_dir, best_from, best_score = Path(sweep["model"]), "tune", sweep["best_score"]
-            with tracking.RunLogger(cfg.run.experiment, uri=mlflow_uri, run_name="register-champion",
-                                    rank=0, tags={"piaa_dist.kind": "register"}) as run:
-                run.log_params({"source": best_from, "model_dir": str(best_dir)})
-                if best_score is not None:
-                    run.log_metrics({"val_srocc": best_score})
-                name = cfg.run.register_name or "blg-piaa"
-                version = run.register_model(best_dir, name, "champion")
-            champion = f"models:/{name}@champion"
+            best_dir, best_from, best_score = trained.model_dir, "train", train_val
+            if sweep and (train_val is None or sweep.best_score > train_val):
+                best_dir, best_from, best_score = sweep.model_dir, "tune", sweep.best_score
+            name = cfg.run.register_name or "blg-piaa"
+            registration = usecases.register(
+                best_dir, name=name, alias="champion", mlflow_uri=mlflow_uri,
+                experiment=cfg.run.experiment, run_name="register-champion",
+                params={"source": best_from},
+                metrics={"val_srocc": best_score} if best_score is not None else None,
+            )
+            version, champion = registration.version, registration.alias
             summary["registry"] = {"name": name, "version": version, "alias": champion,
                                    "source": best_from, "val_srocc": best_score}
             print(f"    {champion} -> version {version} (from {best_from}, validation SROCC {best_score})")
 
         with stages.stage(f"meta-testing at {', '.join(map(str, settings.shots))} shots"):
             eval_json = out / "evaluate.json"
-            result_eval = _evaluate(champion, data_url, endpoint, mlflow_uri, settings, eval_json,
-                                    giaa_dir=train_out / "model" / "giaa", cfg_experiment=cfg.run.experiment)
+            giaa_dir = trained.model_dir / "giaa"
+            result_eval = usecases.evaluate(
+                data=data_url, model=champion, shots=settings.shots, repeats=settings.repeats,
+                json_out=eval_json, s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
+                giaa=giaa_dir if (giaa_dir / WEIGHTS_FILE).is_file() else None,
+            )
+            print(presentation.format_table(result_eval))
             summary["evaluate"] = str(eval_json)
 
         personal_lines: list[str] = []
@@ -289,12 +302,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 f"{summary['train']['step']} meta-steps.",
                 f"Champion: `{champion}` (version {version}, from the {best_from} run).",
             ]
+            # Only the embedded-defaults demo owns the README's table (not a run on real data).
+            # The block goes to a file of this run: the README is copied from it on request
+            # (`make readme-results` / --readme), so running the demo leaves the checkout clean.
+            readme_block_file = None
+            readme_lines: list[str] = []
+            if not settings.data:
+                readme_block_file = out / report.README_BLOCK_FILE
+                readme_block_file.write_text(
+                    report.readme_block(result_eval, summary.get("world", {}).get("users", "?")) + "\n")
+                readme_lines = report.readme_instructions(readme_block_file)
             path = report.write_report(out, {
                 "title": "piaa-dist demo report",
                 "summary": summary_lines,
                 "results": result_eval,
                 "plots": plots,
                 "personalization": personal_lines,
+                "readme": readme_lines,
                 "registry": [
                     f"- tracking URI: `{mlflow_uri}`",
                     f"- registered model `{name}`, version {version}, alias `champion` → `{champion}`",
@@ -311,11 +335,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 "timings": timings,
             })
             summary["report"] = str(path)
-            # Only the embedded-defaults demo owns the README's table (not a run on real data).
-            if settings.readme is not None and not settings.data:
-                block = report.readme_block(result_eval, summary.get("world", {}).get("users", "?"))
-                if report.update_readme(settings.readme, block):
-                    print(f"    README results table updated: {settings.readme}")
+            if readme_block_file is not None:
+                summary["readme_block"] = str(readme_block_file)
+                if settings.readme is not None:
+                    if report.update_readme(settings.readme, readme_block_file.read_text()):
+                        print(f"    README results table updated: {settings.readme}")
+                    else:
+                        log.warning("%s has no %s ... %s markers: README left as it is",
+                                    settings.readme, report.README_START, report.README_END)
             print(f"    report: {path}")
     summary["timings"] = dict(timings)
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -323,33 +350,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
 
 def _ingest(world: Path, data_url: str, endpoint: str) -> dict:
-    """Ingest the synthetic world (FLICKR-AES layout) into ``data_url``; return the report."""
-    from piaa_dist.data.ingest import format_report, ingest
+    """Ingest the synthetic world (FLICKR-AES layout) into ``data_url``; print the report."""
+    from piaa_dist.data.ingest import format_report
+    from piaa_dist.data.synth import TEST_WORKERS_FILE
+    from piaa_dist.orchestration.usecases import ingest
 
-    rep = ingest("flickr-aes", world, data_url, test_workers=world / "test_workers.csv",
-                 endpoint_url=endpoint or None, progress=True)
+    rep = ingest(format="flickr-aes", root=world, out=data_url, test_users=world / TEST_WORKERS_FILE,
+                 s3_endpoint=endpoint or None, progress=True)
     print(format_report(rep))
     return rep
-
-
-def _evaluate(champion: str, data_url: str, endpoint: str, mlflow_uri: str, settings: DemoSettings,
-              eval_json: Path, *, giaa_dir: Path, cfg_experiment: str) -> EvaluationResult:
-    """Run ``piaa-dist evaluate`` on the champion pulled from the registry; read its result."""
-    from piaa_dist.checkpoint import WEIGHTS_FILE
-    from piaa_dist.cli import main as cli_main
-    from piaa_dist.results import EvaluationResult
-
-    argv = ["evaluate", "--data", data_url, "--model", champion,
-            "--shots", *map(str, settings.shots), "--repeats", str(settings.repeats),
-            "--json", str(eval_json), "--mlflow-uri", mlflow_uri]
-    if endpoint:
-        argv += ["--s3-endpoint", endpoint]
-    if (giaa_dir / WEIGHTS_FILE).is_file():
-        argv += ["--giaa", str(giaa_dir)]
-    rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"evaluate failed with exit code {rc}")
-    return EvaluationResult.load(eval_json)
 
 
 def _personalize_one(champion: str, world: Path, out: Path, mlflow_uri: str,
@@ -359,28 +368,29 @@ def _personalize_one(champion: str, world: Path, out: Path, mlflow_uri: str,
 
     from piaa_dist.data.synth import TEST_WORKERS_FILE
     from piaa_dist.metrics import srocc
-    from piaa_dist.orchestration.tracking import load_model_uri
-    from piaa_dist.personalize import personalize, read_ratings, write_ranking
+    from piaa_dist.orchestration.usecases import personalize
     from piaa_dist.presentation import plot_predicted_vs_true
 
     with (world / TEST_WORKERS_FILE).open() as f:
         user = [line.strip() for line in f if line.strip()][1]
     ratings_csv, images_dir, to_score, truth = _personalization_inputs(world, out, user, 10, settings.seed)
-    model, cfg, _ = load_model_uri(champion, uri=mlflow_uri)
-    ratings = read_ratings(ratings_csv, images_dir)
-    ranked = personalize(model, cfg, ratings, [images_dir / n for n in to_score], seed=settings.seed)
-    ranking_csv = write_ranking(ranked, out / "personalize" / f"{user}-ranking.csv")
-    pred = np.array([s for _, s in ranked])
-    true = np.array([truth[p.name] for p, _ in ranked], dtype=float)
+    ranking = personalize(model=champion, ratings=ratings_csv, images=images_dir,
+                          score=[images_dir / n for n in to_score],
+                          out=out / "personalize" / f"{user}-ranking.csv",
+                          mlflow_uri=mlflow_uri, seed=settings.seed)
+    ranking_csv = ranking.out
+    pred = np.array([s for _, s in ranking.ranked])
+    true = np.array([truth[p.name] for p, _ in ranking.ranked], dtype=float)
     rho = float(srocc(pred, true))
     lines = [
-        f"- user `{user}` (a test user, never seen in training) rated 10 images: `{ratings_csv.relative_to(out)}`",
-        f"- the champion adapted to them ranked their {len(ranked)} other rated images: "
+        f"- user `{user}` (a test user, never seen in training) rated 10 images: "
+        f"`{ratings_csv.relative_to(out)}`",
+        f"- the champion adapted to them ranked their {len(ranking)} other rated images: "
         f"`{ranking_csv.relative_to(out)}`",
         f"- SROCC of that ranking against the user's own ratings: **{rho:.3f}**",
         f"- command: `piaa-dist personalize --model {champion} --ratings {ratings_csv} "
         f"--images {images_dir} --score <images> --out ranking.csv`",
     ]
-    print(f"    user {user}: SROCC {rho:.3f} over {len(ranked)} images -> {ranking_csv}")
-    fig = plot_predicted_vs_true(pred, true, f"user {user}: SROCC {rho:.3f} ({len(ranked)} images)")
+    print(f"    user {user}: SROCC {rho:.3f} over {len(ranking)} images -> {ranking_csv}")
+    fig = plot_predicted_vs_true(pred, true, f"user {user}: SROCC {rho:.3f} ({len(ranking)} images)")
     return lines, fig

@@ -238,6 +238,7 @@ def build_trainer(
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from piaa_dist.orchestration.ray_logging import train_logging_config
 
     if workers < 1:
         raise ValueError("build_trainer needs workers >= 1 (use run_distributed for workers=0)")
@@ -274,6 +275,8 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=all_callbacks,
+            # Ray Train's own start-up/checkpoint INFO lines stay in its log files unless asked for.
+            logging_config=train_logging_config(),
         ),
     )
 

@@ -1,0 +1,843 @@
+"""Every use-case of piaa-dist as one function with typed arguments and a typed result.
+
+``synth`` → ``ingest`` → ``train`` / ``tune`` → ``register`` → ``evaluate`` → ``personalize``:
+the ``piaa-dist`` commands, the ``jobs/*.py`` Ray job scripts, the demo and a notebook
+(:mod:`piaa_dist.api`) all call these functions and nothing else, so what a use-case does
+(which config it runs, what it writes, what it logs to MLflow, which registered version an
+alias points to) is decided here once. Commands parse flags and print; these functions print
+nothing (they log) and return frozen dataclasses.
+
+Model references (:func:`resolve_model_ref`): every use-case that reads a meta-learner takes a
+model folder, the folder ``train --out`` wrote (its ``model/``), the folder ``tune --out`` wrote
+(its ``best-model/``), ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN/PATH``.
+
+This module is orchestration: Ray, MLflow and torch are imported inside the functions that use
+them, so importing it (or :mod:`piaa_dist.api`) is cheap. Nothing below this layer imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from piaa_dist.config import ConfigError, JobConfig, load_config, with_overrides
+from piaa_dist.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from piaa_dist.data.scaleworld import ScaleSummary
+    from piaa_dist.data.synth import WorldSummary
+    from piaa_dist.orchestration.tracking import RunLogger
+    from piaa_dist.results import EvaluationResult
+
+log = logging.getLogger(__name__)
+
+#: Where ``train --out DIR`` writes the meta-learner, and ``tune --out DIR`` the best one.
+TRAIN_MODEL_DIR = "model"
+TUNE_MODEL_DIR = "best-model"
+#: The sweep's files beside ``best-model/``.
+SWEEP_FILE = "sweep.json"
+BEST_CONFIG_FILE = "best.yaml"
+#: The sweep table's columns (``SweepOutcome.trials_table``).
+TRIAL_COLUMNS = ("trial_id", "status", "val_srocc", "step", "meta.inner_lr", "meta.inner_steps",
+                 "data.shots", "meta.meta_lr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What :func:`train` produced.
+
+    Attributes:
+        model_dir: the meta-learner's folder (``<out>/model``: weights, config, info).
+        step: meta-updates applied.
+        workers: Ray Train workers used (0 = in this process).
+        data: the dataset URL trained on.
+        checkpoint: the last training checkpoint (path or URL), if any.
+        metrics: rank 0's last reported numeric metrics (``query_loss``, ``val_srocc``...).
+        metrics_file: every report as JSON lines (``<out>/metrics.jsonl``).
+        mlflow_run_id / mlflow_uri: the MLflow run (None without MLflow).
+        registered: ``models:/NAME/VERSION`` of the registered version (None if not registered).
+        alias: ``models:/NAME@ALIAS`` now pointing at it (None without an alias).
+    """
+
+    model_dir: Path
+    step: int
+    workers: int
+    data: str
+    checkpoint: str | None
+    metrics: Mapping[str, float]
+    metrics_file: Path
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    registered: str | None = None
+    alias: str | None = None
+
+    @property
+    def val_srocc(self) -> float | None:
+        """The last validation SROCC (held-out training users), if the run measured one."""
+        value = self.metrics.get("val_srocc")
+        return None if value is None else float(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (paths as strings)."""
+        return _plain(self)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What :func:`tune` produced.
+
+    Attributes:
+        model_dir: the best trial's meta-learner (``<out>/best-model``).
+        best_score: its best validation SROCC.
+        best_params: the searched hyperparameters of the best trial.
+        checkpoint: the best trial's checkpoint the model was loaded from.
+        trials: one row per trial (``trial_id``, ``status``, ``val_srocc``, ``step``, params).
+        best_config_file: the best trial's full job config (``<out>/best.yaml``).
+        summary_file: the sweep as JSON (``<out>/sweep.json``).
+        mlflow_run_id / mlflow_uri / registered / alias: as in :class:`TrainOutcome`.
+    """
+
+    model_dir: Path
+    best_score: float
+    best_params: Mapping[str, Any]
+    checkpoint: str
+    trials: tuple[Mapping[str, Any], ...]
+    best_config_file: Path
+    summary_file: Path
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    registered: str | None = None
+    alias: str | None = None
+
+    def trials_table(self) -> str:
+        """The trials as a plain-text table, best first."""
+
+        def cell(v: Any) -> str:
+            if isinstance(v, float):
+                return f"{v:.4g}"
+            return "-" if v is None else str(v)
+
+        ordered = sorted(self.trials, key=lambda r: -(r.get("val_srocc") or -9))
+        table = [list(TRIAL_COLUMNS)] + [[cell(r.get(c)) for c in TRIAL_COLUMNS] for r in ordered]
+        widths = [max(len(row[i]) for row in table) for i in range(len(TRIAL_COLUMNS))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
+
+    def to_dict(self, *, trials: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict (paths as strings); ``trials=False`` leaves the trial rows out."""
+        out = _plain(self)
+        if not trials:
+            out.pop("trials")
+        return out
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A model version :func:`register` created.
+
+    Attributes:
+        name: registered model name.
+        version: the new version.
+        uri: ``models:/NAME/VERSION``.
+        alias: ``models:/NAME@ALIAS`` now pointing at it (None without an alias).
+        mlflow_run_id / mlflow_uri: the run that holds the model files.
+    """
+
+    name: str
+    version: int
+    uri: str
+    alias: str | None
+    mlflow_run_id: str
+    mlflow_uri: str
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What :func:`personalize` produced: one person's images, best first.
+
+    Attributes:
+        ranked: ``(image, predicted score on the 1–5 scale)``, highest first.
+        model: the model reference it adapted.
+        ratings_used: ratings the adaptation used.
+        skipped: ``{reason: count}`` of rating rows not used (every row is used or counted).
+        out: the ranking CSV (``rank,image,predicted_score``), when one was written.
+    """
+
+    ranked: tuple[tuple[Path, float], ...]
+    model: str
+    ratings_used: int
+    skipped: Mapping[str, int] = field(default_factory=dict)
+    out: Path | None = None
+
+    def top(self, n: int = 5) -> list[tuple[Path, float]]:
+        """The ``n`` best images."""
+        return list(self.ranked[:n])
+
+    def __len__(self) -> int:
+        return len(self.ranked)
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def job_config(
+    config: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    data: str | None = None,
+    s3_endpoint: str | None = None,
+    updates: Mapping[str, Any] | None = None,
+) -> JobConfig:
+    """The YAML config with ``key=value`` overrides, then the caller's arguments on top.
+
+    Arguments win over the file because they are what the user typed last; ``None`` arguments
+    leave the file's value alone.
+
+    Raises:
+        ConfigError: bad config or overrides, or no dataset URL from either source.
+    """
+    cfg = load_config(config, overrides)
+    flags: dict[str, Any] = {k: v for k, v in (updates or {}).items() if v is not None}
+    if data:
+        flags["data.url"] = str(data)
+    if s3_endpoint:
+        flags["data.s3_endpoint"] = s3_endpoint
+    if flags:
+        cfg = with_overrides(cfg, flags)
+    if not cfg.data.url:
+        raise ConfigError("no dataset: pass --data URL (or set data.url in the config)")
+    return cfg
+
+
+def _check_alias(cfg: JobConfig, mlflow: bool) -> None:
+    """An alias can only move when a version is registered: say so instead of ignoring it."""
+    if not cfg.run.alias:
+        return
+    if not mlflow:
+        raise UserError(f"alias {cfg.run.alias!r}: the registry is MLflow's; drop --no-mlflow or the alias")
+    if not cfg.run.register_name:
+        raise UserError(f"alias {cfg.run.alias!r}: nothing is registered (run.register_name is empty); "
+                        "set run.register_name=NAME")
+
+
+def _open_run(cfg: JobConfig, mlflow_uri: str | None, kind: str, **tags: str) -> RunLogger:
+    from piaa_dist.orchestration import tracking
+
+    run = tracking.RunLogger(
+        cfg.run.experiment, uri=tracking.tracking_uri(mlflow_uri or cfg.run.mlflow_uri),
+        run_name=kind, rank=0,
+        tags={"piaa_dist.kind": kind, "piaa_dist.data": cfg.data.url, **tags},
+    ).start()
+    run.log_params(cfg)
+    return run
+
+
+def _register(run: RunLogger, model_dir: Path, name: str, alias: str) -> tuple[str | None, str | None]:
+    """Register ``model_dir`` from ``run`` as a new version of ``name``; move ``alias`` to it.
+
+    Returns:
+        ``(models:/NAME/VERSION, models:/NAME@ALIAS)``; None for what was not done.
+    """
+    if not name:
+        return None, None
+    version = run.register_model(model_dir, name, alias)
+    return f"models:/{name}/{version}", (f"models:/{name}@{alias}" if alias else None)
+
+
+def resolve_model_ref(ref: str | Path, *, mlflow_uri: str | None = None) -> Path:
+    """The local model folder a model reference names.
+
+    Args:
+        ref: a model folder (``model.safetensors`` + ``config.yaml``); the folder that
+            ``train --out`` wrote (its ``model/`` is used); the folder ``tune --out`` wrote (its
+            ``best-model/``); or ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+            ``runs:/RUN_ID/PATH`` (downloaded from the registry at ``mlflow_uri``).
+        mlflow_uri: tracking URI for registry references (default ``$MLFLOW_TRACKING_URI``,
+            then ``sqlite:///mlflow.db``).
+
+    Raises:
+        CheckpointError: a folder that is none of the above (the message lists what was looked for).
+        TrackingError: an unknown registered model, alias or version.
+    """
+    from piaa_dist import checkpoint
+
+    text = str(ref)
+    if "://" not in text and not text.startswith(("models:/", "runs:/")):
+        folder = Path(text)
+        if checkpoint.is_model_dir(folder):
+            return folder
+        found = [folder / sub for sub in (TRAIN_MODEL_DIR, TUNE_MODEL_DIR) if checkpoint.is_model_dir(folder / sub)]
+        if len(found) == 1:
+            log.info("model %s -> %s", folder, found[0])
+            return found[0]
+        if len(found) > 1:
+            raise checkpoint.CheckpointError(
+                f"{folder}: holds both a train model ({TRAIN_MODEL_DIR}/) and a sweep's best model "
+                f"({TUNE_MODEL_DIR}/); name the one you mean")
+        raise checkpoint.CheckpointError(
+            f"{folder}: not a model folder: expected {checkpoint.WEIGHTS_FILE} and "
+            f"{checkpoint.CONFIG_FILE} in it, or in {TRAIN_MODEL_DIR}/ (what `piaa-dist train --out` "
+            f"writes) or {TUNE_MODEL_DIR}/ (what `piaa-dist tune --out` writes)")
+    from piaa_dist.orchestration.tracking import resolve_model
+
+    return resolve_model(text, uri=mlflow_uri or "")
+
+
+def _is_registry_ref(ref: str | Path) -> bool:
+    return str(ref).startswith(("models:/", "runs:/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def synth(
+    *,
+    out: str | Path,
+    users: int | None = None,
+    images: int | None = None,
+    seed: int | None = None,
+    test_fraction: float | None = None,
+    ratings_per_user: tuple[int, int] | None = None,
+    image_size: int | None = None,
+    progress: bool = False,
+) -> WorldSummary:
+    """Write a synthetic PIAA world in the FLICKR-AES layout (plus its truth sidecars).
+
+    Arguments left as None keep :class:`piaa_dist.data.synth.WorldSpec`'s defaults (80 users,
+    3000 images, ...).
+
+    Raises:
+        UserError: an impossible world (e.g. fewer than 2 users).
+    """
+    from piaa_dist.data.synth import WorldSpec, make_world
+
+    given = {"users": users, "images": images, "seed": seed, "test_fraction": test_fraction,
+             "ratings_per_user": tuple(ratings_per_user) if ratings_per_user else None,
+             "image_size": image_size}
+    try:
+        spec = dataclasses.replace(WorldSpec(), **{k: v for k, v in given.items() if v is not None})
+    except ValueError as err:
+        raise UserError(f"synth: {err}") from None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        def bar(it):
+            return tqdm(it, total=spec.images, desc="render", unit="img")
+    return make_world(out, spec, progress=bar)
+
+
+def scale_world(*, out: str | Path, seed: int = 0, images: bool = True, progress: bool = False,
+                **spec: Any) -> "ScaleSummary":
+    """Write a scale world (:class:`piaa_dist.data.scaleworld.ScaleSpec` fields as keywords).
+
+    A long tail of ratings per user over a shared pool of small images, streamed in bounded
+    memory: a ratings log (``layout="ratings"``) or the FLICKR-AES layout.
+
+    Raises:
+        UserError: an impossible spec.
+    """
+    from piaa_dist.data.scaleworld import ScaleSpec, write_scale_world
+
+    try:
+        scale_spec = ScaleSpec(seed=seed, **spec)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"synth: {err}") from None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        def bar(it, total, desc):
+            return tqdm(it, total=total, desc=desc)
+    return write_scale_world(out, scale_spec, images=images, progress=bar)
+
+
+def ingest(
+    *,
+    format: str,
+    out: str,
+    root: str | Path | None = None,
+    ratings_file: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    test_users: str | Path | None = None,
+    test_fraction: float | None = None,
+    score_range: tuple[float, float] | None = None,
+    s3_endpoint: str | None = None,
+    strict: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Ingest rating files and images into a new, atomically published dataset version at ``out``.
+
+    Args:
+        format: a registered reader (``flickr-aes``, ``aadb``, ``para``, ``ratings``; see
+            :data:`piaa_dist.data.readers.READERS`).
+        out: a local folder or ``s3://bucket/prefix``.
+        root: the dataset folder (``flickr-aes``, ``aadb``, ``para``).
+        ratings_file / images_dir: the ratings file and image folder (or ``s3://`` prefix);
+            default the published locations under ``root``.
+        test_users: the test-user list (default: the one published in ``root``, if any).
+        test_fraction: or this fraction of users, chosen by a seeded hash of the user ID.
+        score_range: the file's score scale, mapped onto 1-5.
+        s3_endpoint: S3 endpoint (default ``$AWS_ENDPOINT_URL``).
+        strict: fail on the first skipped record instead of counting it.
+        progress: progress bars on stderr.
+        **options: the ingester's other knobs (``split_seed``, ``fold``, ``max_side``,
+            ``quality``, ``shard_size``, ``max_pixels``, ``image_cache_mb``, ``workers``...;
+            see :func:`piaa_dist.data.ingest.ingest`).
+
+    Returns:
+        The ingest report (``read == ingested + skipped``, per reason; ``dataset_version``).
+    """
+    from piaa_dist.data.ingest import ingest as run_ingest
+
+    return run_ingest(format, root, out, test_users=test_users, test_fraction=test_fraction,
+                      ratings_file=ratings_file, images_dir=images_dir,
+                      score_range=tuple(score_range) if score_range else None,
+                      endpoint_url=s3_endpoint, strict=strict, progress=progress, **options)
+
+
+def verify(url: str, *, s3_endpoint: str | None = None, version: str | None = None,
+           workers: int = 4) -> dict[str, Any]:
+    """Read every user of a dataset version (default: the published one) and check it.
+
+    Returns:
+        ``{"users", "ratings", "bytes", "shards", "version", "url"}``.
+
+    Raises:
+        DataError: the first inconsistency (names the shard, user or object).
+    """
+    from piaa_dist.data.verify import verify_dataset
+
+    return verify_dataset(url, s3_endpoint, version=version, workers=workers)
+
+
+@dataclass(frozen=True)
+class DatasetVersions:
+    """A dataset's versions after an optional clean-up (``piaa-dist datasets``)."""
+
+    url: str
+    versions: list  #: :class:`piaa_dist.data.layout.VersionInfo`, oldest first
+    removed: dict[str, int] = field(default_factory=dict)  #: version -> objects deleted
+
+
+def dataset_versions(url: str, *, remove: Sequence[str] = (), prune: bool = False, keep: int = 0,
+                     grace_hours: float = 24.0, s3_endpoint: str | None = None) -> DatasetVersions:
+    """List a dataset's versions; remove the named ones and, with ``prune``, the old ones.
+
+    The published version is never removed; old versions go only through this call.
+
+    Raises:
+        UserError: no versions at ``url``; removing the published or an unknown version.
+    """
+    from piaa_dist.data.layout import list_versions, remove_version, versions_to_prune
+    from piaa_dist.storage import open_store
+
+    store = open_store(url, s3_endpoint)
+    versions = list_versions(store)
+    doomed = list(remove)
+    if prune:
+        doomed += versions_to_prune(versions, keep=keep, grace_hours=grace_hours)
+    if not versions and not doomed:
+        raise UserError(f"no dataset versions at {store.url}")
+    removed = {version: remove_version(store, version) for version in dict.fromkeys(doomed)}
+    if removed:
+        versions = list_versions(store)
+    return DatasetVersions(store.url, versions, removed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(
+    *,
+    data: str | None = None,
+    out: str | Path,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    workers: int | None = None,
+    alias: str | None = None,
+    s3_endpoint: str | None = None,
+    mlflow_uri: str | None = None,
+    mlflow: bool = True,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Meta-train, write ``<out>/model``, log the run to MLflow and register the meta-learner.
+
+    Running it again with the same ``out`` resumes from the latest checkpoint.
+
+    Args:
+        data: dataset root (folder or ``s3://``); default the config's ``data.url``.
+        out: output folder (``model/``, ``checkpoints/``, ``metrics.jsonl``).
+        config: job config YAML (``jobs/configs/NAME.yaml``); default the built-in defaults.
+        overrides: ``section.key=value`` overrides of the config.
+        workers: Ray Train workers (0 = in this process); default ``run.workers``.
+        alias: alias to move to the registered version (e.g. ``champion``); default
+            ``run.alias``. Registration happens when ``run.register_name`` is set.
+        s3_endpoint: S3 endpoint for data and checkpoints (default ``$AWS_ENDPOINT_URL``).
+        mlflow_uri: tracking URI (default ``run.mlflow_uri``, ``$MLFLOW_TRACKING_URI``, then
+            ``sqlite:///mlflow.db``).
+        mlflow: False trains without MLflow (no run, no registration).
+        ray_address: Ray cluster (default ``$RAY_ADDRESS``, else a local Ray).
+        progress: in-process runs show a progress bar (Ray runs log rank 0's progress lines).
+
+    Raises:
+        ConfigError: bad config or overrides, or no dataset URL.
+        UserError: an alias that cannot move (no MLflow, or nothing registered).
+    """
+    from piaa_dist.checkpoint import save_model
+    from piaa_dist.orchestration.ray_logging import ray_output
+    from piaa_dist.orchestration.ray_train import run_distributed
+    from piaa_dist.orchestration.run_lock import hold_run
+
+    cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint,
+                     updates={"run.workers": workers, "run.alias": alias})
+    _check_alias(cfg, mlflow)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One run per output for the whole use-case (training, then the model folder it writes),
+    # taken before the MLflow run opens so a refused second run leaves no trace there.
+    with hold_run(out), contextlib.ExitStack() as stack:
+        run = _open_run(cfg, mlflow_uri, "train") if mlflow else None
+        if run is not None:
+            # The run ends FINISHED, or FAILED with the error recorded (RunLogger as a context manager).
+            stack.enter_context(run)
+        metrics_callback = None
+        if run is not None:
+            from piaa_dist.orchestration.tracking import RunMetricsCallback
+
+            metrics_callback = RunMetricsCallback(run.uri, run.run_id)
+        # An in-process run starts no Ray: nothing to quiet (and no `import ray` to pay for).
+        with ray_output(ray_address) if cfg.run.workers > 0 else contextlib.nullcontext():
+            result = run_distributed(
+                cfg, cfg.data.url, out, workers=cfg.run.workers,
+                s3_endpoint=cfg.data.s3_endpoint or None, metrics_callback=metrics_callback,
+                progress=progress and cfg.run.workers == 0, ray_address=ray_address,
+            )
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        info = {"kind": "blg-piaa-meta-learner", "step": result.step, "workers": result.workers,
+                "data": cfg.data.url, "checkpoint": result.checkpoint, "metrics": metrics}
+        model_dir = save_model(out / TRAIN_MODEL_DIR, result.model, cfg, info)
+        registered = alias_uri = None
+        if run is not None:
+            run.log_metrics({f"final.{k}": v for k, v in metrics.items()}, step=result.step)
+            registered, alias_uri = _register(run, model_dir, cfg.run.register_name, cfg.run.alias)
+    log.info("meta-learner (step %d) written to %s", result.step, model_dir)
+    return TrainOutcome(
+        model_dir=Path(model_dir), step=result.step, workers=result.workers, data=cfg.data.url,
+        checkpoint=result.checkpoint, metrics=metrics, metrics_file=out / "metrics.jsonl",
+        mlflow_run_id=run.run_id if run else None, mlflow_uri=run.uri if run else None,
+        registered=registered, alias=alias_uri,
+    )
+
+
+def tune(
+    *,
+    data: str | None = None,
+    out: str | Path,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    samples: int | None = None,
+    workers_per_trial: int = 1,
+    alias: str | None = None,
+    s3_endpoint: str | None = None,
+    mlflow_uri: str | None = None,
+    mlflow: bool = True,
+    ray_address: str | None = None,
+) -> SweepOutcome:
+    """Run a Ray Tune sweep of meta-training trials; write, log and register the best one.
+
+    Searches ``meta.inner_lr``, ``meta.inner_steps``, ``data.shots`` and ``meta.meta_lr`` (ranges
+    in the config's ``tune`` section) with ASHA on the validation SROCC of held-out training
+    users. Writes ``<out>/best-model/``, ``<out>/best.yaml`` and ``<out>/sweep.json``; with
+    MLflow the sweep is one run with a nested run per trial.
+
+    Args:
+        samples: trials (default ``tune.samples``).
+        workers_per_trial: Ray Train workers per trial.
+        Others: as in :func:`train`.
+
+    Raises:
+        ConfigError: bad config (e.g. ``run.validate_every`` 0: validation SROCC is the metric).
+        UserError: an alias that cannot move.
+        RuntimeError: no trial reported a validation SROCC.
+    """
+    from piaa_dist.checkpoint import save_model
+    from piaa_dist.config import dump_config, flat_params
+    from piaa_dist.orchestration.ray_logging import ray_output
+    from piaa_dist.orchestration.tune import SEARCHED, run_sweep
+
+    cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint, updates={"run.alias": alias})
+    _check_alias(cfg, mlflow)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _open_run(cfg, mlflow_uri, "tune") if mlflow else None
+    with run if run is not None else contextlib.nullcontext():
+        with ray_output(ray_address):
+            sweep = run_sweep(
+                cfg, cfg.data.url, out, samples=samples, workers_per_trial=workers_per_trial,
+                s3_endpoint=cfg.data.s3_endpoint or None, mlflow_uri=run.uri if run else None,
+                parent_run_id=run.run_id if run else None, ray_address=ray_address,
+            )
+        best_params = {k: v for k, v in flat_params(sweep.best_config).items() if k in SEARCHED}
+        info = {"kind": "blg-piaa-meta-learner", "source": "tune", "val_srocc": sweep.best_score,
+                "best_params": best_params, "checkpoint": sweep.best_checkpoint}
+        model_dir = save_model(out / TUNE_MODEL_DIR, sweep.model, sweep.best_config, info)
+        (out / BEST_CONFIG_FILE).write_text(dump_config(sweep.best_config))
+        outcome = SweepOutcome(
+            model_dir=Path(model_dir), best_score=float(sweep.best_score), best_params=best_params,
+            checkpoint=str(sweep.best_checkpoint), trials=tuple(sweep.trials),
+            best_config_file=out / BEST_CONFIG_FILE, summary_file=out / SWEEP_FILE,
+        )
+        # Written before MLflow is touched, so that the sweep's record survives a registry error.
+        outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
+        if run is not None:
+            run.log_metrics({"best.val_srocc": sweep.best_score})
+            run.log_dict(outcome.to_dict(), SWEEP_FILE)
+            run.log_text(outcome.trials_table(), "trials.txt")
+            registered, alias_uri = _register(run, Path(model_dir), sweep.best_config.run.register_name,
+                                              cfg.run.alias)
+            outcome = dataclasses.replace(outcome, mlflow_run_id=run.run_id, mlflow_uri=run.uri,
+                                          registered=registered, alias=alias_uri)
+            outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
+    return outcome
+
+
+def register(
+    model: str | Path,
+    *,
+    name: str = "blg-piaa",
+    alias: str | None = None,
+    mlflow_uri: str | None = None,
+    experiment: str = "piaa-dist",
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    run_name: str = "register",
+) -> Registration:
+    """Register a model folder as a new version of ``name`` and move ``alias`` to it.
+
+    The files are logged to a new MLflow run (``run_name``, with ``params`` and ``metrics``: why
+    this model), so the version's lineage is recorded like a training run's.
+
+    Args:
+        model: a model folder, or a ``train --out`` / ``tune --out`` folder.
+        name: registered model name (created when missing).
+        alias: alias to point at the new version (e.g. ``champion``).
+        mlflow_uri: tracking URI (default ``$MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db``).
+    """
+    from piaa_dist.orchestration import tracking
+
+    folder = resolve_model_ref(model)
+    uri = tracking.tracking_uri(mlflow_uri or "")
+    with tracking.RunLogger(experiment, uri=uri, run_name=run_name, rank=0,
+                            tags={"piaa_dist.kind": "register"}) as run:
+        run.log_params({"model_dir": str(folder), **(params or {})})
+        if metrics:
+            run.log_metrics(dict(metrics))
+        version = run.register_model(folder, name, alias or "")
+    return Registration(name=name, version=int(version), uri=f"models:/{name}/{version}",
+                        alias=f"models:/{name}@{alias}" if alias else None,
+                        mlflow_run_id=str(run.run_id), mlflow_uri=uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-testing and personalization
+
+
+def evaluate(
+    *,
+    data: str,
+    model: str | Path,
+    giaa: str | Path | None = None,
+    giaa_out: str | Path | None = None,
+    shots: Sequence[int] | None = None,
+    repeats: int | None = None,
+    seed: int | None = None,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    s3_endpoint: str | None = None,
+    mlflow_uri: str | None = None,
+    mlflow: bool = True,
+    json_out: str | Path | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Run the meta-testing protocol on the test users.
+
+    Args:
+        data: dataset root (folder or ``s3://``).
+        model: the meta-learner (see :func:`resolve_model_ref`).
+        giaa: the GIAA baseline's folder. Default: a ``giaa/`` folder inside or beside a local
+            meta-learner folder, else one is trained here on the users the meta-learner saw.
+        giaa_out: save a GIAA model trained here to this folder.
+        shots / repeats / seed: the protocol (default ``eval.shots``, ``eval.repeats``,
+            ``run.seed``).
+        config: job config YAML for the protocol (default: the model's own config; the model's
+            architecture always comes from the model).
+        overrides: ``section.key=value`` overrides.
+        s3_endpoint: S3 endpoint (default ``data.s3_endpoint``, then ``$AWS_ENDPOINT_URL``).
+        mlflow_uri: tracking URI for registry references and the ``evaluate`` run.
+        mlflow: False logs no ``evaluate`` run (registry references still resolve).
+        json_out: also write the result JSON here.
+        progress: progress bars.
+
+    Returns:
+        The result; its ``model``, ``data`` and ``giaa`` fields say where each came from.
+
+    Raises:
+        UserError: no method to run, a GIAA folder that is not a model.
+    """
+    import torch
+
+    from piaa_dist.checkpoint import load_model
+    from piaa_dist.config import config_from_dict, config_to_dict, parse_overrides
+    from piaa_dist.data.stream import Dataset
+    from piaa_dist.evaluate import METHODS, standard_models
+    from piaa_dist.evaluate import evaluate as run_protocol
+    from piaa_dist.model import select_device
+
+    folder = resolve_model_ref(model, mlflow_uri=mlflow_uri)
+    meta, model_cfg, _info = load_model(folder)
+    # The model's own config defines the architecture and input size it was trained with;
+    # a config file or overrides may change the protocol (eval.*), not silently the model.
+    if config:
+        base = config_to_dict(load_config(config, overrides))
+        base["model"] = config_to_dict(model_cfg)["model"]
+        cfg = config_from_dict(base, str(config))
+    else:
+        flat = {f"{section}.{key}": value
+                for section, values in parse_overrides(overrides).items()
+                for key, value in values.items()}
+        cfg = with_overrides(model_cfg, flat)
+    torch.set_num_threads(max(1, int(cfg.run.threads_per_worker)))
+    device = select_device(cfg.run.use_gpu)
+    meta = meta.to(device)
+    dataset = Dataset.open(str(data), endpoint_url=s3_endpoint or cfg.data.s3_endpoint or None)
+
+    giaa_model, giaa_source = None, None
+    if any(METHODS.get(m) and METHODS[m].prior == "giaa" for m in cfg.eval.methods):
+        giaa_model, giaa_source = _giaa_prior(cfg, dataset, device, folder=None if _is_registry_ref(model) else folder,
+                                              giaa=giaa, giaa_out=giaa_out, progress=progress)
+    models = standard_models(meta, giaa_model, cfg.eval.methods)
+    if not models:
+        raise UserError("evaluate: no method to run (check eval.methods)")
+    result = run_protocol(cfg, dataset, models, shots=shots, repeats=repeats, seed=seed, progress=progress)
+    result = result.with_sources(model=str(model) if _is_registry_ref(model) else str(folder),
+                                 data=str(data), giaa=giaa_source)
+    if json_out:
+        log.info("wrote %s", result.save(json_out))
+    if mlflow:
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        with RunLogger(cfg.run.experiment, uri=mlflow_uri or cfg.run.mlflow_uri or "", run_name="evaluate",
+                       rank=0, tags={"piaa_dist.kind": "evaluate", "piaa_dist.model": str(model),
+                                     "piaa_dist.data": str(data)}) as run:
+            run.log_params(cfg)
+            run.log_evaluation(result)
+            log.info("logged the evaluation to MLflow run %s (%s)", run.run_id, run.uri)
+    return result
+
+
+def _giaa_prior(cfg: JobConfig, dataset: Any, device: Any, *, folder: Path | None,
+                giaa: str | Path | None, giaa_out: str | Path | None, progress: bool) -> tuple[Any, str]:
+    """The GIAA prior and where it came from: ``giaa``, else a ``giaa/`` folder inside or beside
+    a local meta-learner folder, else trained now on the meta-training users."""
+    from piaa_dist.checkpoint import WEIGHTS_FILE, load_model, save_model
+
+    if giaa:
+        if not Path(giaa, WEIGHTS_FILE).is_file():
+            raise UserError(f"--giaa {giaa}: not a model folder (no {WEIGHTS_FILE})")
+        log.info("GIAA model from %s", giaa)
+        return load_model(giaa, device)[0], str(giaa)
+    if folder is not None:
+        # `train --out DIR` writes the meta-learner to DIR/model; a GIAA baseline saved with it
+        # lives in DIR/model/giaa or DIR/giaa.
+        for candidate in (folder / "giaa", folder.parent / "giaa"):
+            if (candidate / WEIGHTS_FILE).is_file():
+                log.info("GIAA model from %s", candidate)
+                return load_model(candidate, device)[0], str(candidate)
+
+    from piaa_dist.giaa import train_giaa
+    from piaa_dist.train import meta_training_users
+
+    users = meta_training_users(cfg, dataset)
+    log.info("no GIAA model given: training one on the %d meta-training users", len(users))
+    model = train_giaa(cfg, dataset, users, progress=progress, device=device)
+    source = "trained by evaluate"
+    if giaa_out:
+        save_model(giaa_out, model, cfg, {"kind": "giaa", "users": len(users)})
+        log.info("saved the GIAA model to %s", giaa_out)
+        source = str(giaa_out)
+    return model.to(device), source
+
+
+def personalize(
+    *,
+    model: str | Path,
+    ratings: str | Path,
+    images: str | Path,
+    score: str | Path | Sequence[str | Path],
+    out: str | Path | None = None,
+    mlflow_uri: str | None = None,
+    seed: int = 0,
+) -> Ranking:
+    """Adapt a meta-learner to one person's ratings and rank new images for them.
+
+    Args:
+        model: the meta-learner (see :func:`resolve_model_ref`).
+        ratings: CSV with ``image,score`` rows (10 or more ratings, scores 1–5).
+        images: the folder holding the rated images.
+        score: folder(s) or image files to rank.
+        out: write the ranking here as CSV (``rank,image,predicted_score``).
+        mlflow_uri: tracking URI for registry references.
+        seed: fine-tuning seed.
+
+    Raises:
+        DataError: unreadable ratings or images, too few ratings, nothing to score.
+    """
+    from piaa_dist.checkpoint import load_model
+    from piaa_dist.personalize import list_images, read_ratings, write_ranking
+    from piaa_dist.personalize import personalize as adapt_and_score
+
+    meta, cfg, _info = load_model(resolve_model_ref(model, mlflow_uri=mlflow_uri))
+    rated = read_ratings(ratings, images)
+    targets = list_images([score] if isinstance(score, (str, Path)) else list(score))
+    log.info("adapting %s to %d ratings (skipped %s); scoring %d images",
+             model, len(rated.images), rated.skipped or "none", len(targets))
+    ranked = adapt_and_score(meta, cfg, rated, targets, seed=seed)
+    written = write_ranking(ranked, out) if out is not None else None
+    return Ranking(ranked=tuple((Path(p), float(s)) for p, s in ranked), model=str(model),
+                   ratings_used=len(rated.images), skipped=dict(rated.skipped), out=written)
+
+
+__all__ = [
+    "Ranking",
+    "Registration",
+    "SweepOutcome",
+    "TrainOutcome",
+    "evaluate",
+    "ingest",
+    "job_config",
+    "personalize",
+    "register",
+    "resolve_model_ref",
+    "synth",
+    "train",
+    "tune",
+]
