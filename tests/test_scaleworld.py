@@ -281,6 +281,11 @@ def test_a_flickr_aes_scale_world_ingests_with_its_truth(tmp_path):
                                                  image_size=16, block_users=32), workers=2)
     assert main(["ingest", "--format", "flickr-aes", "--root", str(world), "--out", str(tmp_path / "ds"),
                  "--max-side", "16"]) == 0
-    report = json.loads((tmp_path / "ds" / REPORT).read_text())
+    # the report of the version the ingest published (layout: URL/_CURRENT -> versions/<id>/)
+    from piaa_dist.data.layout import resolve
+    from piaa_dist.storage import open_store
+
+    _, version = resolve(open_store(str(tmp_path / "ds")))
+    report = json.loads(version.read_bytes(REPORT))
     assert report["source"] == "synth" and report["has_truth"]
     assert report["ratings"]["read"] == report["ratings"]["ingested"] == summary.ratings
