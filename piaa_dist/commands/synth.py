@@ -123,7 +123,7 @@ def _scale(args: argparse.Namespace) -> int:
         kw["ratings_min"], kw["ratings_max"] = args.ratings
     if args.score_range is not None:
         kw["score_range"] = tuple(args.score_range)
-    summary = scale_world(out=args.out, seed=args.seed, images=not args.no_images, progress=True, **kw)
+    summary = scale_world(out=args.out, seed=args.seed, render_images=not args.no_images, progress=True, **kw)
     dist = summary.ratings_per_user
     print(f"scale world ({summary.layout}) in {summary.out}: {summary.users:,} users ({summary.train_users:,} "
           f"train, {summary.test_users:,} test), {summary.images:,} images, {summary.ratings:,} ratings "

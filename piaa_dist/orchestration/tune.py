@@ -353,7 +353,7 @@ def run_sweep(
                 "status": "ERROR" if result.error else "TERMINATED",
                 METRIC: max(scores) if scores else None,
                 "step": (result.metrics or {}).get("step"),
-                **searched_values(result.config),
+                **searched_values(result.config or {}),  # None when the trial failed to start
             }
             rows.append(row)
             if scores and (best is None or max(scores) > best[0]):

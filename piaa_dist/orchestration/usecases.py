@@ -342,12 +342,13 @@ def synth(
     return make_world(out, spec, progress=bar)
 
 
-def scale_world(*, out: str | Path, seed: int = 0, images: bool = True, progress: bool = False,
+def scale_world(*, out: str | Path, seed: int = 0, render_images: bool = True, progress: bool = False,
                 **spec: Any) -> "ScaleSummary":
     """Write a scale world (:class:`piaa_dist.data.scaleworld.ScaleSpec` fields as keywords).
 
     A long tail of ratings per user over a shared pool of small images, streamed in bounded
-    memory: a ratings log (``layout="ratings"``) or the FLICKR-AES layout.
+    memory: a ratings log (``layout="ratings"``) or the FLICKR-AES layout. ``render_images``
+    False writes ratings and truth only (``images`` is the pool size, a spec field).
 
     Raises:
         UserError: an impossible spec.
@@ -364,7 +365,7 @@ def scale_world(*, out: str | Path, seed: int = 0, images: bool = True, progress
 
         def bar(it, total, desc):
             return tqdm(it, total=total, desc=desc)
-    return write_scale_world(out, scale_spec, images=images, progress=bar)
+    return write_scale_world(out, scale_spec, images=render_images, progress=bar)
 
 
 def ingest(
