@@ -53,7 +53,8 @@ def check_training_users(cfg: JobConfig, dataset, users: Sequence[str]) -> None:
     Raises:
         HeldOutUserError: naming the held-out users found in `users` (up to 5 of each kind).
     """
-    from piaa_dist.train import validation_users  # training layer; imported late like train does
+    # imported here, as train imports its own helpers: giaa stays importable on its own
+    from piaa_dist.train import validation_users
 
     pool = set(users)
     problems = []

@@ -75,8 +75,8 @@ def test_a_resumed_in_process_run_equals_an_uninterrupted_one(tiny_dataset_url, 
 
 
 #: A small world with enough test users for a mean SROCC to mean something (12 test users).
-DIRECTION_WORLD = dict(users=24, images=160, seed=0, test_fraction=0.5, ratings_per_user=(30, 40),
-                       image_size=32)
+DIRECTION_WORLD = {"users": 24, "images": 160, "seed": 0, "test_fraction": 0.5,
+                   "ratings_per_user": (30, 40), "image_size": 32}
 #: The margin: over seeds 0-2 the difference was 0.19 / SEED1 / SEED2 (see test docstring).
 MARGIN = 0.05
 
