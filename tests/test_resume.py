@@ -77,7 +77,7 @@ def test_a_resumed_in_process_run_equals_an_uninterrupted_one(tiny_dataset_url, 
 #: A small world with enough test users for a mean SROCC to mean something (12 test users).
 DIRECTION_WORLD = {"users": 24, "images": 160, "seed": 0, "test_fraction": 0.5,
                    "ratings_per_user": (30, 40), "image_size": 32}
-#: The margin: for seeds 0 and 1 the difference was 0.19 and 0.15 (see the test's docstring).
+#: The margin: for seeds 0, 1 and 2 the difference was 0.19, 0.15 and 0.08 (see the test's docstring).
 MARGIN = 0.05
 
 
@@ -86,7 +86,8 @@ def test_blg_piaa_beats_meta_no_adapt_after_a_few_hundred_steps(tmp_path_factory
     in this process on a 24-user world, then the protocol at 10 shots on its 12 test users:
     fine-tuning the meta-learner on a user's shots ranks their other images better than the
     meta-learner as is, by more than MARGIN in mean SROCC. Measured (mean SROCC blg-piaa /
-    meta-no-adapt, 5 repeats): seed 0 0.431 / 0.239, seed 1 0.427 / 0.273; the test runs seed 0."""
+    meta-no-adapt, 5 repeats): seed 0 0.431 / 0.239, seed 1 0.427 / 0.273, seed 2 0.365 / 0.284;
+    the test runs seed 0."""
     from piaa_dist.data.ingest import ingest
     from piaa_dist.data.stream import Dataset
     from piaa_dist.data.synth import WorldSpec, make_world
