@@ -38,3 +38,16 @@ benchmarks: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
+
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml); not part of CI (hours
+# on 2 cores). MUTANTS narrows the run to mutant-name globs, e.g.
+#   make mutation MUTANTS="piaa_dist.personalize.* piaa_dist.train.xǁMetaTrainerǁapply_flat__*"
+# Prints the per-module kill rates and survivors; writes benchmarks/results/mutation.json.
+.PHONY: mutation
+MUTMUT ?= mutmut==3.8.1
+MUTANTS ?=
+MUTATION_CHILDREN ?= 2
+mutation: $(STAMP)
+	$(BIN)/python -m pip install -q "$(MUTMUT)"
+	set -f; nice -n 19 $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(BIN)/python tests/mutation/kill_rates.py --json benchmarks/results/mutation.json --survivors

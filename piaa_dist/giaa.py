@@ -24,6 +24,7 @@ from torch import nn
 
 from piaa_dist.config import JobConfig
 from piaa_dist.data.decode import decode_batch
+from piaa_dist.errors import DataError
 from piaa_dist.model import build_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,39 @@ _SEED_OFFSET = 7919
 # Decode every pooled image once (instead of once per visit) when they fit in this many bytes
 # as float32 and there is no augmentation: at CPU sizes that removes most of the cost of a step.
 _PREDECODE_BYTES = 512 * 2**20
+
+
+class HeldOutUserError(DataError):
+    """The GIAA training pool names a user it must never see (a test or validation user)."""
+
+
+def check_training_users(cfg: JobConfig, dataset, users: Sequence[str]) -> None:
+    """Refuse a GIAA training pool that holds a test user or a validation user.
+
+    The baseline is compared with the meta-learner on the test users and the validation users
+    make choices (Tune's metric, the best checkpoint): a prior that saw their ratings would be
+    scored on its own training data. :func:`piaa_dist.train.meta_training_users` is the pool
+    that passes: the very users the meta-learner is trained on.
+
+    Raises:
+        HeldOutUserError: naming the held-out users found in `users` (up to 5 of each kind).
+    """
+    # imported here, as train imports its own helpers: giaa stays importable on its own
+    from piaa_dist.train import validation_users
+
+    pool = set(users)
+    problems = []
+    for kind, held in (("test", dataset.users("test")), ("validation", validation_users(cfg, dataset))):
+        found = sorted(pool.intersection(held))
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            problems.append(f"{len(found)} {kind} user(s) ({shown})")
+    if problems:
+        where = getattr(dataset, "url", None)
+        raise HeldOutUserError(
+            f"GIAA training users{f' of {where}' if where else ''} include {' and '.join(problems)}; "
+            "the baseline must never train on held-out users (use train.meta_training_users)"
+        )
 
 
 def train_giaa(
@@ -52,8 +86,9 @@ def train_giaa(
             (the same input pipeline as meta-training support sets), ``giaa.steps``,
             ``giaa.batch_size``, ``giaa.lr`` and ``run.seed``.
         dataset: a :class:`piaa_dist.data.stream.Dataset` (anything with ``load_user``).
-        users: the training users whose ratings are pooled (never test users; callers pass the
-            same users the meta-learner was trained on, so both priors see the same data).
+        users: the training users whose ratings are pooled: never a test or validation user
+            (:func:`check_training_users` refuses them); callers pass
+            :func:`piaa_dist.train.meta_training_users`, so both priors see the same data.
         progress: show a tqdm bar over optimization steps.
         device: where to train; CPU by default.
 
@@ -62,10 +97,12 @@ def train_giaa(
 
     Raises:
         ValueError: when `users` is empty or they have no ratings at all.
+        HeldOutUserError: `users` holds a test or validation user (names them).
     """
     users = list(users)
     if not users:
         raise ValueError("train_giaa needs at least one training user")
+    check_training_users(cfg, dataset, users)
     device = device or torch.device("cpu")
     seed = int(cfg.run.seed) + _SEED_OFFSET
 

@@ -28,11 +28,12 @@ from piaa_dist.evaluate import (
     standard_models,
     validation_srocc,
 )
-from piaa_dist.giaa import train_giaa
+from piaa_dist.giaa import HeldOutUserError, train_giaa
 from piaa_dist.model import build_model
 from piaa_dist.presentation import format_table
 from piaa_dist.protocol import FinetuneBudget, finetune, predict
 from piaa_dist.results import EvaluationResult
+from piaa_dist.train import meta_training_users, validation_users
 
 torch.set_num_threads(1)
 
@@ -367,7 +368,9 @@ def test_unknown_method_is_rejected():
 
 
 def test_giaa_is_seeded_and_learns_the_pooled_ratings():
-    cfg = _cfg(**{"giaa.steps": 60, "giaa.lr": 3e-3})
+    # No validation users held out: the pool is every training user (train_giaa refuses
+    # held-out users, see the next test).
+    cfg = _cfg(**{"giaa.steps": 60, "giaa.lr": 3e-3, "data.validation_users": 0})
     data = FakeDataset(n_users=4)
     users = data.users("train")
     a = train_giaa(cfg, data, users)
@@ -383,3 +386,90 @@ def test_giaa_is_seeded_and_learns_the_pooled_ratings():
     assert spearmanr(predict(a, images), scores).statistic > 0.5
     with pytest.raises(ValueError):
         train_giaa(cfg, data, [])
+
+
+def test_giaa_never_trains_on_test_or_validation_users():
+    """The baseline's pool excludes the test users and the validation users, whoever calls it:
+    the library refuses them, naming them, before any training."""
+    cfg = _cfg(**{"giaa.steps": 2, "data.validation_users": 1})
+    data = FakeDataset(n_users=6)  # train U00-U02 (one held out for validation), test U03-U05
+    test, val = data.users("test"), validation_users(cfg, data)
+    pool = meta_training_users(cfg, data)
+    assert len(val) == 1 and set(pool) == set(data.users("train")) - set(val)
+    assert not set(pool) & set(test)
+    train_giaa(cfg, data, pool)  # the meta-learner's own users: accepted
+    for extra in (test[1], *val):
+        with pytest.raises(HeldOutUserError, match=rf"\b{extra}\b"):
+            train_giaa(cfg, data, pool + [extra])
+    everyone = sorted(set(data.users("train")) | set(test))
+    with pytest.raises(HeldOutUserError, match="3 test user.*1 validation user"):
+        train_giaa(cfg, data, everyone)
+
+
+# ---------------------------------------------------------------------------------------------
+# What fine-tuning sees
+
+
+def _watch_training_inputs(model: torch.nn.Module, seen: list) -> torch.nn.Module:
+    """Record every batch the backbone sees in train mode (fine-tuning: the prior's copies keep
+    the hook; predictions run in eval mode and are not recorded)."""
+
+    def hook(module, args):
+        if module.training:
+            seen.append(args[0].detach().clone())
+
+    model.backbone.register_forward_pre_hook(hook)
+    return model
+
+
+def _rows(batches: list, index: dict[bytes, int]) -> list[int]:
+    """Positions in the user's ratings of every recorded image (exact tensor match)."""
+    return [index[row.numpy().tobytes()] for b in batches for row in b]
+
+
+@pytest.mark.parametrize(("inner_params", "batch_size"), [
+    ("all", 100),   # full batch, every parameter
+    ("head", 100),  # full batch, head only: the backbone runs once on the shots
+    ("all", 4),     # minibatches of the shots
+])
+def test_finetuning_sees_exactly_the_shots_and_never_a_scored_image(inner_params, batch_size):
+    """For every method and split: a fine-tuned method trains on exactly the k support images
+    (never one of the scored test images, never the user's other images); a method that does
+    not adapt trains on nothing."""
+    cfg = _cfg(**{"meta.inner_params": inner_params, "eval.batch_size": batch_size,
+                  "eval.finetune_steps": 3, "eval.repeats": 2})
+    data = FakeDataset(n_users=4)
+    seen: list = []
+    meta = _watch_training_inputs(_model(cfg, 0), seen)
+    giaa = _watch_training_inputs(_model(cfg, 1), seen)
+    models = standard_models(meta, giaa, METHODS)
+    assert set(models) == set(METHODS)
+    index = {}
+    for user in data.users("test"):
+        images = decode_user(data.load_user(user), SIZE)
+        index[user] = {row.numpy().tobytes(): i for i, row in enumerate(images)}
+        assert len(index[user]) == len(images)  # every image of the user is distinct
+    checked = []
+
+    def on_split(split):
+        rows = _rows(seen, index[split.user])
+        seen.clear()
+        k = split.shots
+        assert len(split.train_indices) == k
+        assert not set(split.train_indices) & set(split.test_indices)
+        if not METHODS[split.method].adapt:
+            assert rows == [], split.method
+            return
+        # each step's batch: distinct shots, never a scored image
+        assert set(rows) <= set(split.train_indices.tolist()), (split.method, split.user, k)
+        assert not set(rows) & set(split.test_indices.tolist())
+        if batch_size >= k:  # full batch: every step sees all k shots, each once
+            per_step = len(rows) // k
+            assert per_step >= 1 and len(rows) == per_step * k
+            assert sorted(rows) == sorted(split.train_indices.tolist() * per_step)
+        checked.append(split.method)
+
+    evaluate(cfg, data, models, seed=3, on_split=on_split)
+    assert seen == []
+    # 2 test users x 2 shot counts x 2 repeats for each of the two fine-tuned methods
+    assert sorted(set(checked)) == ["blg-piaa", "giaa-finetune"] and len(checked) == 16

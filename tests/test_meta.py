@@ -393,3 +393,28 @@ def test_meta_kwargs_and_predict():
     with pytest.raises(ValueError, match="flavour"):
         meta_gradient(model, _params(model), _buffers(model), [t], flavour="maml++", steps=1,
                       inner_lr=0.1)
+
+
+def test_adapt_is_first_order_unless_asked(linreg):
+    """By default the adapted parameters depend on the meta parameters with Jacobian I (the
+    inner gradients are constants); create_graph=True gives the unrolled (I - lr H)^K."""
+    model, tasks = linreg
+    lr, steps = 0.1, 2
+    xs = tasks[0].support[0]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in _params(model).items()}
+    v = torch.arange(1.0, 7.0, dtype=DT)  # a direction in θ = [w (5), b]
+    jac = torch.linalg.matrix_power(torch.eye(6, dtype=DT) - lr * _hess(xs), steps)
+    for kwargs, expected in (({}, v), ({"create_graph": True}, jac.T @ v)):
+        adapted = adapt(model, params, _buffers(model), tasks[0].support, steps=steps, inner_lr=lr,
+                        **kwargs)
+        grads = torch.autograd.grad(_flat(adapted) @ v, [params["lin.weight"], params["lin.bias"]])
+        torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), expected,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_grad_norm_is_the_global_l2_norm():
+    from piaa_dist.meta import grad_norm
+
+    grads = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]], dtype=torch.float64)}
+    assert grad_norm(grads) == pytest.approx(5.0, rel=1e-15)
+    assert grad_norm({}) == 0.0

@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 
 from piaa_dist.errors import DataError
-from piaa_dist.personalize import MIN_RATINGS, list_images, personalize, read_ratings, write_ranking
+from piaa_dist.personalize import (
+    MIN_RATINGS,
+    list_images,
+    load_images,
+    personalize,
+    read_ratings,
+    write_ranking,
+)
+from piaa_dist.protocol import finetune, finetune_budget, predict, score_targets
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _user_rows(world: Path, which: int = 1) -> tuple[str, list[tuple[str, str]]]:
@@ -66,12 +76,115 @@ def test_personalize_ranks_and_adapts(tiny_world, tmp_path):
     ranked = personalize(model, cfg, ratings, targets, seed=0)
     assert sorted(p for p, _ in ranked) == sorted(targets)
     scores = [s for _, s in ranked]
-    assert scores == sorted(scores, reverse=True) and all(0.0 < s < 5.0 for s in scores)
+    assert scores == sorted(scores, reverse=True)
+    # the 1-5 scale of the ratings (the model's sigmoid output is score / 5): what the adapted
+    # model predicts for these images, times 5
+    budget = finetune_budget(cfg, model)
+    tuned = finetune(model, (load_images(ratings.images, cfg.data.image_size),
+                             score_targets(ratings.scores)), budget, seed=0)
+    expected = predict(tuned, load_images(targets, cfg.data.image_size), budget.batch_size) * 5.0
+    np.testing.assert_allclose([dict(ranked)[p] for p in targets], expected, rtol=1e-6)
     # adaptation changes the predictions (the fine-tuning budget is really spent)
     frozen = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["eval.finetune_steps=0"])
     unadapted = dict(personalize(model, frozen, ratings, targets, seed=0))
     assert not np.allclose([unadapted[p] for p, _ in ranked], scores)
-    # deterministic under the seed
+    # deterministic under the seed, which defaults to 0 (what the CLI's --seed defaults to)
     assert personalize(model, cfg, ratings, targets, seed=0) == ranked
+    assert personalize(model, cfg, ratings, targets) == ranked
+    assert personalize(model, cfg, ratings, targets, seed=1) != ranked  # dropout: the seed matters
     out = write_ranking(ranked, tmp_path / "out" / "ranking.csv")
     assert out.read_text().splitlines()[1].startswith("1,")
+
+
+# ---------------------------------------------------------------------------------------------
+# What personalize adapts on, and what it returns
+
+
+def _setup(tiny_world, tmp_path, *overrides, n_rated=12, n_scored=10):
+    """tiny.yaml (no dropout, so that only the data decides the result), a fresh model, one
+    test user's first ``n_rated`` ratings as a CSV and the next ``n_scored`` images to score."""
+    import torch
+
+    from piaa_dist.config import load_config
+    from piaa_dist.model import build_model
+
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml",
+                      ["model.dropout=0", "eval.finetune_steps=5", "eval.finetune_lr=0.05", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    _, rows = _user_rows(tiny_world)
+    rated, scored = rows[:n_rated], rows[n_rated:n_rated + n_scored]
+    targets = [tiny_world / "images" / name for name, _ in scored]
+    return cfg, model, rated, targets
+
+
+def _watch_training_inputs(model, seen: list):
+    """Record the batches the backbone sees in train mode (fine-tuning only)."""
+
+    def hook(module, args):
+        if module.training:
+            seen.append(args[0].detach().clone())
+
+    model.backbone.register_forward_pre_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("inner_params", ["all", "head"])
+def test_personalize_adapts_on_every_usable_rating_and_nothing_else(tiny_world, tmp_path, inner_params):
+    cfg, model, rated, targets = _setup(tiny_world, tmp_path, f"meta.inner_params={inner_params}")
+    # two unusable rows (a missing image, a bad score): skipped and counted, never used
+    csv_path = _write(tmp_path / "r.csv", "image,score", rated + [("gone.jpg", "3"), (rated[0][0], "9")])
+    ratings = read_ratings(csv_path, tiny_world / "images")
+    assert len(ratings.images) == len(rated) and sum(ratings.skipped.values()) == 2
+    seen: list = []
+    personalize(_watch_training_inputs(model, seen), cfg, ratings, targets, seed=1)
+    rated_rows = load_images(ratings.images, cfg.data.image_size)
+    index = {row.numpy().tobytes(): i for i, row in enumerate(rated_rows)}
+    assert len(index) == len(rated)
+    got = [index.get(row.numpy().tobytes(), -1) for batch in seen for row in batch]
+    assert got, "nothing was fine-tuned"
+    assert -1 not in got  # never an image to score, never anything unrated
+    steps = 1 if inner_params == "head" else cfg.eval.finetune_steps  # head: backbone runs once
+    assert sorted(got) == sorted(list(range(len(rated))) * steps)  # every rating, every step
+
+
+def test_personalize_keeps_each_score_with_its_image(tiny_world, tmp_path):
+    """Permutation test: shuffling the images to score, or the rows of the ratings file, moves
+    every (image, score) pair along: each image keeps its score."""
+    cfg, model, rated, targets = _setup(tiny_world, tmp_path)
+    ratings = read_ratings(_write(tmp_path / "r.csv", "image,score", rated), tiny_world / "images")
+    base = dict(personalize(model, cfg, ratings, targets, seed=2))
+    assert sorted(base) == sorted(targets)
+    spread = np.ptp(list(base.values()))
+    assert spread > 1e-3  # the scores differ between images, so a swap would show
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        order = rng.permutation(len(targets))
+        shuffled = dict(personalize(model, cfg, ratings, [targets[i] for i in order], seed=2))
+        for path in targets:
+            assert shuffled[path] == pytest.approx(base[path], abs=1e-6 * max(1.0, spread)), path
+    # shuffled rating rows: the same (image, rating) pairs, so the same adapted model (up to the
+    # order of float sums); a rating paired with another image would move the scores
+    rows = [rated[i] for i in rng.permutation(len(rated))]
+    again = read_ratings(_write(tmp_path / "s.csv", "image,score", rows), tiny_world / "images")
+    shuffled = dict(personalize(model, cfg, again, targets, seed=2))
+    for path in targets:
+        assert shuffled[path] == pytest.approx(base[path], abs=1e-4), path
+    # ...whereas a rating moved to another image does move them
+    moved = [(name, rated[(i + 1) % len(rated)][1]) for i, (name, _) in enumerate(rated)]
+    assert [s for _, s in moved] != [s for _, s in rated]
+    wrong = read_ratings(_write(tmp_path / "w.csv", "image,score", moved), tiny_world / "images")
+    off = dict(personalize(model, cfg, wrong, targets, seed=2))
+    assert max(abs(off[p] - base[p]) for p in targets) > 1e-3
+
+
+def test_personalize_returns_the_ratings_scale(tiny_world, tmp_path):
+    """A person who rates everything 4 gets predictions near 4 (the 1-5 scale of the ratings,
+    not the model's 0-1 output), whatever the fresh model predicted before."""
+    cfg, model, rated, targets = _setup(tiny_world, tmp_path, "eval.finetune_steps=40",
+                                        "eval.finetune_optimizer=adam", "eval.finetune_lr=0.02",
+                                        "eval.finetune_bn=running")
+    fours = [(name, "4") for name, _ in rated]
+    ratings = read_ratings(_write(tmp_path / "r.csv", "image,score", fours), tiny_world / "images")
+    scores = [s for _, s in personalize(model, cfg, ratings, targets, seed=0)]
+    assert all(3.5 < s < 4.5 for s in scores), scores

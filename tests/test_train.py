@@ -8,8 +8,15 @@ import torch
 from piaa_dist.checkpoint import load_training_state, save_training_state
 from piaa_dist.config import load_config, with_overrides
 from piaa_dist.data.stream import Dataset, TaskStream
+from piaa_dist.meta import meta_gradient, meta_kwargs
 from piaa_dist.model import build_model
-from piaa_dist.train import MetaTrainer, meta_train, meta_training_users, validation_users
+from piaa_dist.train import (
+    MetaTrainer,
+    meta_train,
+    meta_training_users,
+    task_seed,
+    validation_users,
+)
 
 TINY = "jobs/configs/tiny.yaml"
 
@@ -201,3 +208,103 @@ def test_grad_clipping_bounds_the_update(cfg, dataset):
     clipped, raw_again = step_length(_trainer(with_overrides(cfg, {"meta.grad_clip": raw / 2})))
     assert raw_again == raw  # grad_norm reports the norm before clipping
     assert clipped == pytest.approx(raw / 2, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# One meta-step, computed by hand
+
+
+def _hand_steps(cfg, batches: list[list], clip: float) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The meta-updates of ``batches`` (one global meta-batch per step) written out: per task
+    the meta-gradient of piaa_dist.meta (seeded by (seed, step, user)), their MEAN over the
+    global meta-batch, its norm clipped to ``clip`` (0: off), one step of the flavour's optimizer at the
+    step's learning rate, BatchNorm statistics := mean of the tasks' updated statistics.
+
+    Returns the model after the steps and each step's (unclipped) mean gradient.
+    """
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model)  # the trainer's initial weights (same seed)
+    model.train()
+    params = [p for p in model.parameters()]
+    meta = cfg.meta
+    opt_cls = torch.optim.SGD if meta.flavour == "reptile" else torch.optim.Adam
+    opt = opt_cls(params, lr=meta.meta_lr)
+    kw = meta_kwargs(model, meta)
+    means = []
+    for step, tasks in enumerate(batches):
+        names = [n for n, _ in model.named_parameters()]
+        grad_sum = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+        buf_sum = {n: torch.zeros_like(b, dtype=torch.float64)
+                   for n, b in model.named_buffers() if b.is_floating_point()}
+        for task in tasks:
+            mg = meta_gradient(model, dict(model.named_parameters()), dict(model.named_buffers()),
+                               [task], flavour=meta.flavour,
+                               seeds=[task_seed(cfg.run.seed, step, task.user)], **kw)
+            for n in names:
+                grad_sum[n] += mg.grads[n].double()
+            for n in buf_sum:
+                buf_sum[n] += mg.buffers[n].double()
+        n_tasks = len(tasks)
+        mean = {n: (grad_sum[n] / n_tasks).float() for n in names}
+        means.append(torch.cat([mean[n].reshape(-1) for n in names]))
+        for n, p in model.named_parameters():
+            p.grad = mean[n].clone()
+        if clip > 0:  # torch's own clipping: Adam turns any rounding difference into a full step
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        for group in opt.param_groups:
+            group["lr"] = meta.meta_lr * meta.lr_decay ** (step // max(1, meta.decay_every))
+        opt.step()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buf_sum:
+                    b.copy_(buf_sum[n] / n_tasks)
+                elif n.endswith("num_batches_tracked"):
+                    b.add_(1)
+    return model, means
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize(("flavour", "clip", "world_size"), [
+    ("reptile", "off", 1),           # plain SGD: the step is the mean itself
+    ("reptile", "between", 2),       # clip between |mean| and |sum|: only a mean stays unclipped
+    ("second_order", "between", 2),  # Adam: scale-invariant, but not once clipping bites a sum
+    ("second_order", "active", 1),   # Adam with clipping active on every step
+])
+def test_a_step_applies_the_mean_meta_gradient_of_the_global_meta_batch(cfg, dataset, flavour, clip,
+                                                                       world_size):
+    """Two trainer steps equal the hand-written update from the MEAN meta-gradient over the
+    global meta-batch (divided by the global task count, whatever the ranks hold), for SGD
+    (reptile) and Adam, with gradient clipping on."""
+    cfg = with_overrides(cfg, {"meta.flavour": flavour, "meta.meta_lr": 0.5 if flavour == "reptile" else 0.01,
+                               "meta.lr_decay": 0.5, "meta.decay_every": 1, "meta.grad_clip": 0.0})
+    batches = [_tasks(cfg, dataset, step) for step in range(2)]
+    n_tasks = cfg.meta.meta_batch
+    assert all(len(b) == n_tasks for b in batches)
+    _, (first_mean,) = _hand_steps(cfg, batches[:1], 0.0)
+    size = float(torch.linalg.vector_norm(first_mean))
+    assert size > 0
+    limit = {"off": 0.0, "between": size * n_tasks / 2, "active": size / 4}[clip]
+    cfg = with_overrides(cfg, {"meta.grad_clip": limit})
+    expected, means = _hand_steps(cfg, batches, limit)
+
+    trainers = [_trainer(cfg) for _ in range(world_size)]
+    for step, batch in enumerate(batches):
+        # rank r holds batch[r::world_size]; the reduce is an emulated all-reduce (SUM)
+        slices = [batch[r::world_size] for r in range(world_size)]
+        flats = [t.local_flat(s) for t, s in zip(trainers, slices)]
+        total = sum(flats[1:], flats[0])
+        for trainer, own_slice in zip(trainers, slices):
+            metrics = trainer.step(own_slice, reduce=(lambda f, t=total: t.clone()) if world_size > 1 else None)
+            assert metrics["tasks"] == n_tasks
+            # (step 2 starts from weights that agree to float32 rounding, hence a small atol)
+            torch.testing.assert_close(trainer.last_grad, means[step], rtol=1e-5,
+                                       atol=1e-5 * float(means[step].abs().max()))
+            assert metrics["grad_norm"] == pytest.approx(float(torch.linalg.vector_norm(means[step])), rel=1e-5)
+    for trainer in trainers:
+        got = trainer.model.state_dict()
+        for name, value in expected.state_dict().items():
+            if value.is_floating_point():
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7,
+                                           msg=lambda m, n=name: f"{n}: {m}")
+            else:
+                assert torch.equal(got[name], value), name

@@ -114,5 +114,68 @@ def test_registered_alias_resolves_and_personalizes_in_a_fresh_process(sweep, ti
     assert proc.returncode == 0, proc.stderr
     lines = ranking.read_text().splitlines()
     assert lines[0] == "rank,image,predicted_score" and len(lines) == 6
-    scores = [float(line.split(",")[2]) for line in lines[1:]]
-    assert scores == sorted(scores, reverse=True) and all(1.0 <= s <= 5.0 or 0 < s < 5 for s in scores)
+    ranked = [(line.split(",")[1], float(line.split(",")[2])) for line in lines[1:]]
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(p for p, _ in ranked) == sorted(to_score)
+    # the values: what the registered model, adapted here to the same ratings, predicts on the
+    # 1-5 scale (the CSV keeps 4 decimals)
+    from piaa_dist.orchestration.tracking import load_model_uri
+    from piaa_dist.personalize import personalize, read_ratings
+
+    model, cfg, _ = load_model_uri(summary["alias"], uri=uri)
+    here = personalize(model, cfg, read_ratings(ratings, tiny_world / "images"),
+                       [Path(p) for p in to_score], seed=0)
+    expected = {str(p): s for p, s in here}
+    for path, score in ranked:
+        assert score == pytest.approx(expected[path], abs=1e-4), path
+
+
+def test_the_validation_metric_is_computed_on_held_out_training_users_only(tiny_dataset_url):
+    """Tune's metric (``val_srocc``, reported by the step hook on rank 0) reads the ratings of the
+    validation users and nobody else: training users that meta-training never sees, never a
+    test user. (Fast: no sweep; the ``sweep`` fixture is not used here.)"""
+    import torch
+
+    from piaa_dist.config import load_config
+    from piaa_dist.data.stream import Dataset
+    from piaa_dist.evaluate import evaluate
+    from piaa_dist.model import build_model
+    from piaa_dist.orchestration.step_hook import StepHook, validation_score
+    from piaa_dist.train import meta_training_users, validation_users
+
+    cfg = load_config(TINY, ["data.validation_users=2", "run.validate_every=1", "eval.repeats=2"])
+    data = Dataset.open(tiny_dataset_url)
+
+    class Watched:
+        """The real dataset, with a record of whose ratings are read."""
+
+        def __init__(self, inner):
+            self.inner, self.loaded = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def load_user(self, user):
+            self.loaded.append(user)
+            return self.inner.load_user(user)
+
+    val = validation_users(cfg, data)
+    assert len(val) == 2 and set(val) <= set(data.users("train"))
+    assert not set(val) & set(meta_training_users(cfg, data))
+    assert not set(val) & set(data.users("test"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    watched = Watched(data)
+    score = validation_score(cfg, watched, model)
+    assert set(watched.loaded) == set(val)
+    expected = evaluate(cfg, data, {"blg-piaa": model}, shots=[min(cfg.eval.shots)],
+                        repeats=cfg.eval.repeats, users=val)
+    assert score == expected.stats("blg-piaa", min(cfg.eval.shots)).srocc_mean
+    # ...and it is what the step hook reports to Tune
+    reports = []
+    watched = Watched(data)
+    hook = StepHook(cfg, rank=0, dataset=watched,
+                    report=lambda step, metrics, trainer, ckpt: reports.append(metrics))
+    hook(1, {"data_s": 0.0, "step_s": 1.0, "query_loss": 0.1}, type("T", (), {"model": model})())
+    assert reports[0]["val_srocc"] == score and set(watched.loaded) == set(val)
