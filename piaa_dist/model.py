@@ -7,7 +7,8 @@
 * ``resnet18``: torchvision's ResNet-18, the paper's backbone. ImageNet weights are loaded
   from a local file only (this project never downloads): ``pretrained`` is a path to a
   state-dict file, or ``"auto"`` to use torchvision's cache file
-  ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` when it exists, or ``"none"``.
+  ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` when it exists, ``"required"`` for the
+  same file when it must exist (:class:`WeightsMissing` otherwise), or ``"none"``.
 * ``convnet``: a small CNN (4 × conv3x3-BN-ReLU-maxpool, global average pool, linear) that
   makes a CPU meta-step cheap at 32-64 px. It has no pretrained weights.
 

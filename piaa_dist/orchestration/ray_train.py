@@ -217,13 +217,14 @@ def _worker_preflight(model_cfg: dict, gpu: bool) -> tuple[str, str] | None:
     return None
 
 
-def preflight(cfg: JobConfig, gpu: bool) -> None:
+def preflight(cfg: JobConfig, gpu: bool, timeout_s: float = 1800.0) -> None:
     """Run :func:`_worker_preflight` once with a Train worker's resources, before the Train run.
 
     Only when there is something to check (a GPU, or weights that are ``required`` or a path):
     a GPU node with an unusable driver or without the weights then fails the submission with
     the reason, instead of every Train worker failing on every restart. On a cluster whose GPU
-    nodes scale from zero, the probe waits for the first GPU node (as the Train run would).
+    nodes scale from zero, the probe waits for the first GPU node (as the Train run would), at
+    most ``timeout_s``; after that the check is skipped with a warning (the workers still check).
 
     Raises:
         GpuUnavailable: the probe's node has a GPU assigned that CUDA cannot use.
@@ -240,7 +241,16 @@ def preflight(cfg: JobConfig, gpu: bool) -> None:
     probe = ray.remote(_worker_preflight).options(
         num_cpus=cfg.run.cpus_per_worker, num_gpus=1 if gpu else 0, max_retries=0,
     )
-    problem = ray.get(probe.remote(config_to_dict(cfg)["model"], gpu))
+    ref = probe.remote(config_to_dict(cfg)["model"], gpu)
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        # No node with a worker's resources came up in time (autoscaling still under way): the
+        # Train run waits for one the same way, and its workers check again when they start.
+        ray.cancel(ref, force=True)
+        log.warning("pre-flight check skipped: no node with %s CPU%s came up within %.0f s",
+                    cfg.run.cpus_per_worker, " and a GPU" if gpu else "", timeout_s)
+        return
+    problem = ray.get(ref)
     if problem is not None:
         kind, message = problem
         raise (GpuUnavailable if kind == "gpu" else WeightsMissing)(message)
@@ -255,7 +265,7 @@ def _sees_marker(storage: RunStorage, nonce: str) -> dict:
             "host": os.uname().nodename, "ok": found == nonce, "found": found}
 
 
-def check_storage_shared(storage: RunStorage, timeout_s: float = 300.0) -> str:
+def check_storage_shared(storage: RunStorage, timeout_s: float = 120.0) -> str:
     """Refuse a run storage that some node of the cluster cannot see, before training starts.
 
     The driver writes a marker holding a fresh nonce into the run's storage; a zero-CPU task
@@ -453,6 +463,15 @@ def build_trainer(
             in the controller on the driver's node (so a local MLflow SQLite file is reachable).
         inject_failure: testing hook ``{"step": N, "rank": R, "marker": PATH}``: rank R
             ``os._exit(1)`` s at step N once (the marker file records that it happened).
+
+    Before it builds the trainer it checks, in seconds, what would otherwise fail every worker
+    on every restart: the storage is shared by every node (:func:`check_storage_shared`), a GPU
+    run can get a usable GPU (:func:`use_gpu`, :func:`preflight`), required weights are there.
+
+    Raises:
+        StorageNotShared: some node cannot see the checkpoint storage.
+        GpuUnavailable: a GPU is required but the cluster has none, or CUDA cannot use it.
+        WeightsMissing: ``model.pretrained`` requires a file that a worker's node lacks.
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -579,6 +598,8 @@ def run_distributed(
 
     Raises:
         RunLocked: another live run holds ``out_dir`` or the checkpoint storage.
+        StorageNotShared, GpuUnavailable, WeightsMissing: see :func:`build_trainer` (before
+            any training; ``workers=0`` checks the GPU and the weights in this process).
         ray.train.TrainingFailedError: workers kept failing beyond ``run.max_failures``.
     """
     workers = cfg.run.workers if workers is None else workers
