@@ -105,6 +105,7 @@ BN_MODES = ("batch", "running")
 BACKBONES = ("convnet", "resnet18")
 METHOD_NAMES = ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt")
 GPU_CHOICES = ("auto", "yes", "no")
+ALLREDUCE_DTYPES = ("float64", "float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,18 +235,24 @@ def http_url(v: str) -> str:
     return v
 
 
+#: What ``model.pretrained`` may say besides a file path: ``required`` is ``auto`` that refuses to
+#: train from scratch (the GPU configs use it).
+WEIGHTS_CHOICES = ("auto", "none", "required")
+
+
 def weights_source(v: str) -> str:
-    """``"auto"``, ``"none"`` or the path of a weights file (its existence is checked when the
-    model is built, where the file has to be: a config may be loaded on another machine)."""
-    if v in ("auto", "none"):
+    """``"auto"``, ``"none"``, ``"required"`` or the path of a weights file (existence is checked
+    when the model is built, where the file has to be: a config may be loaded on another machine)."""
+    if v in WEIGHTS_CHOICES:
         return v
-    if v.strip().lower() in ("auto", "none"):
-        raise RuleError(f"must be 'auto', 'none' or a weights file path; got {v!r} (did you mean {v.strip().lower()!r}?)")
+    if v.strip().lower() in WEIGHTS_CHOICES:
+        raise RuleError(f"must be 'auto', 'none' or a weights file path, or 'required'; got {v!r} "
+                        f"(did you mean {v.strip().lower()!r}?)")
     path = PurePath(v.strip())
     if not v.strip() or ("/" not in v and "\\" not in v and not path.suffix):
         raise RuleError(
             f"must be 'auto', 'none' or a weights file path (with a folder or a file extension, "
-            f"e.g. ~/weights/resnet18.pth); got {v!r}"
+            f"e.g. ~/weights/resnet18.pth), or 'required' (the cached ImageNet weights must exist); got {v!r}"
         )
     return v
 
@@ -464,7 +471,7 @@ class ModelConfig(_Section):
     # backbone=resnet18, feature_dim=1000, head_hidden=[1024, 512], dropout=0.5
     # (piaa_dist.model.PAPER_MODEL).
     backbone: str = setting("convnet", one_of(*BACKBONES))  #: "convnet" (small, CPU) or "resnet18" (the paper's)
-    pretrained: str = setting("auto", weights_source)  #: "auto" (torch hub cache if present), "none", or a weights file path
+    pretrained: str = setting("auto", weights_source)  #: "auto" (torch hub cache if present), "required" (the cache file must exist), "none", or a weights file path
     width: int = setting(32, at_least(1))  #: channels of the convnet backbone
     conv_blocks: int = setting(4, at_least(1))  #: conv3x3-BN-ReLU-maxpool blocks of the convnet backbone
     feature_dim: int = setting(128, at_least(1))  #: backbone output size fed to the head (the paper: 1000)
@@ -532,7 +539,9 @@ class RunConfig(_Section):
     cpus_per_worker: float = setting(1.0, positive)
     use_gpu: str = setting("auto", one_of(*GPU_CHOICES), booleans=("yes", "no"))  #: "auto", "yes" or "no"
     threads_per_worker: int = setting(1, at_least(1))  #: torch intra-op threads per worker (fair CPU comparisons)
-    amp: bool = True  #: bf16 autocast of forward passes on CUDA (CPU always runs float32)
+    amp: bool = False  #: bf16 autocast of the backbone on CUDA; off by default: bf16 second-order meta-gradients miss cosine 0.99 vs float64 (tests/test_precision.py)
+    tf32: bool = False  #: allow TF32 tensor cores for float32 convolutions/matmuls on CUDA (faster; off keeps float32 exact)
+    allreduce_dtype: str = setting("float64", one_of(*ALLREDUCE_DTYPES))  #: per-step all-reduce: "float64" (exact sums) or "float32" (half the bytes)
     checkpoint_every: int = setting(50, at_least(0))  #: meta-steps between checkpoints (0 = only at the end)
     storage_path: str = setting("", storage_url)  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
     max_failures: int = setting(2, at_least(-1))  #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)

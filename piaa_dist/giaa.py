@@ -90,7 +90,8 @@ def train_giaa(
             (:func:`check_training_users` refuses them); callers pass
             :func:`piaa_dist.train.meta_training_users`, so both priors see the same data.
         progress: show a tqdm bar over optimization steps.
-        device: where to train; CPU by default.
+        device: where to train; CPU by default. A CUDA device must be usable (else
+            :class:`piaa_dist.gpu.GpuUnavailable`, naming the driver found and needed).
 
     Returns:
         The trained model on CPU, in eval mode.
@@ -103,7 +104,11 @@ def train_giaa(
     if not users:
         raise ValueError("train_giaa needs at least one training user")
     check_training_users(cfg, dataset, users)
-    device = device or torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        from piaa_dist.gpu import require_cuda
+
+        require_cuda("GIAA training")
     seed = int(cfg.run.seed) + _SEED_OFFSET
 
     # Pool every rating: the jpeg bytes stay compressed in memory and are decoded per batch,
@@ -136,35 +141,121 @@ def train_giaa(
     if not cfg.data.augment and n * 3 * size * size * 4 <= _PREDECODE_BYTES:
         decoded = decode_batch(jpegs, size, False)
 
-    steps = range(int(cfg.giaa.steps))
+    total = int(cfg.giaa.steps)
+    log_every = max(1, cfg.run.log_every * 10) if cfg.run.log_every else 0
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="giaa", unit="step")
+        bar = tqdm(total=total, desc="giaa", unit="step")
+    pin = device.type == "cuda"
+    # Sampling and decoding run in a background thread, one batch ahead of the model, in the
+    # same order as a single-threaded loop (so the same seed gives the same model); the loss is
+    # read back from the device only when it is logged, so a GPU is never waited on per step.
+    batches = _Prefetch(_batches(jpegs, target_t, gen, batch, size, cfg.data.augment, decoded,
+                                 total, pin), depth=2)
+    running = None
+    try:
+        for step, (images, targets) in enumerate(batches):
+            images = images.to(device, non_blocking=pin)
+            targets = targets.to(device, non_blocking=pin)
+            loss = F.mse_loss(model(images), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            # An exponential average kept on the device (no .item() per step).
+            running = loss.detach().clone() if running is None else running.mul_(0.9).add_(loss.detach(), alpha=0.1)
+            if bar is not None:
+                bar.update(1)
+            if log_every and (step + 1) % log_every == 0:
+                value = float(running)  # the one sync, every log_every * 10 steps
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.4f}")
+                else:
+                    log.debug("GIAA step %d: loss %.4f", step + 1, value)
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+    running = float(running) if running is not None else None
+    log.info("GIAA: final smoothed training loss %.4f", running if running is not None else float("nan"))
+    model.eval()
+    return model.cpu()
+
+
+def _batches(jpegs: Sequence[bytes], targets: torch.Tensor, gen: torch.Generator, batch: int,
+             size: int, augment: bool, decoded: torch.Tensor | None, steps: int, pin: bool):
+    """The training batches ``(images, targets)``: epochs of a seeded permutation of the pool.
+
+    Every draw from ``gen`` (permutations, augmentation) happens here, in step order, so the
+    batches do not depend on which thread produces them.
+    """
+    n = len(jpegs)
     # Epoch-style sampling without replacement: every rating is seen equally often.
     order = torch.randperm(n, generator=gen)
     pos = 0
-    running = None
-    for step in steps:
+    for _ in range(steps):
         if pos + batch > n:
             order = torch.randperm(n, generator=gen)
             pos = 0
         idx = order[pos : pos + batch]
         pos += batch
         if decoded is not None:
-            images = decoded[idx].to(device)
+            images = decoded[idx]
         else:
-            images = decode_batch([jpegs[i] for i in idx.tolist()], size, cfg.data.augment, gen).to(device)
-        loss = F.mse_loss(model(images), target_t[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-        if progress:
-            steps.set_postfix(loss=f"{running:.4f}")
-        elif cfg.run.log_every and (step + 1) % max(1, cfg.run.log_every * 10) == 0:
-            log.debug("GIAA step %d: loss %.4f", step + 1, running)
-    log.info("GIAA: final smoothed training loss %.4f", running if running is not None else float("nan"))
-    model.eval()
-    return model.cpu()
+            images = decode_batch([jpegs[i] for i in idx.tolist()], size, augment, gen)
+        ys = targets[idx]
+        if pin:  # page-locked, so the copy to the GPU can overlap the previous step
+            images, ys = images.pin_memory(), ys.pin_memory()
+        yield images, ys
+
+
+class _Prefetch:
+    """Iterate ``source`` in a background thread, at most ``depth`` items ahead.
+
+    An exception in the producer is re-raised by the consumer; :meth:`close` stops the producer
+    (it is a daemon thread either way).
+    """
+
+    _DONE = object()
+
+    def __init__(self, source, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True,
+                                        name="giaa-prefetch")
+        self._thread.start()
+
+    def _run(self, source) -> None:
+        import queue
+
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put((True, self._DONE))
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._queue.put((False, err))
+
+    def __iter__(self):
+        while True:
+            ok, item = self._queue.get()
+            if not ok:
+                raise item
+            if item is self._DONE:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -178,11 +178,15 @@ def loss_fn(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str
         batch: ``(images [N,3,S,S], targets [N])``.
 
     Returns:
-        Scalar loss tensor.
+        Scalar loss tensor, at least float32: under reduced-precision autocast the prediction
+        is compared with float32 targets in float32 (never targets rounded to bf16, whose
+        resolution near 0.6 is ~0.004, a large part of a typical residual); a float64 model
+        keeps float64.
     """
     images, targets = batch
     pred = functional_call(model, (dict(params), dict(buffers)), (images,))
-    return F.mse_loss(pred, targets.to(pred.dtype))
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    return F.mse_loss(pred.to(dtype), targets.to(dtype))
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@
 * ``resnet18``: torchvision's ResNet-18, the paper's backbone. ImageNet weights are loaded
   from a local file only (this project never downloads): ``pretrained`` is a path to a
   state-dict file, or ``"auto"`` to use torchvision's cache file
-  ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` when it exists, or ``"none"``.
+  ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` when it exists, ``"required"`` for the
+  same file when it must exist (:class:`WeightsMissing` otherwise), or ``"none"``.
 * ``convnet``: a small CNN (4 × conv3x3-BN-ReLU-maxpool, global average pool, linear) that
   makes a CPU meta-step cheap at 32-64 px. It has no pretrained weights.
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from piaa_dist.config import BACKBONES, ModelConfig  # names validated at config load
+from piaa_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +123,62 @@ class AestheticModel(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predict ``score / 5`` for each image."""
-        return self.head(self.backbone(x))
+        """Predict ``score / 5`` for each image.
+
+        Under autocast (:func:`autocast`) only the backbone runs in reduced precision: the
+        head, which maps features to a score in (0, 1) whose differences from the targets
+        are a few hundredths, runs in float32 (bf16 resolves ~0.004 at 0.6, which would be
+        most of a residual). It is a tiny part of the compute.
+        """
+        feats = self.backbone(x)
+        device_type = feats.device.type
+        # (autocast has no notion of some device types, e.g. "meta": never active there)
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self.head(feats.float())
+        return self.head(feats)
 
 
-def _resnet18_weights_path(pretrained: str) -> Path | None:
-    """Resolve ``cfg.pretrained`` to an existing weights file, or None for scratch.
+class WeightsMissing(UserError, FileNotFoundError):
+    """ImageNet weights were required (``model.pretrained: required`` or a path) but are not there.
+
+    The message names every place looked at and how to provide the file.
+    """
+
+
+def weights_cache_path() -> Path:
+    """Where torchvision's ResNet-18 ImageNet weights are looked for:
+    ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` (``torch.hub.get_dir()``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_WEIGHTS_FILE
+
+
+def resolve_pretrained(pretrained: str) -> Path | None:
+    """Resolve ``model.pretrained`` to an existing weights file, or None for from scratch.
+
+    * ``"none"``: None.
+    * ``"auto"``: :func:`weights_cache_path` when it exists, else None with a warning.
+    * ``"required"``: :func:`weights_cache_path`, which must exist (the GPU configs use this:
+      a multi-hour GPU run must not silently start from scratch).
+    * a path: that file, which must exist.
 
     Raises:
-        FileNotFoundError: ``pretrained`` names an explicit path that does not exist (a typo
-            should not silently become a from-scratch run).
+        WeightsMissing: ``required`` or an explicit path, and no file there (the message names
+            the path looked at and how to provide the weights).
     """
     if pretrained == "none":
         return None
-    if pretrained == "auto":
-        path = Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_WEIGHTS_FILE
+    if pretrained in ("auto", "required"):
+        path = weights_cache_path()
         if path.is_file():
             return path
+        if pretrained == "required":
+            raise WeightsMissing(
+                f"model.pretrained=required: no ImageNet ResNet-18 weights at {path} "
+                f"($TORCH_HOME/hub/checkpoints/{RESNET18_WEIGHTS_FILE} on {os.uname().nodename}). "
+                "Provide torchvision's file there on every node (docker/Dockerfile bakes "
+                f"docker/weights/{RESNET18_WEIGHTS_FILE} into the image; see README, GPU clusters) "
+                "or set model.pretrained=PATH, or model.pretrained=auto to allow training from scratch"
+            )
         log.warning(
             "no ImageNet weights found at %s; training from scratch "
             "(place torchvision's %s there or set model.pretrained=PATH)",
@@ -147,7 +188,7 @@ def _resnet18_weights_path(pretrained: str) -> Path | None:
         return None
     path = Path(os.path.expanduser(pretrained))
     if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: no weights file at {path}")
+        raise WeightsMissing(f"model.pretrained: no weights file at {path} (on {os.uname().nodename})")
     return path
 
 
@@ -156,7 +197,7 @@ def _build_resnet18(cfg: ModelConfig) -> nn.Module:
 
     # weights=None: torchvision would otherwise try to download; we load the file ourselves.
     net = resnet18(weights=None)
-    path = _resnet18_weights_path(cfg.pretrained)
+    path = resolve_pretrained(cfg.pretrained)
     if path is not None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
@@ -178,7 +219,8 @@ def build_model(cfg: ModelConfig) -> AestheticModel:
 
     Raises:
         ValueError: unknown backbone or invalid sizes.
-        FileNotFoundError: ``cfg.pretrained`` is a path that does not exist.
+        WeightsMissing: ``cfg.pretrained`` is ``required`` or a path, and the file is not
+            there (a ``FileNotFoundError``).
     """
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"model.backbone: unknown {cfg.backbone!r}; choose from {BACKBONES}")
@@ -187,7 +229,7 @@ def build_model(cfg: ModelConfig) -> AestheticModel:
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.backbone == "convnet":
-        if cfg.pretrained not in ("auto", "none"):
+        if cfg.pretrained not in ("auto", "none"):  # "required" too: a convnet has none
             raise ValueError("model.pretrained: the convnet backbone has no pretrained weights")
         backbone: nn.Module = ConvNet(cfg.width, cfg.feature_dim, cfg.conv_blocks)
     else:
@@ -201,35 +243,63 @@ def head_names(model: AestheticModel) -> set[str]:
     return {f"head.{name}" for name, _ in model.head.named_parameters()}
 
 
-def select_device(pref: str = "auto") -> torch.device:
-    """Pick the compute device.
+def select_device(pref: str = "auto", what: str = "this job") -> torch.device:
+    """Pick the compute device (see :func:`piaa_dist.gpu.select_device`).
 
     Args:
-        pref: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
+        pref: ``"auto"`` (CUDA when usable, else CPU), ``"cpu"``, ``"cuda"`` or
             ``"cuda:N"``; also accepts the RunConfig spellings ``"yes"``/``"no"``.
+        what: who asks, for the error message.
 
     Raises:
-        RuntimeError: CUDA was asked for but is not available.
+        GpuUnavailable: CUDA was asked for but is not usable (a ``RuntimeError`` whose message
+            names the NVIDIA driver found and the one torch needs).
     """
-    pref = {"yes": "cuda", "no": "cpu"}.get(pref, pref)
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(pref)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {pref!r} requested but CUDA is not available")
-    return device
+    from piaa_dist.gpu import select_device as _select
+
+    return _select(pref, what)
+
+
+#: The reduced precision of :func:`autocast` (the GPU configs' ``run.amp``).
+AMP_DTYPE = torch.bfloat16
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device | str, enabled: bool = True) -> Iterator[None]:
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs stay float32 for exact math).
+def autocast(device: torch.device | str, enabled: bool = True, *,
+             emulate_on_cpu: bool = False) -> Iterator[None]:
+    """bf16 autocast of the backbone on CUDA; a no-op elsewhere (CPU runs stay float32).
 
-    Use around forward passes (including the inner loop); losses are computed in float32 by
-    autocast's own policy for ``mse_loss``.
+    What runs in bf16 is deliberately narrow, because the meta-gradient differentiates
+    through the inner loop twice: only autocast's own op lists inside the backbone
+    (convolutions, linear layers). :class:`AestheticModel` runs its head in float32 and
+    :func:`piaa_dist.meta.loss_fn` computes the loss against float32 targets.
+
+    Args:
+        device: the compute device; autocast is active only for CUDA.
+        enabled: False makes this a no-op.
+        emulate_on_cpu: apply the same bf16 policy on CPU (tests and benchmarks use it to
+            measure what the GPU configuration does to the meta-gradient).
     """
     device = torch.device(device)
-    if enabled and device.type == "cuda":
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+    if enabled and (device.type == "cuda" or (emulate_on_cpu and device.type == "cpu")):
+        with torch.autocast(device_type=device.type, dtype=AMP_DTYPE):
             yield
     else:
         yield
+
+
+def set_float32_precision(tf32: bool) -> None:
+    """Whether CUDA float32 convolutions and matmuls may use TF32 tensor cores (process-wide).
+
+    PyTorch lets cuDNN convolutions use TF32 by default on Ampere and newer GPUs; ``tf32=False``
+    makes float32 mean IEEE float32 for both convolutions and matmuls (what the precision test
+    checks and the determinism note assumes). A no-op without CUDA.
+    """
+    mode = "tf32" if tf32 else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9's API
+        conv.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+    else:
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32

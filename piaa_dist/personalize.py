@@ -162,6 +162,7 @@ def personalize(
     score_images: Sequence[Path],
     *,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> list[tuple[Path, float]]:
     """Adapt `model` on `ratings` and score `score_images`, best first.
 
@@ -172,13 +173,26 @@ def personalize(
     to score. With the same images, ratings and seed the predictions equal ``evaluate``'s bit
     for bit (``tests/test_protocol.py``).
 
+    Args:
+        device: where to fine-tune and score (``piaa_dist.model.select_device(cfg.run.use_gpu)``
+            picks it the way every job does); None keeps the model where it is. A CUDA device
+            must be usable.
+
     Raises:
         DataError: an unreadable image, naming the file.
         ConfigError: an invalid fine-tuning budget in `cfg`.
+        GpuUnavailable: a CUDA device was given but CUDA cannot use it here (names the driver).
 
     Returns:
         ``[(image, predicted score on the 1–5 scale)]`` sorted from highest to lowest.
     """
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            from piaa_dist.gpu import require_cuda
+
+            require_cuda("personalize")
+        model = model.to(device)
     size = cfg.data.image_size
     budget = finetune_budget(cfg, model)
     support = (load_images(ratings.images, size), score_targets(ratings.scores))

@@ -75,13 +75,22 @@ class MetaTrainer:
     """
 
     def __init__(self, cfg: JobConfig, model: nn.Module, device: torch.device | None = None):
+        from piaa_dist.gpu import require_cuda
         from piaa_dist.meta import meta_kwargs
-        from piaa_dist.model import select_device
+        from piaa_dist.model import select_device, set_float32_precision
 
         if cfg.meta.flavour not in FLAVOURS:
             raise ValueError(f"meta.flavour: unknown {cfg.meta.flavour!r}; choose from {FLAVOURS}")
         self.cfg = cfg
-        self.device = torch.device(device) if device is not None else select_device(cfg.run.use_gpu)
+        self.device = (torch.device(device) if device is not None
+                       else select_device(cfg.run.use_gpu, "meta-training"))
+        if self.device.type == "cuda":
+            # A GPU handed in (e.g. by Ray) must be usable: fail here, naming the driver,
+            # rather than in model.to() with CUDA's own message.
+            require_cuda("meta-training")
+            # float32 means float32 unless run.tf32 says otherwise (cuDNN convolutions use
+            # TF32 by default on Ampere+, which the precision test does not cover).
+            set_float32_precision(tf32=cfg.run.tf32)
         self.model = model.to(self.device)
         self.model.train()
         self.step_count = 0
@@ -94,9 +103,17 @@ class MetaTrainer:
             n for n, b in self.model.named_buffers() if torch.is_floating_point(b)
         ]
         self._meta_kwargs = meta_kwargs(self.model, cfg.meta)
-        # bf16 autocast of forward passes only on CUDA (CPU runs stay float32 so that the
-        # 1-vs-N-rank and resume checks hold); the reduce is float64, clipping and Adam float32.
+        # bf16 autocast of the backbone's forward passes only on CUDA (CPU runs stay float32 so
+        # that the 1-vs-N-rank and resume checks hold); losses and targets are float32 (see
+        # piaa_dist.meta.loss_fn), the reduce float64 unless run.allreduce_dtype says float32,
+        # clipping and Adam float32.
         self.amp = bool(cfg.run.amp) and self.device.type == "cuda"
+        if self.amp:
+            log.warning(
+                "run.amp: bf16 autocast on %s. Measured on ResNet-18 (CPU autocast as a stand-in), "
+                "bf16 meta-gradients agree with float64 only to cosine ~0.8; the GPU configs run "
+                "float32 (run.amp=false, see README: GPU clusters)", self.device,
+            )
         self.optimizer = self._make_optimizer()
         self.last_grad: torch.Tensor | None = None  #: averaged flat meta-gradient of the last step
 
@@ -239,8 +256,21 @@ class MetaTrainer:
         """
         flat = self.local_flat(tasks)
         if reduce is not None:
-            flat = reduce(flat)
+            flat = self.reduce_flat(flat, reduce)
         return self.apply_flat(flat)
+
+    def reduce_flat(self, flat: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+        """SUM over ranks of this rank's float64 :meth:`local_flat`, in ``run.allreduce_dtype``.
+
+        ``"float64"`` (the default) sends the float64 sums as they are: exact, so 1 and N ranks
+        apply bit-identical updates. ``"float32"`` halves the bytes on the wire: each rank's sum
+        is rounded to float32 and the ranks' sums are added in float32 (a relative error of
+        about 1e-7 per element, order-dependent across ranks); the result comes back as float64
+        so :meth:`apply_flat` is unchanged. ``benchmarks/allreduce.py`` measures both.
+        """
+        if self.cfg.run.allreduce_dtype == "float32":
+            return reduce(flat.to(torch.float32)).to(torch.float64)
+        return reduce(flat)
 
     def sync_from_rank0(self, reduce: Reduce, rank: int) -> None:
         """Make every rank's weights equal rank 0's using only the SUM reduce.

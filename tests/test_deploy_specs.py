@@ -522,3 +522,191 @@ def test_dockerfile_base_user_pins_and_no_weight_downloads():
         assert forbidden not in runs, f"the image must not download weights ({forbidden})"
     exposed = {int(p) for i, a in instrs if i == "EXPOSE" for p in a.split()}
     assert {GCS, DASHBOARD, CLIENT, MLFLOW} <= exposed
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU stack: image, pinned torch, driver requirement, machine images, node selection
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict:
+    return _load(CLUSTER / "gpu-stack.yaml")
+
+
+def _cuda_of_tag(tag: str) -> str:
+    """'cu121' -> '12.1', 'cu130' -> '13.0' (Ray's and PyTorch's platform tags)."""
+    digits = re.fullmatch(r"cu(\d+)(\d)", tag)
+    assert digits, f"not a CUDA platform tag: {tag!r}"
+    return f"{digits.group(1)}.{digits.group(2)}"
+
+
+def test_gpu_stack_agrees_with_the_image_the_pins_and_the_installed_torch(stack):
+    """cluster/gpu-stack.yaml records the choice; everything that installs or checks it agrees."""
+    import importlib.metadata
+
+    import torch
+
+    from piaa_dist.gpu import required_driver
+
+    args = _dockerfile_args()
+    assert args["RAY_VERSION"] == stack["ray_version"]
+    assert f"rayproject/ray:{args['RAY_VERSION']}-py311-{args['RAY_CUDA']}" == stack["ray_image"]
+    assert _cuda_of_tag(args["RAY_CUDA"]) == stack["ray_image_cuda"]
+    assert args["TORCH_VERSION"] == stack["torch"] and args["TORCHVISION_VERSION"] == stack["torchvision"]
+    assert args["TORCH_CUDA"] == stack["torch_cuda"]
+    makefile = (REPO / "Makefile").read_text()
+    assert f'torch=={stack["torch"]}' in makefile and f'torchvision=={stack["torchvision"]}' in makefile
+    # The torch build is PyPI's (the one the Makefile installs and the tests run): no other index.
+    runs = [a for i, a in _dockerfile() if i == "RUN" and "torch==" in a]
+    assert runs and not any("index-url" in r for r in runs)
+    # The image tells the NVIDIA container toolkit which CUDA it needs: torch's, not the base's.
+    envs = " ".join(a for i, a in _dockerfile() if i == "ENV")
+    assert 'NVIDIA_REQUIRE_CUDA="cuda>=${TORCH_CUDA}"' in envs
+    # The installed torch is that build: its version, and the CUDA runtime its wheel bundles.
+    if torch.__version__.split("+")[0] != stack["torch"] or torch.version.cuda is None:
+        pytest.skip(f"installed torch {torch.__version__} is not the pinned CUDA build")
+    assert torch.version.cuda == stack["torch_cuda"]
+    runtime = [r for r in importlib.metadata.requires("torch") or []
+               if r.startswith(("cuda-toolkit", "nvidia-cuda-runtime"))]  # the wheel's CUDA libraries
+    assert runtime and re.search(rf"=={re.escape(stack['torch_cuda'])}\.", runtime[0]), runtime
+    # The driver: what piaa_dist.gpu checks at run time, and enough for the image's own CUDA too.
+    assert stack["min_nvidia_driver"] == required_driver(stack["torch_cuda"])
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(required_driver(stack["ray_image_cuda"])) <= as_tuple(stack["min_nvidia_driver"])
+    assert stack["min_nvidia_driver_major"] == as_tuple(stack["min_nvidia_driver"])[0]
+
+
+def test_aws_nodes_boot_the_pinned_machine_image(aws, stack):
+    """No `latest_dlami` (Ray 2.60 resolves it to a CUDA 11-era AMI): every node type boots the
+    image of cluster/gpu-stack.yaml, and the spec says which driver it must carry."""
+    for name, node_type in aws["available_node_types"].items():
+        assert node_type["node_config"]["ImageId"] == stack["aws_image_id"], name
+    assert stack["aws_image_id"].startswith("resolve:ssm:/aws/service/deeplearning/ami/")
+    header = (CLUSTER / "aws-gpu.yaml").read_text()
+    assert stack["min_nvidia_driver"] in header and "gpu-stack.yaml" in header
+
+
+def test_kuberay_gpu_pods_only_land_on_nodes_with_the_driver(rayjob, stack):
+    spec = rayjob["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == stack["ray_version"]
+    threshold = str(stack["min_nvidia_driver_major"] - 1)
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                         for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups
+    for group in gpu_groups:
+        terms = group["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        labels = set()
+        for term in terms:  # terms are OR-ed; each must demand the driver on its own
+            (expr,) = term["matchExpressions"]
+            assert expr["operator"] == "Gt" and expr["values"] == [threshold], expr
+            labels.add(expr["key"])
+        assert labels == set(stack["kubernetes_driver_labels"])
+
+
+def test_dockerfile_bakes_the_weights_in_and_can_require_them(tmp_path):
+    """docker/weights/ is copied into torchvision's cache (where model.pretrained looks), the build
+    runs the package's own resolver with PRETRAINED (auto by default; required fails without the
+    file, naming where it looked), and the file stays out of git and `ray job submit` uploads."""
+    import os
+    import subprocess
+    import sys
+
+    instrs = _dockerfile()
+    copies = [shlex.split(a) for i, a in instrs if i == "COPY"]
+    weights = [c for c in copies if c[-2] == "docker/weights/"]
+    assert weights and weights[0][-1] == "${TORCH_HOME}/hub/checkpoints/"
+    env = " ".join(a for i, a in instrs if i == "ENV")
+    torch_home = re.search(r"TORCH_HOME=(\S+)", env).group(1)
+    assert _dockerfile_args()["PRETRAINED"] == "auto"
+    check = next(a for i, a in instrs if i == "RUN" and "resolve_pretrained" in a)
+    assert "${PRETRAINED}" in check
+    assert (DOCKER / "weights" / "README.md").is_file()
+    assert "*.pth" in (DOCKER / "weights" / ".gitignore").read_text().split()
+    assert "--build-arg PRETRAINED=required" in (DOCKER / "weights" / "README.md").read_text()
+    assert "--build-arg PRETRAINED=required" in (CLUSTER / "aws-gpu.yaml").read_text()
+    patterns = [line.strip() for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert not _ignored("docker/weights/resnet18-f37072fd.pth", patterns)
+    # The RUN line itself, as the build runs it (TORCH_HOME as the image sets it, here a temp dir).
+    code = shlex.split(check)[-1]
+    home = tmp_path / torch_home.strip("/")
+    run = lambda pretrained: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code.replace("${PRETRAINED}", pretrained)], capture_output=True, text=True,
+        env={**os.environ, "TORCH_HOME": str(home)}, cwd=REPO, timeout=300)
+    assert run("auto").returncode == 0
+    failed = run("required")
+    assert failed.returncode != 0 and f"{home}/hub/checkpoints/resnet18-f37072fd.pth" in failed.stderr
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    (home / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"weights")
+    assert run("required").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands users copy: state on shared storage, GPUs where the driver computes
+
+
+def _commands(text: str) -> list[str]:
+    """Every `ray job submit ...` command in a text (README code, YAML comments), continuation
+    lines joined and comment markers removed."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    start = re.compile(r"\bray job submit\s+-")  # a command, not `ray job submit` named in prose
+    joined, buf = [], ""
+    for line in lines:
+        if buf or start.search(line):
+            buf += " " + line.rstrip().rstrip("\\").strip()
+            if not line.rstrip().endswith("\\"):
+                joined.append(buf.strip())
+                buf = ""
+    return [j[j.index("ray job submit"):] for j in joined]
+
+
+def _job(command: str) -> tuple[str, list[str]]:
+    args = shlex.split(command)
+    script = next(a for a in args if a.startswith("jobs/") and a.endswith(".py"))
+    return script, args
+
+
+def test_cluster_commands_keep_state_on_s3_and_ask_for_their_gpus(rayjob):
+    readme = (REPO / "README.md").read_text()
+    sources = {
+        "README.md": _commands(readme),
+        "cluster/aws-gpu.yaml": _commands((CLUSTER / "aws-gpu.yaml").read_text()),
+        "docker/compose.yaml": _commands((DOCKER / "compose.yaml").read_text()),
+        "jobs/configs/gpu.yaml": _commands((REPO / "jobs/configs/gpu.yaml").read_text().splitlines()[0]),
+    }
+    seen = set()
+    for source, commands in sources.items():
+        assert commands, f"{source} shows no `ray job submit` command"
+        for command in commands:
+            script, args = _job(command)
+            seen.add((source, script))
+            assert (REPO / script).is_file(), command
+            if script in ("jobs/train.py", "jobs/tune.py"):
+                # checkpoints and Tune results on S3, never the driver's disk
+                storage = [a for a in args if a.startswith("run.storage_path=")]
+                assert storage and storage[0].split("=", 1)[1].startswith("s3://"), f"{source}: {command}"
+                assert _flag_value(args, "--data").startswith("s3://"), f"{source}: {command}"
+            if script in ("jobs/evaluate.py", "jobs/personalize.py") and source != "docker/compose.yaml":
+                # they compute in the driver: on a GPU cluster the driver must get a GPU
+                gpus = _flag_value(args, "--entrypoint-num-gpus")
+                assert gpus is not None and float(gpus) >= 1, f"{source}: {command}"
+                assert args.index("--entrypoint-num-gpus") < args.index("--"), command
+    # the README shows every job on a cluster
+    assert {s for src, s in seen if src == "README.md"} == set(EXPECTED_JOBS)
+    # the RayJob's entrypoint too
+    args = shlex.split(rayjob["spec"]["entrypoint"])
+    storage = [a for a in args if a.startswith("run.storage_path=")]
+    assert storage and storage[0].split("=", 1)[1].startswith("s3://")
+    assert "entrypointNumGpus" not in rayjob["spec"]  # a train driver needs none
+
+
+def test_the_commands_flag_checker_can_fail():
+    """The parser above sees a missing GPU request and a head-local storage path."""
+    bad = ("ray job submit --working-dir . -- python jobs/evaluate.py --data s3://b/d \\\n"
+           "    --model models:/m@a\n"
+           "ray job submit -- python jobs/train.py --config jobs/configs/gpu.yaml --data s3://b/d")
+    (evaluate, train) = _commands(bad)
+    assert _flag_value(_job(evaluate)[1], "--entrypoint-num-gpus") is None
+    assert not [a for a in _job(train)[1] if a.startswith("run.storage_path=")]

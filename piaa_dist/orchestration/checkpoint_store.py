@@ -40,6 +40,7 @@ from piaa_dist.checkpoint import (
     save_training_state,
 )
 from piaa_dist.config import JobConfig, dump_config
+from piaa_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ IN_PROCESS_DIR = "local"
 #: pointer file naming the newest checkpoint folder an in-process run saved
 LATEST = "LATEST"
 CHECKPOINT_CONFIG_FILE = "config.yaml"
+#: file in a run's storage folder that the driver writes and every node must read back
+VISIBILITY_MARKER = ".piaa-storage-check"
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{6,})$")
 
@@ -69,6 +72,10 @@ def absolute_url(url: str) -> str:
     if "://" in url:
         return url
     return str(Path(url).expanduser().resolve())
+
+
+class StorageNotShared(UserError):
+    """A run's checkpoint storage is not the same storage on every node of the cluster."""
 
 
 def _is_local(fs: Any) -> bool:
@@ -146,6 +153,30 @@ class RunStorage:
         if self.is_local or path.startswith("s3://"):
             return path
         return f"s3://{path}"
+
+    def visibility_marker_path(self) -> str:
+        """The marker file that shows whether a node sees this run's storage (a filesystem path)."""
+        return self.run_path(VISIBILITY_MARKER)
+
+    def write_visibility_marker(self) -> str:
+        """Write a fresh nonce into :meth:`visibility_marker_path` (atomically); return it.
+
+        A node that reads back this nonce sees the same storage as the writer; a node that
+        reads nothing, or an older nonce, has a storage of its own (a local folder of the same
+        name), whatever the path looks like.
+        """
+        nonce = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.filesystem.create_dir(self.run_path(), recursive=True)
+        write_pointer(self, self.visibility_marker_path(), nonce)
+        return nonce
+
+    def read_visibility_marker(self) -> str | None:
+        """The nonce this node reads at :meth:`visibility_marker_path` (None: no marker)."""
+        try:
+            return read_pointer(self, self.visibility_marker_path())
+        except OSError as err:
+            log.warning("cannot read %s: %s", self.url_of(self.visibility_marker_path()), err)
+            return None
 
     def ray_storage(self) -> tuple[str, Any | None]:
         """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``.
@@ -430,6 +461,8 @@ __all__ = [
     "InProcessCheckpoints",
     "ResumePoint",
     "RunStorage",
+    "StorageNotShared",
+    "VISIBILITY_MARKER",
     "absolute_url",
     "checkpoint_dir_name",
     "load_checkpoint",

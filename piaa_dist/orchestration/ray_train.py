@@ -43,6 +43,7 @@ from piaa_dist.orchestration.checkpoint_store import (
     DEFAULT_NAME,
     KEEP_CHECKPOINTS,
     RunStorage,
+    StorageNotShared,
     absolute_url,
     checkpoint_dir_name,
     load_checkpoint,
@@ -96,16 +97,230 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def use_gpu(cfg: JobConfig) -> bool:
-    """Whether Train workers get a GPU: ``run.use_gpu`` yes/no, or "auto" (the cluster has one)."""
+#: Where ``ray up`` puts the cluster launcher's autoscaling config on the head node (the file
+#: the autoscaler itself reads, ``--autoscaling-config``); job drivers run on the head.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def _gpus_in_autoscaling_config(path: Path) -> float:
+    """GPUs the node types of a cluster launcher config can add: sum of GPU × max nodes."""
+    from ray.autoscaler.v2.instance_manager.config import FileConfigReader
+
+    types = FileConfigReader(str(path), skip_content_hash=True).get_cached_autoscaling_config()
+    return float(sum(float(t.resources.get("GPU", 0)) * max(0, t.max_worker_nodes)
+                     for t in (types.get_node_type_configs() or {}).values()))
+
+
+def gpu_capacity(bootstrap_config: str | Path | None = None) -> tuple[float, str]:
+    """GPUs the connected Ray cluster has now or can get by autoscaling, and the source.
+
+    In order: the cluster's current resources; the autoscaler's cluster config in the GCS
+    (``ClusterConfig``: what Ray Train's own resource check reads, reported by autoscalers that
+    publish it); the cluster launcher's autoscaling config on this node (``ray up`` puts it at
+    :data:`BOOTSTRAP_CONFIG` on the head, where job drivers run). A cluster whose GPU nodes
+    scale from zero has no GPU at submit time, so the first figure alone would be 0.
+
+    Args:
+        bootstrap_config: the autoscaling config file to read (default :data:`BOOTSTRAP_CONFIG`).
+
+    Returns:
+        ``(gpus, where the figure comes from)``; ``(0.0, ...)`` when no source offers a GPU.
+    """
+    import ray
+
+    now = float(ray.cluster_resources().get("GPU", 0))
+    if now > 0:
+        return now, "the cluster's current resources"
+    try:
+        # No public API yet: Ray Train's worker group reads the same (ray._private.state).
+        from ray._private.state import state as gcs_state
+
+        limits = gcs_state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an older GCS without the key: fall through
+        log.debug("no cluster config in the GCS", exc_info=True)
+        limits = {}
+    if float(limits.get("GPU", 0)) > 0:
+        return float(limits["GPU"]), "the autoscaler's cluster config (GCS)"
+    path = Path(bootstrap_config or BOOTSTRAP_CONFIG).expanduser()
+    if path.is_file():
+        try:
+            gpus = _gpus_in_autoscaling_config(path)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is no evidence of GPUs
+            log.warning("cannot read the autoscaling config %s: %s", path, err)
+            gpus = 0.0
+        if gpus > 0:
+            return gpus, f"the autoscaling config {path}"
+    return 0.0, "no GPU in the cluster now and no autoscaler config that can add one"
+
+
+def use_gpu(cfg: JobConfig, bootstrap_config: str | Path | None = None) -> bool:
+    """Whether Train workers get a GPU (Ray must be initialised for "auto" and "yes").
+
+    * ``run.use_gpu: no``: never.
+    * ``auto``: when the cluster can provide GPUs, including by autoscaling
+      (:func:`gpu_capacity`), not only when one is idle at submit time.
+    * ``yes``: always; a cluster that has no GPU and cannot get one is refused here, at
+      once, instead of Ray Train waiting forever for a GPU (or a run quietly on CPU).
+
+    Raises:
+        GpuUnavailable: ``yes`` and :func:`gpu_capacity` is 0 (the message also states this
+            machine's NVIDIA driver and the one torch needs).
+    """
     choice = cfg.run.use_gpu
-    if choice == "yes":
-        return True
     if choice == "no":
         return False
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    if not ray.is_initialized():
+        if choice == "yes":
+            return True
+        return False
+    gpus, source = gpu_capacity(bootstrap_config)
+    if choice == "auto":
+        log.info("run.use_gpu=auto: %s (%s)", f"{gpus:g} GPU(s), Train workers use one each"
+                 if gpus > 0 else "no GPU, Train workers run on CPU", source)
+        return gpus > 0
+    if gpus <= 0:
+        from piaa_dist.gpu import GpuUnavailable, cuda_report
+
+        raise GpuUnavailable(
+            f"run.use_gpu=yes, but the Ray cluster has no GPU and cannot get one ({source}); "
+            f"this driver's node: {cuda_report().diagnosis()}. Submit to a cluster with GPU "
+            "nodes (cluster/aws-gpu.yaml, cluster/kuberay.yaml) or set run.use_gpu=no"
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before a run starts (every one fails in seconds, before any training)
+
+
+def _worker_preflight(model_cfg: dict, gpu: bool) -> tuple[str, str] | None:
+    """Runs where a Train worker would: is its GPU usable, are the required weights there?"""
+    from piaa_dist.config import config_from_dict
+
+    if gpu:
+        from piaa_dist.gpu import GpuUnavailable, require_cuda
+
+        try:
+            require_cuda("a Train worker's node")
+        except GpuUnavailable as err:
+            return "gpu", str(err)
+    cfg = config_from_dict({"model": model_cfg})
+    if cfg.model.backbone == "resnet18":
+        from piaa_dist.model import WeightsMissing, resolve_pretrained
+
+        try:
+            resolve_pretrained(cfg.model.pretrained)
+        except WeightsMissing as err:
+            return "weights", str(err)
+    return None
+
+
+def preflight(cfg: JobConfig, gpu: bool, timeout_s: float = 1800.0) -> None:
+    """Run :func:`_worker_preflight` once with a Train worker's resources, before the Train run.
+
+    Only when there is something to check (a GPU, or weights that are ``required`` or a path):
+    a GPU node with an unusable driver or without the weights then fails the submission with
+    the reason, instead of every Train worker failing on every restart. On a cluster whose GPU
+    nodes scale from zero, the probe waits for the first GPU node (as the Train run would), at
+    most ``timeout_s``; after that the check is skipped with a warning (the workers still check).
+
+    Raises:
+        GpuUnavailable: the probe's node has a GPU assigned that CUDA cannot use.
+        WeightsMissing: the probe's node lacks the required ImageNet weights.
+    """
+    required_weights = cfg.model.backbone == "resnet18" and cfg.model.pretrained not in ("auto", "none")
+    if not (gpu or required_weights):
+        return
+    import ray
+
+    from piaa_dist.gpu import GpuUnavailable
+    from piaa_dist.model import WeightsMissing
+
+    probe = ray.remote(_worker_preflight).options(
+        num_cpus=cfg.run.cpus_per_worker, num_gpus=1 if gpu else 0, max_retries=0,
+    )
+    ref = probe.remote(config_to_dict(cfg)["model"], gpu)
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        # No node with a worker's resources came up in time (autoscaling still under way): the
+        # Train run waits for one the same way, and its workers check again when they start.
+        ray.cancel(ref, force=True)
+        log.warning("pre-flight check skipped: no node with %s CPU%s came up within %.0f s",
+                    cfg.run.cpus_per_worker, " and a GPU" if gpu else "", timeout_s)
+        return
+    problem = ray.get(ref)
+    if problem is not None:
+        kind, message = problem
+        raise (GpuUnavailable if kind == "gpu" else WeightsMissing)(message)
+
+
+def _sees_marker(storage: RunStorage, nonce: str) -> dict:
+    """Runs on one node: can it read the driver's marker in the run storage?"""
+    import ray
+
+    found = storage.read_visibility_marker()
+    return {"node": ray.get_runtime_context().get_node_id(),
+            "host": os.uname().nodename, "ok": found == nonce, "found": found}
+
+
+def check_storage_shared(storage: RunStorage, timeout_s: float = 120.0) -> str:
+    """Refuse a run storage that some node of the cluster cannot see, before training starts.
+
+    The driver writes a marker holding a fresh nonce into the run's storage; a zero-CPU task
+    pinned to every alive node reads it back. S3, or a filesystem mounted on every node at the
+    same path, passes; a folder on the driver's local disk fails on every other node (Ray Train
+    workers there would write their checkpoints where the driver, and any restart on another
+    node, never finds them). What is checked is visibility, not the form of the path. Train
+    workers check the same marker when they start, which also covers nodes that join later
+    (autoscaling).
+
+    Args:
+        storage: the run's storage.
+        timeout_s: how long to wait for the nodes' answers; nodes that do not answer in time
+            are reported in a warning, not refused.
+
+    Returns:
+        The marker's nonce (Train workers compare it).
+
+    Raises:
+        StorageNotShared: a node read no marker or another one (names the nodes and the fix).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nonce = storage.write_visibility_marker()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return nonce
+    probe = ray.remote(_sees_marker)
+    refs = [
+        probe.options(
+            num_cpus=0, max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False),
+        ).remote(storage, nonce)
+        for n in nodes
+    ]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        log.warning("%d of %d node(s) did not answer the storage check within %.0f s",
+                    len(pending), len(refs), timeout_s)
+    blind = [r for r in ray.get(ready) if not r["ok"]]
+    if blind:
+        where = ", ".join(f"{r['host']} (node {r['node'][:8]}: "
+                          f"{'no marker' if r['found'] is None else 'a different marker'})"
+                          for r in blind)
+        raise StorageNotShared(
+            f"checkpoint storage {storage.url} is not shared by every node of this {len(nodes)}-node "
+            f"Ray cluster: {len(blind)} node(s) cannot read the marker the driver wrote at "
+            f"{storage.url_of(storage.visibility_marker_path())}: {where}. Set "
+            "run.storage_path=s3://BUCKET/PREFIX (or mount one shared filesystem at the same "
+            "path on every node) so that checkpoints written on any node can be resumed from"
+        )
+    return nonce
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +372,23 @@ def _train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, cfg.run.threads_per_worker))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    nonce = config.get("storage_nonce")
+    if nonce and storage.read_visibility_marker() != nonce:
+        # A node that joined after the driver's check (autoscaling) and cannot see the storage.
+        raise StorageNotShared(
+            f"Train worker rank {rank} on {os.uname().nodename} cannot read the storage marker at "
+            f"{storage.url_of(storage.visibility_marker_path())}: checkpoint storage {storage.url} "
+            "is not shared with the driver. Set run.storage_path=s3://BUCKET/PREFIX (or a "
+            "filesystem mounted on every node)"
+        )
     if config["use_gpu"]:
         import ray.train.torch
 
+        from piaa_dist.gpu import require_cuda
+
+        # Before get_device()/model.to(): an assigned GPU that CUDA cannot use fails here with
+        # the driver found and the driver needed.
+        require_cuda(f"Train worker rank {rank}")
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
@@ -234,6 +463,15 @@ def build_trainer(
             in the controller on the driver's node (so a local MLflow SQLite file is reachable).
         inject_failure: testing hook ``{"step": N, "rank": R, "marker": PATH}``: rank R
             ``os._exit(1)`` s at step N once (the marker file records that it happened).
+
+    Before it builds the trainer it checks, in seconds, what would otherwise fail every worker
+    on every restart: the storage is shared by every node (:func:`check_storage_shared`), a GPU
+    run can get a usable GPU (:func:`use_gpu`, :func:`preflight`), required weights are there.
+
+    Raises:
+        StorageNotShared: some node cannot see the checkpoint storage.
+        GpuUnavailable: a GPU is required but the cluster has none, or CUDA cannot use it.
+        WeightsMissing: ``model.pretrained`` requires a file that a worker's node lacks.
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -244,6 +482,9 @@ def build_trainer(
         raise ValueError("build_trainer needs workers >= 1 (use run_distributed for workers=0)")
     gpu = use_gpu(cfg)
     storage = RunStorage.from_url(storage_path, name, s3_endpoint)
+    # Before Ray Train starts: storage every node sees, a usable GPU, the required weights.
+    nonce = check_storage_shared(storage)
+    preflight(cfg, gpu)
     path, fs = storage.ray_storage()
     all_callbacks = list(callbacks)
     if metrics_callback is not None:
@@ -257,6 +498,7 @@ def build_trainer(
         "use_gpu": gpu,
         "inject_failure": inject_failure,
         "storage": storage,
+        "storage_nonce": nonce,
     }
     resources = {"CPU": cfg.run.cpus_per_worker}
     if gpu:
@@ -359,6 +601,8 @@ def run_distributed(
 
     Raises:
         RunLocked: another live run holds ``out_dir`` or the checkpoint storage.
+        StorageNotShared, GpuUnavailable, WeightsMissing: see :func:`build_trainer` (before
+            any training; ``workers=0`` checks the GPU and the weights in this process).
         ray.train.TrainingFailedError: workers kept failing beyond ``run.max_failures``.
     """
     workers = cfg.run.workers if workers is None else workers
@@ -382,10 +626,15 @@ def run_distributed(
 
 
 __all__ = [
+    "BOOTSTRAP_CONFIG",
     "DEFAULT_NAME",
+    "StorageNotShared",
     "TrainResult",
     "build_trainer",
+    "check_storage_shared",
     "ensure_ray",
+    "gpu_capacity",
+    "preflight",
     "quiet_ray_logs",
     "run_distributed",
     "use_gpu",
