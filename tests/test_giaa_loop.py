@@ -14,6 +14,7 @@ import torch
 from piaa_dist.config import load_config, with_overrides
 from piaa_dist.data.stream import Dataset
 from piaa_dist.giaa import train_giaa
+from piaa_dist.train import meta_training_users
 from piaa_dist.model import AestheticModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,6 +39,6 @@ def test_giaa_reads_the_loss_only_when_it_logs(tiny_dataset_url, forwards, log_e
                          {"giaa.steps": 25, "giaa.batch_size": 8, "run.log_every": log_every})
     dataset = Dataset.open(tiny_dataset_url)
     with pytest.raises(RuntimeError, match="meta tensors"):
-        train_giaa(cfg, dataset, dataset.users("train"), device=torch.device("meta"))
+        train_giaa(cfg, dataset, meta_training_users(cfg, dataset), device=torch.device("meta"))
     # log_every=0: all 25 steps, then the final log line; log_every=1: the first log at step 10.
     assert len(forwards) == steps_before_first_read
