@@ -44,9 +44,11 @@ SECRET_ENV_VARS = (
 _URI_WITH_PASSWORD = re.compile(
     r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:'\"<>]*:)(?P<password>[^\s/'\"<>]*)(?P<at>@)(?=[^\s/@'\"<>]+)"
 )
-# Values shorter than this are not scrubbed from text by value: "a" or "1" as a secret would
-# blank unrelated characters everywhere (and such a secret protects nothing anyway).
-_MIN_SECRET_LEN = 6
+# Secret *values* shorter than this are not scrubbed from text: a short value (moto's fake key
+# "testing") would blank unrelated words in every param, tag and path. Real AWS secret keys
+# (40 characters) and session tokens are longer; URI passwords of any length are redacted
+# structurally by the URI rule.
+_MIN_SECRET_LEN = 12
 
 
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
