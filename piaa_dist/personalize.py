@@ -390,7 +390,9 @@ def list_images(targets: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def decode_images(paths: Iterable[Path], image_size: int) -> tuple[torch.Tensor | None, list[int], list[tuple[Path, str]]]:
+def decode_images(
+    paths: Iterable[Path], image_size: int
+) -> tuple[torch.Tensor | None, list[int], list[tuple[Path, str]]]:
     """Decode image files as the model sees them at test time, skipping those that fail.
 
     The same decoding as ``evaluate`` (one ``decode(..., augment=False)`` per image).
