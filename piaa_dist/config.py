@@ -839,8 +839,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: JobConfig) -> str:
-    """YAML text of a config (what a run saves beside its model)."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """YAML text of a config (what a run saves beside its model).
+
+    Passwords in URIs (``run.mlflow_uri: http://user:pass@host``) are written as
+    ``http://user:***@host`` (:func:`piaa_dist.redact.redact_value`): a saved config is stored
+    and shared, a secret never is. Loading it back gives a URI whose password comes from the
+    environment (``MLFLOW_TRACKING_PASSWORD``).
+    """
+    from piaa_dist.redact import redact_value
+
+    return yaml.safe_dump(redact_value(config_to_dict(cfg)), sort_keys=False)
 
 
 def flat_params(cfg: JobConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ PACKAGE = ROOT / "piaa_dist"
 
 #: Layers from the bottom up; a module's layer is the first rule its dotted name matches.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("piaa_dist", "piaa_dist.config", "piaa_dist.errors")),
+    ("foundation", ("piaa_dist", "piaa_dist.config", "piaa_dist.errors", "piaa_dist.redact")),
     ("math", ("piaa_dist.model", "piaa_dist.meta", "piaa_dist.metrics", "piaa_dist.gpu",
               "piaa_dist.data.decode", "piaa_dist.data.synth", "piaa_dist.data.scaleworld")),
     ("results", ("piaa_dist.results", "piaa_dist.presentation")),

@@ -61,9 +61,12 @@ def run_command(module: ModuleType, args: argparse.Namespace) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - known errors become one clear line
         from piaa_dist.errors import USER_ERRORS
+        from piaa_dist.redact import redact_text
 
         if isinstance(err, USER_ERRORS):
-            logging.getLogger("piaa_dist").error("%s", err)
+            # Last safeguard: a URI password or a secret environment value never reaches the
+            # terminal, even from a message that quoted it.
+            logging.getLogger("piaa_dist").error("%s", redact_text(str(err)))
             return 2
         raise
 

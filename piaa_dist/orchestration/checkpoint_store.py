@@ -41,6 +41,7 @@ from piaa_dist.checkpoint import (
 )
 from piaa_dist.config import JobConfig, dump_config
 from piaa_dist.errors import UserError
+from piaa_dist.redact import split_credentials
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def _is_local(fs: Any) -> bool:
 class RunStorage:
     """One run's checkpoint storage: a root (local folder or S3 prefix) and a run name.
 
-    Picklable (pyarrow filesystems are), so it travels to Ray Train workers as is.
+    Picklable (pyarrow filesystems are), so it travels to Ray Train workers as is, and its
+    pickle holds no credentials: every process takes those from its own environment.
 
     Attributes:
         url: the root as users write it: an absolute local folder or ``s3://bucket/prefix``.
@@ -122,21 +124,25 @@ class RunStorage:
         url = url.rstrip("/")
         root = url[len("s3://"):]
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        if endpoint is not None:
+            endpoint = split_credentials(endpoint)[0]
         if endpoint is None:
             # Real AWS: default credential chain and the bucket's region.
             fs, root = pyarrow.fs.FileSystem.from_uri(url)
             return cls(url, root.rstrip("/"), fs, name, None)
         parsed = urlparse(endpoint)
+        # No keys here, ever: pyarrow pickles explicit keys with the filesystem, and Ray pickles
+        # the filesystem into Tune's tuner.pkl in the storage itself and into every worker's
+        # arguments. Without them, each process reads its own credentials (AWS_ACCESS_KEY_ID /
+        # AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, a profile, an instance role) when it first
+        # talks to S3: a local Ray inherits the driver's environment, a cluster's nodes or the
+        # job's runtime_env provide theirs. (User-info in an endpoint URL is not an S3
+        # credential, S3 signs requests with keys, and would break the host name: dropped above.)
         kwargs: dict[str, Any] = {
             "endpoint_override": parsed.netloc or parsed.path,
             "scheme": parsed.scheme or "http",
             "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
         }
-        # Explicit keys travel with the pickled filesystem to every worker, whose environment
-        # (raylet-spawned) may not carry the driver's AWS_* variables.
-        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
         return cls(url, root, pyarrow.fs.S3FileSystem(**kwargs), name, endpoint)
 
     @property

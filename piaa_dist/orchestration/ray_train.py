@@ -79,7 +79,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to (or start) Ray quietly. Returns True when this call started it.
 
     ``address`` (or ``$RAY_ADDRESS``, set by ``ray job submit``) connects to a cluster;
-    otherwise a local Ray starts without the dashboard.
+    otherwise a private local Ray starts without the dashboard. ``address="local"`` matters:
+    a bare ``ray.init()`` would join any ``ray start --head`` cluster running on this machine
+    (someone else's, or a test's), and share, or fight over, its CPUs.
     """
     import ray
 
@@ -91,7 +93,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(
-            num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+            address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
             runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_logs"},
         )
     return True
@@ -335,6 +337,62 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+#: ``inject_failure["when"]``: kill at the step boundary (after the update), or inside the
+#: step's all-reduce while the other ranks wait in it
+AFTER_STEP = "after-step"
+MID_REDUCE = "mid-reduce"
+
+
+class FaultyReduce:
+    """Testing hook: the all-reduce of step ``spec["step"]`` with rank ``spec["rank"]`` killed
+    inside it (``inject_failure={"when": "mid-reduce", ...}``), once per marker file.
+
+    Rank 0 announces that it is entering the collective (a file beside the marker), then enters
+    it; the failing rank waits for that, gives rank 0 a moment to block inside gloo/nccl, and
+    ``os._exit(1)`` s without contributing: the collective is in flight, one peer is gone. Every
+    other call is the plain reduce.
+
+    Args:
+        reduce: the real reduce.
+        spec: ``{"step": N, "rank": R, "marker": PATH, "when": "mid-reduce"}``.
+        rank: this process's rank.
+        first_step: the step whose update the first step-reduce belongs to (resume step + 1).
+        warmup_calls: reduce calls before the first step's (the weight sync of a fresh run).
+    """
+
+    def __init__(self, reduce, spec: dict, *, rank: int, first_step: int, warmup_calls: int):
+        self.reduce = reduce
+        self.spec = spec
+        self.rank = rank
+        self.first_step = first_step
+        self.warmup_calls = warmup_calls
+        self.calls = 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        import time
+        from pathlib import Path
+
+        self.calls += 1
+        step = self.first_step + self.calls - 1 - self.warmup_calls
+        marker = Path(self.spec["marker"])
+        entered = marker.with_name(marker.name + ".rank0-in-reduce")
+        if step != self.spec["step"] or marker.exists():
+            return self.reduce(t)
+        if self.rank == 0:
+            entered.write_text(f"rank 0 entered the all-reduce of step {step}\n")
+            return self.reduce(t)
+        if self.rank != self.spec.get("rank", 1):
+            return self.reduce(t)
+        deadline = time.monotonic() + 300
+        while not entered.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # rank 0 is now blocked inside the collective, waiting for us
+        marker.write_text(f"rank {self.rank} killed inside the all-reduce of step {step}\n")
+        log.warning("injected failure: rank %d exits inside the all-reduce of step %d", self.rank, step)
+        logging.shutdown()
+        os._exit(1)
+
+
 def _resume_state(rank: int, world: int, storage: RunStorage) -> tuple[dict | None, int]:
     """The state every rank resumes from, and how many newer checkpoints did not load.
 
@@ -395,6 +453,15 @@ def _train_worker(config: dict) -> None:
     dataset = Dataset.open(config["data_url"], endpoint_url=config["s3_endpoint"] or None)
 
     resume, skipped = _resume_state(rank, world, storage)
+    spec = config.get("inject_failure") or None
+    reduce = _all_reduce_sum if world > 1 else None
+    if spec and spec.get("when", AFTER_STEP) == MID_REDUCE:
+        if reduce is not None:
+            reduce = FaultyReduce(
+                reduce, spec, rank=rank, first_step=(int(resume["step"]) if resume else 0) + 1,
+                warmup_calls=0 if resume else 1,  # meta_train syncs rank 0's weights first
+            )
+        spec = None
 
     def report(step: int, metrics: dict, trainer: Any, with_checkpoint: bool) -> None:
         if with_checkpoint and rank == 0:
@@ -410,13 +477,13 @@ def _train_worker(config: dict) -> None:
 
     hook = StepHook(
         cfg, rank=rank, report=report, dataset=dataset,
-        inject_failure=config.get("inject_failure"),
+        inject_failure=spec,
         resumed_from=int(resume["step"]) if resume else 0,
         skipped_checkpoints=skipped,
     )
     meta_train(
         cfg, dataset, rank=rank, world_size=world,
-        reduce=_all_reduce_sum if world > 1 else None,
+        reduce=reduce,
         resume=resume, on_step=hook, device=device,
     )
 
@@ -462,7 +529,9 @@ def build_trainer(
         metrics_callback: ``fn(step, metrics)`` with rank 0's metrics at every report, called
             in the controller on the driver's node (so a local MLflow SQLite file is reachable).
         inject_failure: testing hook ``{"step": N, "rank": R, "marker": PATH}``: rank R
-            ``os._exit(1)`` s at step N once (the marker file records that it happened).
+            ``os._exit(1)`` s at step N once (the marker file records that it happened), after
+            the step's update; with ``"when": "mid-reduce"`` inside the step's all-reduce while
+            rank 0 waits in it (:class:`FaultyReduce`).
 
     Before it builds the trainer it checks, in seconds, what would otherwise fail every worker
     on every restart: the storage is shared by every node (:func:`check_storage_shared`), a GPU

@@ -1,7 +1,13 @@
 """MLflow 3 runs, the model registry and ``models:/NAME@ALIAS`` resolution, without pickles.
 
 * :func:`tracking_uri` picks the tracking URI: a flag, else ``$MLFLOW_TRACKING_URI``, else a
-  SQLite file in the working directory (MLflow 3's default backend).
+  SQLite file in the working directory (MLflow 3's default backend). A password in an HTTP(S)
+  URI (``http://user:pass@host``) moves to ``MLFLOW_TRACKING_USERNAME`` /
+  ``MLFLOW_TRACKING_PASSWORD`` in this process's environment (where MLflow reads basic-auth
+  credentials, and where a local Ray's workers inherit them from) and the URI goes on without
+  it, so no log line, param, Tune config or printed summary can carry it. Anything else this
+  module logs, stores as a param, tag or artifact, or puts in an error goes through
+  :mod:`piaa_dist.redact` (``http://user:***@host``).
 * :class:`RunLogger` is a context manager over one MLflow run: flat config params, per-step
   metrics, dict/text/figure artifacts; the run ends FAILED when the block raises. It does
   nothing on non-zero ranks, so every Ray Train worker can hold one and only rank 0 logs.
@@ -36,6 +42,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from piaa_dist.config import JobConfig, flat_params
 from piaa_dist.errors import UserError
+from piaa_dist.redact import (
+    MASK,
+    redact_text,
+    redact_uri,
+    redact_value,
+    split_credentials,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
@@ -86,9 +99,12 @@ def tracking_uri(flag: str = "") -> str:
     Returns:
         ``flag``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``. A relative
         SQLite path (``sqlite:///mlflow.db``) is made absolute against the current directory,
-        because Ray workers and job drivers run in other directories than the caller.
+        because Ray workers and job drivers run in other directories than the caller. An
+        HTTP(S) URI's user name and password are moved to the environment (see
+        :func:`credentials_to_environment`); the URI returned carries none.
     """
     uri = (flag or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri = credentials_to_environment(uri)
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if "://" not in uri and uri.endswith(".db"):
@@ -99,6 +115,37 @@ def tracking_uri(flag: str = "") -> str:
         if path and path != ":memory:" and not path.startswith("/"):
             return f"{prefix}{Path(path).resolve()}"
     return uri
+
+
+def credentials_to_environment(uri: str) -> str:
+    """Move an HTTP(S) tracking URI's user name and password into MLflow's environment variables.
+
+    MLflow's REST client sends ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` as
+    basic auth to whatever HTTP tracking server it talks to, so ``http://user:pass@host`` and
+    ``http://host`` with those variables are the same server and account. Keeping the password
+    in the environment means it never rides along with the URI into logs, params, Tune's stored
+    trial configs or printed summaries; processes started afterwards (a local Ray's workers)
+    inherit it, and on a cluster the job's ``runtime_env`` env vars carry it.
+
+    A redacted password (``user:***@host``, e.g. from a saved ``config.yaml``) leaves the
+    password variable as it is. Other schemes (``postgresql://user:pass@db``) are returned
+    unchanged: their drivers need the credentials in the URI, and everything this module shows
+    or stores of them is redacted instead.
+
+    Returns:
+        The URI without user-info (or ``uri`` unchanged).
+    """
+    bare, user, password = split_credentials(uri)
+    if (user is None and password is None) or not uri.lower().startswith(("http://", "https://")):
+        return uri
+    from urllib.parse import unquote
+
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password is not None and password != MASK:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    log.debug("MLflow credentials for %s taken from the URI into the environment", bare)
+    return bare
 
 
 _READY_SQLITE: set[str] = set()  # SQLite stores this process has already initialized
@@ -187,7 +234,7 @@ def get_or_create_experiment(name: str, uri: str = "") -> str:
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-    return text[:_PARAM_VALUE_LIMIT]
+    return redact_text(text)[:_PARAM_VALUE_LIMIT]
 
 
 def _rank_from_env() -> int:
@@ -233,7 +280,7 @@ class RunLogger:
         self.experiment = experiment
         self.uri = tracking_uri(uri)
         self.run_name = run_name
-        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.tags = {k: redact_text(str(v)) for k, v in (tags or {}).items()}
         self.rank = _rank_from_env() if rank is None else int(rank)
         self.run_id: str | None = run_id
         self.parent_run_id = parent_run_id
@@ -264,7 +311,7 @@ class RunLogger:
             exp_id = get_or_create_experiment(self.experiment, self.uri)
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, redact_uri(self.uri))
         return self
 
     def end(self, status: str = "FINISHED") -> None:
@@ -282,7 +329,7 @@ class RunLogger:
         else:
             if self.active:
                 try:  # keep the reason next to the status; never mask the original error
-                    self._client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+                    self._client.set_tag(self.run_id, "error", redact_text(f"{exc_type.__name__}: {exc}")[:5000])
                 except Exception:  # noqa: BLE001
                     log.warning("could not record the error on run %s", self.run_id, exc_info=True)
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
@@ -326,17 +373,17 @@ class RunLogger:
         if not self.active:
             return
         for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, str(value))
+            self._client.set_tag(self.run_id, key, redact_text(str(value)))
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """Log a dict as a JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact."""
         if self.active:
-            self._client.log_dict(self.run_id, dict(data), artifact_file)
+            self._client.log_dict(self.run_id, redact_value(dict(data)), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Log a text artifact."""
         if self.active:
-            self._client.log_text(self.run_id, text, artifact_file)
+            self._client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def log_figure(self, figure: "Figure", artifact_file: str) -> None:
         """Log a matplotlib figure (PNG when ``artifact_file`` ends in .png)."""
@@ -512,7 +559,7 @@ def _download(mlflow_client: "MlflowClient", source: str, dst: Path, uri: str) -
                 artifact_uri=f"{source.rstrip('/')}/{fname}", dst_path=str(dst), tracking_uri=uri
             )
         except (MlflowException, OSError) as err:
-            raise TrackingError(f"cannot download {fname} from {source}: {err}") from None
+            raise TrackingError(redact_text(f"cannot download {fname} from {source}: {err}")) from None
 
 
 def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = None) -> Path:
@@ -559,11 +606,12 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
                 else mlflow_client.get_model_version(name, m["version"])
             )
         except MlflowException as err:
-            raise TrackingError(f"{text}: not found in the registry at {tracking_uri(uri)}: {err.message}") from None
+            raise TrackingError(redact_text(
+                f"{text}: not found in the registry at {tracking_uri(uri)}: {err.message}")) from None
         source = mlflow_client.get_model_version_download_uri(name, mv.version)
         expected = _registered_hashes(text, mv.tags or {})
         label = f"{name}-v{mv.version}"
-        log.info("%s -> %s version %s (%s)", text, name, mv.version, source)
+        log.info("%s -> %s version %s (%s)", text, name, mv.version, redact_uri(source))
     elif text.startswith("runs:/"):
         source, label = text, "run"
     elif text.startswith("models:/"):
@@ -633,6 +681,7 @@ __all__ = [
     "RunLogger",
     "TrackingError",
     "client",
+    "credentials_to_environment",
     "get_or_create_experiment",
     "load_model_uri",
     "register_model",

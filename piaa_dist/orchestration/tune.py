@@ -17,18 +17,32 @@ defaults (1 trial × 1 worker × 1 CPU) run to the end on a 2-CPU laptop, and a 
 MLflow: the sweep is one parent run; every trial is a nested run (params + per-step metrics,
 logged from the Train controller on the driver's node), and the best trial's meta-learner is
 written as a model folder and registered by the caller.
+
+Secrets: Tune stores what it is given (trial configs in ``params.json``/``result.json``, the run
+config with its callbacks and storage filesystem in ``tuner.pkl``), in the storage path, which
+may be the bucket. So the trial config holds the job config with URI passwords redacted
+(:func:`piaa_dist.redact.redact_value`), the connection settings a trial needs (tracking URI, S3
+endpoint) reach it through Ray's object store (``tune.with_parameters``: in memory, never in
+Tune's files), the driver-side callbacks pickle without them, and the storage filesystem holds
+no keys (:class:`~piaa_dist.orchestration.checkpoint_store.RunStorage`). Ray Tune would also
+copy the driver's AWS keys into every trial actor's ``runtime_env``, which Ray logs in plain
+text (``runtime_env_agent.log``); the sweep opts out (:func:`credentials_kept_out_of_runtime_env`)
+and trials take credentials from their environment like every other process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
 from piaa_dist.config import JobConfig, config_from_dict, config_to_dict, with_overrides
+from piaa_dist.redact import redact_uri, redact_value
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +51,40 @@ METRIC = "val_srocc"
 TRIAL_DRIVER_CPU = 0.01
 #: the hyperparameters a sweep searches (flat ``section.key`` names of JobConfig)
 SEARCHED = ("meta.inner_lr", "meta.inner_steps", "data.shots", "meta.meta_lr")
+#: credential variables Ray Tune copies from the driver into every trial actor's runtime_env
+CREDENTIAL_ENV_VARS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+
+
+@contextlib.contextmanager
+def credentials_kept_out_of_runtime_env() -> Iterator[None]:
+    """While active, Ray Tune does not put the driver's AWS credentials into trial runtime_envs.
+
+    Why: Ray Tune (``ray.tune.execution.class_cache``, Ray 2.60) copies ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` and ``AWS_SECURITY_TOKEN`` from the
+    driver's environment into the ``runtime_env`` of every trial actor, and Ray's runtime-env
+    agent logs each runtime_env in full, at INFO, in the session's ``runtime_env_agent.log``
+    (it is also kept in the GCS). Trials do not need it: a local Ray started by
+    :func:`~piaa_dist.orchestration.ray_train.ensure_ray` hands the driver's environment to
+    every worker, and a cluster's workers have their own (instance roles, or the job's
+    ``runtime_env`` that the operator controls). With another Ray version whose Tune has no
+    such list this does nothing (the secret-scan test would show a new leak).
+    """
+    try:
+        from ray.tune.execution import class_cache
+
+        propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    except (ImportError, AttributeError):
+        log.debug("Ray Tune has no ENV_VARS_TO_PROPAGATE list; nothing to keep out")
+        yield
+        return
+    removed = propagated & CREDENTIAL_ENV_VARS
+    propagated -= removed  # in place: the set Tune reads when it creates trial actors
+    try:
+        yield
+    finally:
+        propagated |= removed
 
 
 @dataclasses.dataclass
@@ -152,11 +200,21 @@ def _make_end_runs_callback(uri: str, experiment: str):
     from ray import tune
 
     class _EndRuns(tune.Callback):
+        # The URI is an attribute, not a closure variable: Tune pickles its callbacks (class
+        # and closure included) into tuner.pkl in the storage, and __getstate__ redacts the
+        # attribute there. The callback only runs in the driver that created it, which keeps
+        # the real URI.
+        def __init__(self, tracking: str) -> None:
+            self.uri = tracking
+
+        def __getstate__(self) -> dict:
+            return {**self.__dict__, "uri": redact_uri(self.uri)}
+
         def _end(self, trial, status: str, reason: str) -> None:
             from piaa_dist.orchestration.tracking import client, get_or_create_experiment
 
-            mlflow_client = client(uri)
-            exp_id = get_or_create_experiment(experiment, uri)
+            mlflow_client = client(self.uri)
+            exp_id = get_or_create_experiment(experiment, self.uri)
             runs = mlflow_client.search_runs(
                 [exp_id], filter_string=f"tags.`piaa_dist.trial_id` = '{trial.trial_id}'"
             )
@@ -171,26 +229,32 @@ def _make_end_runs_callback(uri: str, experiment: str):
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: D401 - Tune API
             self._end(trial, "FAILED", "trial error")
 
-    return _EndRuns()
+    return _EndRuns(uri)
 
 
-def _trial(config: dict) -> None:
-    """Tune trial (runs in a Ray actor): one Ray Train meta-training run with these params."""
+def _trial(config: dict, connections: Mapping[str, str] | None = None) -> None:
+    """Tune trial (runs in a Ray actor): one Ray Train meta-training run with these params.
+
+    ``connections`` (``mlflow_uri``, ``s3_endpoint``) comes through ``tune.with_parameters``,
+    not the trial config that Tune stores.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from piaa_dist.orchestration.ray_train import build_trainer
 
+    connections = dict(connections or {})
+    mlflow_uri = connections.get("mlflow_uri") or ""
     base = config_from_dict(config["base"])
     cfg = trial_config(base, config)
     trial_id = ray.tune.get_context().get_trial_id()
     metrics_callback = None
-    if config.get("mlflow_uri"):
+    if mlflow_uri:
         from piaa_dist.config import flat_params
         from piaa_dist.orchestration.tracking import RunLogger, RunMetricsCallback
 
         run = RunLogger(
-            cfg.run.experiment, uri=config["mlflow_uri"], run_name=f"trial-{trial_id}",
+            cfg.run.experiment, uri=mlflow_uri, run_name=f"trial-{trial_id}",
             rank=0, parent_run_id=config.get("parent_run_id"),
             tags={"piaa_dist.kind": "tune-trial", "piaa_dist.trial_id": trial_id},
         ).start()
@@ -201,7 +265,7 @@ def _trial(config: dict) -> None:
         workers=config["workers_per_trial"],
         storage_path=config["storage_path"],
         name=f"trial-{trial_id}",
-        s3_endpoint=config["s3_endpoint"] or None,
+        s3_endpoint=connections.get("s3_endpoint") or None,
         callbacks=[TuneReportCallback()],
         metrics_callback=metrics_callback,
     )
@@ -211,12 +275,12 @@ def _trial(config: dict) -> None:
         if metrics_callback is not None:
             from piaa_dist.orchestration.tracking import RunLogger
 
-            RunLogger(uri=config["mlflow_uri"], run_id=metrics_callback.run_id, rank=0).start().end("FAILED")
+            RunLogger(uri=mlflow_uri, run_id=metrics_callback.run_id, rank=0).start().end("FAILED")
         raise
     if metrics_callback is not None:
         from piaa_dist.orchestration.tracking import RunLogger
 
-        RunLogger(uri=config["mlflow_uri"], run_id=metrics_callback.run_id, rank=0).start().end("FINISHED")
+        RunLogger(uri=mlflow_uri, run_id=metrics_callback.run_id, rank=0).start().end("FINISHED")
 
 
 def _best_checkpoint(result: Any) -> str | None:
@@ -239,6 +303,83 @@ def _load_checkpoint_model(cfg: JobConfig, path: str, storage: str, s3_endpoint:
     run_storage = RunStorage.from_url(storage, endpoint_url=s3_endpoint)
     state = load_checkpoint(run_storage, path[len("s3://"):] if path.startswith("s3://") else path)
     return model_from_state(cfg, state)
+
+
+def build_tuner(
+    cfg: JobConfig,
+    data_url: str,
+    *,
+    samples: int,
+    workers_per_trial: int,
+    storage: str,
+    s3_endpoint: str = "",
+    mlflow_uri: str = "",
+    parent_run_id: str = "",
+    name: str = "tune",
+    callbacks: list[Any] | None = None,
+):
+    """The ``tune.Tuner`` of a sweep (not fitted). Constructing it writes ``tuner.pkl`` to storage.
+
+    Args:
+        cfg: base job config (``cfg.tune``: ranges, scheduler, concurrency).
+        data_url: dataset root (local folder or ``s3://``).
+        samples: number of trials.
+        workers_per_trial: Ray Train workers in each trial.
+        storage: root of Tune's and the trials' storage (local folder or ``s3://``).
+        s3_endpoint: S3 endpoint for data and storage ("" = ``$AWS_ENDPOINT_URL``, else AWS).
+        mlflow_uri: log every trial as a nested MLflow run ("" = no MLflow); trials that Tune
+            stops or that fail get their MLflow runs closed by a driver-side callback.
+        parent_run_id: the sweep's MLflow run (trials nest under it).
+        name: experiment name under the storage path.
+        callbacks: more Tune callbacks (run in the driver).
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from piaa_dist.orchestration.checkpoint_store import RunStorage, absolute_url
+
+    tune_storage, tune_fs = RunStorage.from_url(storage, name, s3_endpoint or None).ray_storage()
+    param_space: dict[str, Any] = dict(search_space(cfg))
+    param_space.update(
+        # Tune writes every trial's config to storage: the job config goes with URI passwords
+        # redacted (a trial takes its connection settings from `connections`, never from here).
+        base=redact_value(config_to_dict(cfg)),
+        data_url=absolute_url(data_url),
+        workers_per_trial=workers_per_trial,
+        storage_path=storage,
+        parent_run_id=parent_run_id or "",
+    )
+    connections = {"mlflow_uri": mlflow_uri or "", "s3_endpoint": s3_endpoint or ""}
+    steps = cfg.meta.meta_steps
+    scheduler = ASHAScheduler(
+        time_attr="step",
+        max_t=steps,
+        # a trial always gets `grace_period` validation rounds before it can be stopped
+        grace_period=min(steps, max(1, cfg.tune.grace_period) * cfg.run.validate_every),
+        reduction_factor=cfg.tune.reduction_factor,
+        # a trial that reaches max_t ends by itself (cleanly) instead of being killed
+        stop_last_trials=False,
+    )
+    return tune.Tuner(
+        # The trial driver only waits on its TorchTrainer: reserve (almost) no CPU for it, or
+        # a 2-CPU machine deadlocks with the driver holding the CPU its workers need. Ray
+        # rejects an all-zero request, hence a token 0.01 CPU.
+        tune.with_resources(
+            tune.with_parameters(_trial, connections=connections),
+            tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}]),
+        ),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", scheduler=scheduler, num_samples=samples,
+            max_concurrent_trials=cfg.tune.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=tune_storage, storage_filesystem=tune_fs,
+            verbose=0,
+            callbacks=([_make_end_runs_callback(mlflow_uri, cfg.run.experiment)] if mlflow_uri else [])
+            + list(callbacks or []),
+        ),
+    )
 
 
 def run_sweep(
@@ -283,10 +424,7 @@ def run_sweep(
     # (Read by the Train controller; a local Ray started below inherits this environment.)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from piaa_dist.orchestration.checkpoint_store import RunStorage, absolute_url
     from piaa_dist.orchestration.ray_train import ensure_ray, use_gpu
 
     if cfg.run.validate_every <= 0:
@@ -296,52 +434,27 @@ def run_sweep(
     samples = samples or cfg.tune.samples
     storage = storage_path or cfg.run.storage_path or str((out_dir / "checkpoints").resolve())
     s3_endpoint = s3_endpoint or cfg.data.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or ""
-    tune_storage, tune_fs = RunStorage.from_url(storage, name, s3_endpoint or None).ray_storage()
+    if mlflow_uri:
+        from piaa_dist.orchestration.tracking import tracking_uri
 
-    param_space: dict[str, Any] = dict(search_space(cfg))
-    param_space.update(
-        base=config_to_dict(cfg),
-        data_url=absolute_url(data_url),
-        workers_per_trial=workers_per_trial,
-        storage_path=storage,
-        s3_endpoint=s3_endpoint,
-        mlflow_uri=mlflow_uri or "",
-        parent_run_id=parent_run_id or "",
-    )
-    steps = cfg.meta.meta_steps
-    scheduler = ASHAScheduler(
-        time_attr="step",
-        max_t=steps,
-        # a trial always gets `grace_period` validation rounds before it can be stopped
-        grace_period=min(steps, max(1, cfg.tune.grace_period) * cfg.run.validate_every),
-        reduction_factor=cfg.tune.reduction_factor,
-        # a trial that reaches max_t ends by itself (cleanly) instead of being killed
-        stop_last_trials=False,
-    )
+        # An HTTP password moves to the environment before a local Ray starts (its workers
+        # inherit it); see tracking.credentials_to_environment.
+        mlflow_uri = tracking_uri(mlflow_uri)
     started = ensure_ray(ray_address)
-    callbacks = [_make_end_runs_callback(mlflow_uri, cfg.run.experiment)] if mlflow_uri else []
+    callbacks = []
     if started and cfg.tune.max_concurrent == 1:
         bundle = {"CPU": float(cfg.run.cpus_per_worker)}
         if use_gpu(cfg):
             bundle["GPU"] = 1.0
         callbacks.append(_make_reclaim_callback(bundle))
     try:
-        tuner = tune.Tuner(
-            # The trial driver only waits on its TorchTrainer: reserve (almost) no CPU for it, or
-            # a 2-CPU machine deadlocks with the driver holding the CPU its workers need. Ray
-            # rejects an all-zero request, hence a token 0.01 CPU.
-            tune.with_resources(_trial, tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}])),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", scheduler=scheduler, num_samples=samples,
-                max_concurrent_trials=cfg.tune.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=tune_storage, storage_filesystem=tune_fs,
-                verbose=0, callbacks=callbacks,
-            ),
+        tuner = build_tuner(
+            cfg, data_url, samples=samples, workers_per_trial=workers_per_trial, storage=storage,
+            s3_endpoint=s3_endpoint, mlflow_uri=mlflow_uri or "", parent_run_id=parent_run_id or "",
+            name=name, callbacks=callbacks,
         )
-        grid = tuner.fit()
+        with credentials_kept_out_of_runtime_env():
+            grid = tuner.fit()
         rows, best = [], None
         for result in grid:
             df = result.metrics_dataframe
@@ -378,4 +491,14 @@ def run_sweep(
             ray.shutdown()
 
 
-__all__ = ["METRIC", "SEARCHED", "SweepResult", "run_sweep", "search_space", "trial_config"]
+__all__ = [
+    "METRIC",
+    "CREDENTIAL_ENV_VARS",
+    "SEARCHED",
+    "SweepResult",
+    "build_tuner",
+    "credentials_kept_out_of_runtime_env",
+    "run_sweep",
+    "search_space",
+    "trial_config",
+]

@@ -165,11 +165,13 @@ class Ranking:
     """What :func:`personalize` produced: one person's images, best first.
 
     Attributes:
-        ranked: ``(image, predicted score on the 1–5 scale)``, highest first.
+        ranked: ``(image, predicted score on the person's scale)``, highest first.
         model: the model reference it adapted.
         ratings_used: ratings the adaptation used.
         skipped: ``{reason: count}`` of rating rows not used (every row is used or counted).
         out: the ranking CSV (``rank,image,predicted_score``), when one was written.
+        unreadable: ``(image, why)`` of images to score that did not decode (not ranked).
+        score_range: the person's rating scale (``ranked``'s scores are on it).
     """
 
     ranked: tuple[tuple[Path, float], ...]
@@ -177,6 +179,8 @@ class Ranking:
     ratings_used: int
     skipped: Mapping[str, int] = field(default_factory=dict)
     out: Path | None = None
+    unreadable: tuple[tuple[Path, str], ...] = ()
+    score_range: tuple[float, float] = (1.0, 5.0)
 
     def top(self, n: int = 5) -> list[tuple[Path, float]]:
         """The ``n`` best images."""
@@ -792,53 +796,67 @@ def personalize(
     *,
     model: str | Path,
     ratings: str | Path,
-    images: str | Path,
+    images: str | Path | None,
     score: str | Path | Sequence[str | Path],
     out: str | Path | None = None,
     mlflow_uri: str | None = None,
     seed: int = 0,
+    score_range: tuple[float, float] | None = None,
+    use_gpu: str | None = None,
 ) -> Ranking:
     """Adapt a meta-learner to one person's ratings and rank new images for them.
 
     Args:
         model: the meta-learner (see :func:`resolve_model_ref`).
-        ratings: CSV with ``image,score`` rows (10 or more ratings, scores 1–5).
-        images: the folder holding the rated images.
+        ratings: CSV of ``image,score`` rows (10 or more; see
+            :data:`piaa_dist.personalize.RATINGS_FORMAT_HELP`).
+        images: the folder holding the rated images (None: paths relative to the CSV).
         score: folder(s) or image files to rank.
         out: write the ranking here as CSV (``rank,image,predicted_score``).
         mlflow_uri: tracking URI for registry references.
         seed: fine-tuning seed.
+        score_range: the person's rating scale (default 1–5); predictions come back on it.
+        use_gpu: ``"auto"``, ``"yes"`` or ``"no"`` (default: the model's ``run.use_gpu``).
 
     Raises:
-        DataError: unreadable ratings or images, too few ratings, nothing to score.
+        DataError: unreadable ratings, too few usable ratings, nothing that decodes to score.
+        GpuUnavailable: a GPU was required but is not usable here.
     """
     from piaa_dist.checkpoint import load_model
+    from piaa_dist.model import select_device
     from piaa_dist.personalize import list_images, read_ratings, write_ranking
     from piaa_dist.personalize import personalize as adapt_and_score
 
     meta, cfg, _info = load_model(resolve_model_ref(model, mlflow_uri=mlflow_uri))
-    rated = read_ratings(ratings, images)
+    rated = read_ratings(ratings, images, score_range=tuple(score_range) if score_range else None)
     targets = list_images([score] if isinstance(score, (str, Path)) else list(score))
-    log.info("adapting %s to %d ratings (skipped %s); scoring %d images",
-             model, len(rated.images), rated.skipped or "none", len(targets))
-    ranked = adapt_and_score(meta, cfg, rated, targets, seed=seed)
+    device = select_device(use_gpu or cfg.run.use_gpu, "personalize")
+    log.info("adapting %s to %d ratings (skipped %s); scoring %d images on %s",
+             model, len(rated.images), rated.skipped or "none", len(targets), device)
+    ranked = adapt_and_score(meta, cfg, rated, targets, seed=seed, device=device)
     written = write_ranking(ranked, out) if out is not None else None
     return Ranking(ranked=tuple((Path(p), float(s)) for p, s in ranked), model=str(model),
-                   ratings_used=len(rated.images), skipped=dict(rated.skipped), out=written)
+                   ratings_used=ranked.ratings_used, skipped=dict(ranked.skipped), out=written,
+                   unreadable=tuple((Path(p), str(why)) for p, why in ranked.unreadable),
+                   score_range=tuple(ranked.score_range))
 
 
 __all__ = [
+    "DatasetVersions",
     "Ranking",
     "Registration",
     "SweepOutcome",
     "TrainOutcome",
+    "dataset_versions",
     "evaluate",
     "ingest",
     "job_config",
     "personalize",
     "register",
     "resolve_model_ref",
+    "scale_world",
     "synth",
     "train",
     "tune",
+    "verify",
 ]
