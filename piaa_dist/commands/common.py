@@ -20,11 +20,6 @@ from typing import Any, Sequence
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-#: Libraries whose INFO lines are about themselves, not the user's work (botocore's "Found
-#: credentials in environment variables" at every client, MLflow's "Creating initial MLflow
-#: database tables", alembic's migration steps): shown with ``-v`` only.
-CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alembic")
-
 
 def command_module(name: str) -> ModuleType:
     """The module of subcommand ``name`` (dashes become underscores)."""
@@ -48,11 +43,12 @@ def add_verbose_argument(parser: argparse.ArgumentParser, *, top_level: bool = F
 def configure_logging(verbose: bool) -> None:
     """Root logging for a command run: INFO (DEBUG with ``-v``) to stderr.
 
-    Quiet by default: the INFO chatter of :data:`CHATTY_LOGGERS` and MLflow's ``Downloading
-    artifacts`` progress bars appear only with ``-v``; colour codes (Ray's worker-line prefixes)
-    only when the output is a terminal. Settings go into the environment (``setdefault``: an
-    operator's explicit value wins) before MLflow or Ray is imported, so that they reach the
-    processes started later too.
+    Quiet by default: other libraries' INFO chatter
+    (:data:`piaa_dist.orchestration.ray_logging.CHATTY_LOGGERS`, here and in Ray's workers) and
+    MLflow's ``Downloading artifacts`` progress bars appear only with ``-v``; colour codes (Ray's
+    worker-line prefixes and its "[repeated Nx across cluster]" notes) only when the output is a
+    terminal. Settings go into the environment (``setdefault``: an operator's explicit value
+    wins) before MLflow or Ray is imported, so that they reach the processes started later too.
 
     ``-v`` also asks for Ray's own logs in full (see :mod:`piaa_dist.orchestration.ray_logging`);
     it is remembered in the environment so that Ray workers and jobs started later see it.
@@ -63,16 +59,17 @@ def configure_logging(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        # Ray colours the "(RayTrainWorker pid=...)" prefix of every forwarded line; in a file
-        # or a pipe that is escape codes, not colour.
+        # Ray colours the "(RayTrainWorker pid=...)" prefix of every forwarded line and the
+        # note its log de-duplication appends; in a file or a pipe that is escape codes, not
+        # colour (and a log file keeps every worker's line anyway).
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    if verbose:
-        from piaa_dist.orchestration.ray_logging import set_ray_logs_full
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from piaa_dist.orchestration.ray_logging import quiet_libraries, set_ray_logs_full
 
+    if verbose:
         set_ray_logs_full(True)
     else:
-        for name in CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_libraries()
 
 
 def run_command(module: ModuleType, args: argparse.Namespace) -> int:
@@ -116,5 +113,5 @@ def job_main(name: str, argv: Sequence[str] | None = None, **options: Any) -> in
     return run_command(command_module(name), args)
 
 
-__all__ = ["CHATTY_LOGGERS", "LOG_FORMAT", "add_verbose_argument", "command_module", "command_parser",
+__all__ = ["LOG_FORMAT", "add_verbose_argument", "command_module", "command_parser",
            "configure_logging", "job_main", "run_command"]
