@@ -567,6 +567,8 @@ class TuneConfig(_Section):
     meta_lr: tuple[float, float] = setting((1e-4, 3e-3), each(positive), increasing)  #: log-uniform range
     grace_period: int = setting(1, at_least(1))  #: ASHA: validation rounds before a trial may be stopped
     reduction_factor: int = setting(2, at_least(2))  #: ASHA keeps 1/reduction_factor of the trials per rung
+    trial_steps: int = setting(0, at_least(0))  #: meta-steps of each trial (0 = meta.meta_steps); the winner is refit to meta.meta_steps
+    start_from_config: bool = setting(True)  #: the first trial runs the config's own values of the searched hyperparameters
 
 
 # Cross-field rules: (keys the message names, check returning a problem or None). Cheap and

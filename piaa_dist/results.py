@@ -17,7 +17,15 @@ JSON (``to_json`` / ``from_json``, ``save`` / ``load``), schema version 2::
      "ceilings": {"oracle", "average_user", "users", "constant_users"} | null,
      "users": [USER, ...], "skipped": {"K": [USER, ...]}, "shots": [K, ...],
      "repeats", "seed", "config": {section: {...}}, "seconds",
-     "model": str | null, "data": str | null, "giaa": str | null}
+     "model": str | null, "data": str | null, "giaa": str | null,
+     "dataset_version": str | null, "giaa_key": str | null, "giaa_model": str | null}
+
+The last three keys were added to schema 2 later, as optional keys: a file without them (written
+before) reads with them as null. ``dataset_version`` is the dataset version evaluated,
+``giaa_key`` the identity of the GIAA baseline (the hash of what it was trained from, see
+:mod:`piaa_dist.orchestration.baselines`) and ``giaa_model`` the registered baseline used
+(``models:/piaa-giaa/N``), so two results that name the same ``giaa_key`` compared their
+meta-learners with the same GIAA model.
 
 Version 1 is what ``evaluate`` wrote before the result was typed: the same layout without
 ``schema_version`` and ``reference``, ``users`` a count, a 95% interval that cannot be formed
@@ -118,6 +126,9 @@ class EvaluationResult:
         seconds: wall time of the run.
         model, data, giaa: where the meta-learner, the dataset and the GIAA prior came from
             (set by the command; None when not known).
+        dataset_version: the dataset version evaluated (None when not known).
+        giaa_key: the GIAA baseline's identity (None when it has none: a folder given by hand).
+        giaa_model: the registered GIAA baseline (``models:/piaa-giaa/N``), when it is one.
     """
 
     schema_version: ClassVar[int] = SCHEMA_VERSION
@@ -136,6 +147,9 @@ class EvaluationResult:
     model: str | None = None
     data: str | None = None
     giaa: str | None = None
+    dataset_version: str | None = None
+    giaa_key: str | None = None
+    giaa_model: str | None = None
 
     def __post_init__(self) -> None:
         # The JSON form of the config (lists, not tuples), so that a result read back from its
@@ -157,9 +171,11 @@ class EvaluationResult:
         return self.paired.get(other, {}).get(int(shots))
 
     def with_sources(self, *, model: str | None = None, data: str | None = None,
-                     giaa: str | None = None) -> EvaluationResult:
+                     giaa: str | None = None, dataset_version: str | None = None,
+                     giaa_key: str | None = None, giaa_model: str | None = None) -> EvaluationResult:
         """A copy that records where the model, the data and the GIAA prior came from."""
-        return dataclasses.replace(self, model=model, data=data, giaa=giaa)
+        return dataclasses.replace(self, model=model, data=data, giaa=giaa, dataset_version=dataset_version,
+                                   giaa_key=giaa_key, giaa_model=giaa_model)
 
     # -----------------------------------------------------------------------------------------
     # JSON
@@ -194,6 +210,9 @@ class EvaluationResult:
             "model": self.model,
             "data": self.data,
             "giaa": self.giaa,
+            "dataset_version": self.dataset_version,
+            "giaa_key": self.giaa_key,
+            "giaa_model": self.giaa_model,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -250,6 +269,8 @@ _V2_KEYS = {"schema_version", "methods", "reference", "paired", "ceilings", "use
 _V1_KEYS = {"methods", "paired", "ceilings", "users", "skipped", "shots", "repeats", "seed",
             "config", "seconds"}
 _V1_OPTIONAL = {"model", "data", "giaa"}
+#: added to schema 2 later: absent in files written before
+_V2_OPTIONAL = {"dataset_version", "giaa_key", "giaa_model"}
 _STATS_KEYS = {f.name for f in dataclasses.fields(ShotStats)}
 _PAIRED_KEYS = {"diff_mean", "ci95", "n_users", "users_better"}
 _CEILING_KEYS = {f.name for f in dataclasses.fields(Ceilings)}
@@ -363,7 +384,7 @@ class _Reader:
         if version == 1:
             top = self.mapping(top, "top level (schema 1)", _V1_KEYS, _V1_OPTIONAL)
         else:
-            top = self.mapping(top, "top level", _V2_KEYS)
+            top = self.mapping(top, "top level", _V2_KEYS, _V2_OPTIONAL)
 
         methods: dict[str, dict[int, ShotStats]] = {}
         for name, by_k in self.mapping(top["methods"], "methods").items():
@@ -435,6 +456,9 @@ class _Reader:
             model=self.optional_str(top.get("model"), "model"),
             data=self.optional_str(top.get("data"), "data"),
             giaa=self.optional_str(top.get("giaa"), "giaa"),
+            dataset_version=self.optional_str(top.get("dataset_version"), "dataset_version"),
+            giaa_key=self.optional_str(top.get("giaa_key"), "giaa_key"),
+            giaa_model=self.optional_str(top.get("giaa_model"), "giaa_model"),
         )
 
 

@@ -215,13 +215,14 @@ def test_train_alias_flag_registers_and_moves_the_alias(tiny_dataset_url, tmp_pa
     for i in range(2):
         rc = cli.main(["train", "--data", tiny_dataset_url, "--config", str(TINY), "--out",
                        str(tmp_path / f"run{i}"), "--workers", "0", "--mlflow-uri", uri,
-                       "run.register_name=blg-piaa-alias", "--alias", "champion"])
+                       "run.register_name=blg-piaa-alias", "--alias", "champion", "--force-alias"])
         assert rc == 0
         from mlflow import MlflowClient
 
         mv = MlflowClient(tracking_uri=uri).get_model_version_by_alias("blg-piaa-alias", "champion")
         versions.append(int(mv.version))
-    # each run registered a new version and moved the alias to it
+    # each run registered a new version and moved the alias to it (forced: the two runs tie on
+    # the validation users, and without --force-alias a tie keeps the champion, see test_registry)
     assert versions == [1, 2]
     folder = resolve_model("models:/blg-piaa-alias@champion", uri=uri, dst=tmp_path / "dl")
     assert (folder / "model.safetensors").read_bytes() == (tmp_path / "run1" / "model" / "model.safetensors").read_bytes()

@@ -1,7 +1,8 @@
 """What a user sees during ``piaa-dist train --workers 2``: our progress, not Ray's chatter.
 
-One real run on a local Ray (2 Train workers, the tiny world) in a subprocess, as a user runs
-it; its terminal output is checked. ``-v`` (slow test) brings Ray's own lines back.
+One real run on a local Ray (2 Train workers, the tiny world, validation every 2 steps) in a
+subprocess, as a user runs it; its terminal output (a pipe, not a terminal) is checked.
+``-v`` (slow test) brings Ray's own lines back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ STARTUP_LINES = ("Requesting resources", "Started training worker group", "Check
 
 def _train(tmp: Path, data: str, *flags: str) -> str:
     cmd = [sys.executable, "-m", "piaa_dist.cli", *flags, "train", "--data", data, "--config", str(TINY),
-           "--out", str(tmp / "run"), "--workers", "2", "--no-mlflow"]
+           "--out", str(tmp / "run"), "--workers", "2", "--no-mlflow", "run.validate_every=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -44,6 +45,18 @@ def test_default_run_shows_our_progress_and_not_rays_per_report_lines(default_ou
     for step in range(1, 5):
         assert f"step {step}/4 query_loss" in default_output, default_output[-4000:]
     assert "meta-learner at step 4 written to" in default_output
+
+
+def test_validation_srocc_is_on_rank_0s_progress_lines_and_in_the_summary(default_output):
+    for step in (2, 4):
+        assert f"step {step}/4 val_srocc " in default_output, default_output[-4000:]
+    assert "validation SROCC " in default_output.split("meta-learner at step 4 written to")[-1]
+
+
+def test_no_colour_codes_when_the_output_is_not_a_terminal(default_output):
+    # Ray colours the "(RayTrainWorker pid=...)" prefix of forwarded lines unless told not to
+    assert "(RayTrainWorker pid=" in default_output
+    assert "\x1b[" not in default_output, repr(default_output[-2000:])
 
 
 def test_default_run_hides_ray_trains_startup_and_checkpoint_info_lines(default_output):

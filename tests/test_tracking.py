@@ -37,7 +37,9 @@ EVAL = sample_result()
 def store(tmp_path_factory) -> str:
     """One SQLite store per module: creating its schema costs seconds, so tests share it."""
     root = tmp_path_factory.mktemp("mlflow")
-    return f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracking.client(uri)  # the store exists (resolving a reference never creates one)
+    return uri
 
 
 @pytest.fixture()

@@ -1,9 +1,9 @@
 """A real Ray Tune sweep of Ray Train trials on this machine's 2 CPUs, tracked in SQLite MLflow.
 
 Checks the issue's contract end to end: the sweep finishes on 2 CPUs, every trial is a nested
-MLflow run under the sweep's run, the best model is registered with an alias, and
-``models:/NAME@champion`` resolves and loads in a fresh process (weights only) and can be used
-to personalize there.
+MLflow run under the sweep's run, the winning configuration is refit to the config's full length
+and that model is registered with an alias, and ``models:/NAME@champion`` resolves and loads in
+a fresh process (weights only) and can be used to personalize there.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -29,7 +30,7 @@ def sweep(tmp_path_factory, tiny_dataset_url):
         data=tiny_dataset_url, out=out / "sweep", config=TINY,
         overrides=["meta.meta_steps=4", "run.validate_every=2", "run.checkpoint_every=2",
                    "data.validation_users=2", "run.register_name=blg-piaa-test",
-                   "tune.max_concurrent=1"],
+                   "tune.max_concurrent=1", "tune.trial_steps=2"],
         samples=2, workers_per_trial=1, mlflow_uri=uri, alias="champion",
     )
     return summary, out, uri
@@ -65,8 +66,13 @@ def test_mlflow_holds_the_sweep_and_its_trials(sweep):
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.info.run_id == summary.mlflow_run_id]
     assert parent and parent[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.mlflow_run_id]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.mlflow_run_id]
+    children = [r for r in nested if r.data.tags.get("piaa_dist.kind") == "tune-trial"]
     assert len(children) == 2
+    # the refit of the winner is the sweep's other nested run, with its per-step metrics
+    refits = [r for r in nested if r.data.tags.get("piaa_dist.kind") == "tune-refit"]
+    assert len(refits) == 1 and refits[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(refits[0].info.run_id, "val_srocc")] == [2, 4]
     # trials that ran to the end finish; one ASHA stopped is closed as KILLED, never left RUNNING
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     assert any(c.info.status == "FINISHED" for c in children)
@@ -123,7 +129,7 @@ def test_registered_alias_resolves_and_personalizes_in_a_fresh_process(sweep, ti
     from piaa_dist.orchestration.tracking import load_model_uri
     from piaa_dist.personalize import personalize, read_ratings
 
-    model, cfg, _ = load_model_uri(summary["alias"], uri=uri)
+    model, cfg, _ = load_model_uri(summary.alias, uri=uri)
     here = personalize(model, cfg, read_ratings(ratings, tiny_world / "images"),
                        [Path(p) for p in to_score], seed=0)
     expected = {str(p): s for p, s in here}
@@ -179,3 +185,50 @@ def test_the_validation_metric_is_computed_on_held_out_training_users_only(tiny_
                     report=lambda step, metrics, trainer, ckpt: reports.append(metrics))
     hook(1, {"data_s": 0.0, "step_s": 1.0, "query_loss": 0.1}, type("T", (), {"model": model})())
     assert reports[0]["val_srocc"] == score and set(watched.loaded) == set(val)
+
+
+def test_the_winning_configuration_is_refit_to_full_length_and_registered(sweep, tiny_dataset_url, tmp_path):
+    from mlflow import MlflowClient
+
+    from piaa_dist.checkpoint import load_model
+    from piaa_dist.config import load_config
+    from piaa_dist.orchestration.usecases import train
+
+    summary, out, uri = sweep
+    # the trials were short (tune.trial_steps), the registered model is full length (meta.meta_steps)
+    assert summary.trial_steps == 2 and all((t["step"] or 0) <= 2 for t in summary.trials)
+    assert summary.refit and summary.steps == 4
+    info = json.loads((out / "sweep" / "best-model" / "info.json").read_text())
+    assert info["step"] == 4 and info["refit"] is True and info["trial"] == summary.best_trial
+    best_cfg = load_config(summary.best_config_file)
+    assert best_cfg.meta.meta_steps == 4
+    for key, value in summary.best_params.items():
+        section, name = key.split(".")
+        assert getattr(getattr(best_cfg, section), name) == pytest.approx(value)
+    # it is exactly what training the winning configuration to full length gives
+    again = train(data=tiny_dataset_url, out=tmp_path / "again", config=summary.best_config_file,
+                  overrides=["run.alias="], mlflow=False, progress=False)
+    refit, _, _ = load_model(summary.model_dir)
+    trained, _, _ = load_model(again.model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(refit.state_dict().values(), trained.state_dict().values()))
+    # the summary says which trial won, its short-run score and what the refit reached
+    lines = summary.summary_lines()
+    assert lines[0].startswith(f"best trial {summary.best_trial}: val SROCC {summary.best_score:.3f} after 2 steps")
+    assert lines[1].startswith(f"refit of its configuration to 4 steps: val SROCC {summary.refit_val_srocc:.3f}")
+    # the registered version is the refit model, with its own validation score
+    mv = MlflowClient(tracking_uri=uri).get_model_version("blg-piaa-test", summary.registered.rsplit("/", 1)[1])
+    assert float(mv.tags["piaa_dist.val_srocc"]) == summary.registered_val_srocc == summary.promotion.val_srocc
+
+
+@pytest.mark.slow
+def test_no_refit_registers_the_winning_trials_own_model(tiny_dataset_url, tmp_path, capsys):
+    from piaa_dist.cli import main
+
+    rc = main(["tune", "--data", tiny_dataset_url, "--config", str(TINY), "--out", str(tmp_path / "sweep"),
+               "--samples", "1", "--no-refit", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "meta.meta_steps=4", "run.validate_every=2", "run.checkpoint_every=2", "tune.trial_steps=2",
+               "run.register_name=blg-piaa-test"])
+    assert rc == 0
+    assert "no refit:" in capsys.readouterr().out
+    info = json.loads((tmp_path / "sweep" / "best-model" / "info.json").read_text())
+    assert info["step"] == 2 and "refit" not in info

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Any, Sequence
@@ -42,15 +43,33 @@ def add_verbose_argument(parser: argparse.ArgumentParser, *, top_level: bool = F
 def configure_logging(verbose: bool) -> None:
     """Root logging for a command run: INFO (DEBUG with ``-v``) to stderr.
 
+    Quiet by default: other libraries' INFO chatter
+    (:data:`piaa_dist.orchestration.ray_logging.CHATTY_LOGGERS`, here and in Ray's workers) and
+    MLflow's ``Downloading artifacts`` progress bars appear only with ``-v``; colour codes (Ray's
+    worker-line prefixes and its "[repeated Nx across cluster]" notes) only when the output is a
+    terminal. Settings go into the environment (``setdefault``: an operator's explicit value
+    wins) before MLflow or Ray is imported, so that they reach the processes started later too.
+
     ``-v`` also asks for Ray's own logs in full (see :mod:`piaa_dist.orchestration.ray_logging`);
     it is remembered in the environment so that Ray workers and jobs started later see it.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT,
                         datefmt="%H:%M:%S")
-    if verbose:
-        from piaa_dist.orchestration.ray_logging import set_ray_logs_full
+    # MLflow reads these when it is imported / when it downloads (it is not imported yet here).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # Ray colours the "(RayTrainWorker pid=...)" prefix of every forwarded line and the
+        # note its log de-duplication appends; in a file or a pipe that is escape codes, not
+        # colour (and a log file keeps every worker's line anyway).
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from piaa_dist.orchestration.ray_logging import quiet_libraries, set_ray_logs_full
 
+    if verbose:
         set_ray_logs_full(True)
+    else:
+        quiet_libraries()
 
 
 def run_command(module: ModuleType, args: argparse.Namespace) -> int:

@@ -15,7 +15,11 @@ difference with its 95% interval, and the ceilings when the data is synthetic.
 --model takes a model folder, the folder 'piaa-dist train --out' wrote, the folder
 'piaa-dist tune --out' wrote, or a registry reference (models:/blg-piaa@champion,
 models:/NAME/VERSION). The GIAA baseline comes from --giaa, else from a giaa/ folder inside or
-beside a local model folder, else it is trained here on the users the meta-learner saw.
+beside a local model folder, else it is the dataset's registered baseline (piaa-giaa in the
+MLflow registry, keyed by dataset version, training users and GIAA budget), trained and
+registered here the first time. Its budget is this evaluation's (--config, else the built-in
+defaults, with giaa.* overrides), never the meta-learner's, so every meta-learner evaluated on
+the same data is compared with the same GIAA model.
 The result is printed as a table, written to --json and logged to MLflow as an evaluate run.
 
 example:
@@ -58,4 +62,8 @@ def run(args: argparse.Namespace) -> int:
         mlflow=not args.no_mlflow, json_out=args.json, progress=not args.no_progress,
     )
     print(format_table(result))
+    if result.giaa:
+        key = f" (key {result.giaa_key[:12]})" if result.giaa_key else ""
+        registered = f", registered as {result.giaa_model}" if result.giaa_model and result.giaa_model != result.giaa else ""
+        print(f"GIAA baseline: {result.giaa}{registered}{key}")
     return 0

@@ -13,8 +13,13 @@ Meta-train the BLG-PIAA meta-learner on the training users of a dataset that
 
 Writes OUT/model (the meta-learner: weights, config, info), OUT/checkpoints and
 OUT/metrics.jsonl. Running the same command again resumes from the last checkpoint. The run is
-logged to MLflow and the meta-learner registered as run.register_name (default blg-piaa);
---alias moves an alias such as champion to the new version.
+logged to MLflow and the meta-learner registered as run.register_name (default blg-piaa), with
+its validation SROCC (held-out training users) in the registry.
+
+--alias champion compares the new version with the version that holds the alias now, on the
+same validation users with the same protocol, and moves the alias only if the new one scores
+higher (a tie keeps the champion); otherwise the new version is registered as a challenger.
+One line says which happened and why. --force-alias moves the alias regardless.
 
 example:
   piaa-dist train --data s3://piaa/world --config jobs/configs/cpu.yaml --out out/train \\
@@ -40,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str | None = 
     parser.add_argument("--workers", type=int, default=None,
                         help="Ray Train workers; 0 runs in this process (default run.workers)")
     parser.add_argument("--alias", default=None,
-                        help="alias to move to the registered model, e.g. champion (default run.alias)")
+                        help="alias to move to the registered model if it beats the version holding "
+                             "it on validation users, e.g. champion (default run.alias)")
+    parser.add_argument("--force-alias", action="store_true",
+                        help="move --alias to the new version whatever the validation scores")
     parser.add_argument("--s3-endpoint", default=None,
                         help="S3 endpoint URL (default data.s3_endpoint, then $AWS_ENDPOINT_URL)")
     parser.add_argument("--mlflow-uri", default=None,
@@ -57,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     outcome = train(
         data=args.data, out=args.out, config=args.config, overrides=args.overrides,
-        workers=args.workers, alias=args.alias, s3_endpoint=args.s3_endpoint,
+        workers=args.workers, alias=args.alias, force_alias=args.force_alias, s3_endpoint=args.s3_endpoint,
         mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow, ray_address=args.ray_address,
     )
-    print(f"meta-learner at step {outcome.step} written to {outcome.model_dir}")
     print(json.dumps(outcome.to_dict(), indent=2))
+    # the summary last, where a user looks: validation SROCC, registry, where the alias is and why
+    print("\n".join(outcome.summary_lines()))
     return 0

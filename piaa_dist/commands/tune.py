@@ -13,9 +13,15 @@ shots and meta learning rate (ranges in the config's tune section). Every trial 
 meta-training run; ASHA stops weak trials early on the validation SROCC of held-out training
 users (never the test users).
 
-Writes OUT/best-model (the best meta-learner), OUT/best.yaml (its full config) and
-OUT/sweep.json (one row per trial). The sweep and each trial are logged to MLflow and the best
-meta-learner is registered; --alias moves an alias such as champion to it.
+Trials are short runs (tune.trial_steps meta-steps) that rank the hyperparameters. The winning
+configuration is then trained to the config's full meta.meta_steps (OUT/refit) and that model
+is the one kept and registered (--no-refit keeps the winning trial's own short-run model).
+
+Writes OUT/best-model (the meta-learner), OUT/best.yaml (its full config) and OUT/sweep.json
+(one row per trial). The sweep, each trial and the refit are logged to MLflow and the model is
+registered with its validation SROCC. --alias champion moves the alias to it only if it beats
+the version holding it on the same validation users (else it is registered as a challenger,
+and one line says why); --force-alias moves it regardless.
 
 example:
   piaa-dist tune --data s3://piaa/world --config jobs/configs/tune-cpu.yaml --samples 4 \\
@@ -41,7 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, out_default: str | None = 
     parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL")
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (nor register)")
-    parser.add_argument("--alias", default=None, help="alias to move to the best model (e.g. champion)")
+    parser.add_argument("--alias", default=None,
+                        help="alias to move to the model if it beats the version holding it on "
+                             "validation users (e.g. champion)")
+    parser.add_argument("--force-alias", action="store_true",
+                        help="move --alias to the new version whatever the validation scores")
+    refit = parser.add_mutually_exclusive_group()
+    refit.add_argument("--refit", dest="refit", action="store_true", default=True,
+                       help="train the winning configuration to full length before registering it (default)")
+    refit.add_argument("--no-refit", dest="refit", action="store_false",
+                       help="register the winning trial's own short-run model")
     parser.add_argument("--ray-address", default=None, help="Ray cluster address")
 
 
@@ -52,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
     outcome = tune(
         data=args.data, out=args.out, config=args.config, overrides=args.overrides,
         samples=args.samples, workers_per_trial=args.workers_per_trial, alias=args.alias,
-        s3_endpoint=args.s3_endpoint, mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow,
-        ray_address=args.ray_address,
+        force_alias=args.force_alias, refit=args.refit, s3_endpoint=args.s3_endpoint,
+        mlflow_uri=args.mlflow_uri, mlflow=not args.no_mlflow, ray_address=args.ray_address,
     )
     print(outcome.trials_table())
     print(json.dumps(outcome.to_dict(trials=False), indent=2))
+    # the summary last: which trial won, what the refit reached, where the alias is and why
+    print("\n".join(outcome.summary_lines()))
     return 0

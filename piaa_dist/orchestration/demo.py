@@ -6,14 +6,18 @@ Stages (each shown with a progress line and timed):
    at a real one;
 2. a synthetic PIAA world in the FLICKR-AES layout;
 3. ingestion into per-user WebDataset shards + a Parquet manifest on S3;
-4. meta-training on a local Ray with 2 Train workers (all-reduced bilevel meta-gradients);
-5. a short Ray Tune sweep (ASHA on held-out training users' validation SROCC);
-6. registration of the better of the two meta-learners in the local MLflow registry, with
-   alias ``champion``;
-7. meta-testing of ``blg-piaa`` against ``meta-no-adapt`` and ``giaa-finetune`` at 10 and 100
-   shots (the model is pulled back from the registry by its alias);
-8. personalization of one test user from 10 of their ratings;
-9. ``report.md`` with the results table, plots and the commands to look further.
+4. meta-training on a local Ray with 2 Train workers (all-reduced bilevel meta-gradients),
+   registered in the local MLflow registry and promoted to ``champion`` if it beats the
+   version holding the alias (none, on a fresh output folder);
+5. a Ray Tune sweep of short trials (ASHA on held-out training users' validation SROCC), the
+   winning configuration refit to full length, registered and promoted to ``champion`` only if
+   it beats the trained meta-learner on the same validation users (champion/challenger, see
+   :mod:`piaa_dist.orchestration.promotion`; the stage says which and why);
+6. meta-testing of ``blg-piaa`` against ``meta-no-adapt`` and ``giaa-finetune`` at 10 and 100
+   shots (the model is pulled back from the registry by its alias; the GIAA baseline is the
+   dataset's registered one, trained with the demo config's budget);
+7. personalization of one test user from 10 of their ratings;
+8. ``report.md`` with the results table, plots and the commands to look further.
 
 Every stage is a use-case of :mod:`piaa_dist.orchestration.usecases` (the functions the
 ``piaa-dist`` commands and :mod:`piaa_dist.api` call); the demo adds the stage banners, the
@@ -77,8 +81,9 @@ class DemoSettings:
     seed: int = 0
     workers: int = 2
     tune_samples: int = 3
-    #: the sweep's trials are short runs (their validation SROCC ranks the hyperparameters)
-    tune_overrides: tuple[str, ...] = ("meta.meta_steps=100", "run.validate_every=50",
+    #: the sweep's trials are short runs (their validation SROCC ranks the hyperparameters);
+    #: the winner is then refit to the config's full meta.meta_steps
+    tune_overrides: tuple[str, ...] = ("tune.trial_steps=100", "run.validate_every=50",
                                        "run.checkpoint_every=50")
     shots: tuple[int, ...] = (10, 100)
     repeats: int = 10
@@ -175,7 +180,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     mlflow_uri = settings.mlflow_uri or f"sqlite:///{out / 'mlflow.db'}"
     timings = settings.timings
-    stages = _Stages(9 if not settings.data else 7, timings)
+    stages = _Stages(8 if not settings.data else 6, timings)
     summary: dict[str, Any] = {"out": str(out), "mlflow_uri": mlflow_uri}
     cfg = load_config(settings.config, settings.overrides)
 
@@ -221,57 +226,60 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         # it when done, so nothing one stage reserved can starve the next.
         ray_address = settings.ray_address or None
 
+        name = cfg.run.register_name or "blg-piaa"
+        champion = f"models:/{name}@champion"
         with stages.stage(f"meta-training on Ray ({settings.workers} Train workers)"):
             train_out = out / "train"
-            # Registered below, as whichever of train and tune validates best.
+            # Registered, and promoted to champion if it beats the version holding the alias.
             trained = usecases.train(
                 data=data_url, out=train_out, config=settings.config,
-                overrides=[*settings.overrides, "run.register_name=", "run.alias="],
+                overrides=[*settings.overrides, f"run.register_name={name}"], alias="champion",
                 workers=settings.workers, s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
                 progress=False, ray_address=ray_address,
             )
             train_val = trained.val_srocc
             summary["train"] = {"model": str(trained.model_dir), "step": trained.step,
-                                "val_srocc": train_val, "mlflow_run_id": trained.mlflow_run_id}
+                                "val_srocc": train_val, "mlflow_run_id": trained.mlflow_run_id,
+                                "registered": trained.registered}
             print(f"    meta-learner at step {trained.step}, validation SROCC {train_val}")
+            print(f"    {trained.promotion.message}")
+            promotion, best_from = trained.promotion, "train"
 
         sweep = None
         if settings.tune_samples > 0:
-            with stages.stage(f"Ray Tune sweep ({settings.tune_samples} trials, ASHA)"):
+            with stages.stage(f"Ray Tune sweep ({settings.tune_samples} trials, ASHA), refit of the winner"):
+                # Short trials rank the hyperparameters; the winner is refit to full length and
+                # becomes champion only if it beats the trained one on the same validation users.
                 sweep = usecases.tune(
                     data=data_url, out=out / "tune", config=settings.config,
-                    overrides=[*settings.overrides, *settings.tune_overrides, "run.register_name="],
-                    samples=settings.tune_samples, workers_per_trial=1,
+                    overrides=[*settings.overrides, *settings.tune_overrides, f"run.register_name={name}"],
+                    samples=settings.tune_samples, workers_per_trial=1, alias="champion",
                     s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri, ray_address=ray_address,
+                    progress=False,
                 )
                 print(sweep.trials_table())
+                for line in sweep.summary_lines():
+                    print(f"    {line}")
                 summary["tune"] = sweep.to_dict(trials=False)
+                promotion = sweep.promotion
+                if promotion.promoted:
+                    best_from = "tune"
 
-        with stages.stage("register the best meta-learner as champion"):
-            # The sweep's trials train for fewer steps; the champion is whichever meta-learner
-            # scores best on the same held-out training users (never the test users).
-            best_dir, best_from, best_score = trained.model_dir, "train", train_val
-            if sweep and (train_val is None or sweep.best_score > train_val):
-                best_dir, best_from, best_score = sweep.model_dir, "tune", sweep.best_score
-            name = cfg.run.register_name or "blg-piaa"
-            registration = usecases.register(
-                best_dir, name=name, alias="champion", mlflow_uri=mlflow_uri,
-                experiment=cfg.run.experiment, run_name="register-champion",
-                params={"source": best_from},
-                metrics={"val_srocc": best_score} if best_score is not None else None,
-            )
-            version, champion = registration.version, registration.alias
-            summary["registry"] = {"name": name, "version": version, "alias": champion,
-                                   "source": best_from, "val_srocc": best_score}
-            print(f"    {champion} -> version {version} (from {best_from}, validation SROCC {best_score})")
+        # The alias is where the last promotion left it; its holder's score on these users.
+        version = promotion.holder
+        best_score = promotion.val_srocc if promotion.holder == promotion.version else promotion.champion_val_srocc
+        summary["registry"] = {"name": name, "version": version, "alias": champion, "source": best_from,
+                               "val_srocc": best_score, "message": promotion.message}
 
         with stages.stage(f"meta-testing at {', '.join(map(str, settings.shots))} shots"):
             eval_json = out / "evaluate.json"
             giaa_dir = trained.model_dir / "giaa"
+            # The demo config is the evaluation's: its protocol and its GIAA budget.
             result_eval = usecases.evaluate(
                 data=data_url, model=champion, shots=settings.shots, repeats=settings.repeats,
                 json_out=eval_json, s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
                 giaa=giaa_dir if (giaa_dir / WEIGHTS_FILE).is_file() else None,
+                config=settings.config, overrides=settings.overrides,
             )
             print(presentation.format_table(result_eval))
             summary["evaluate"] = str(eval_json)
@@ -300,7 +308,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 f"Meta-learner: `{cfg.model.backbone}` backbone, {cfg.meta.flavour.replace('_', '-')} "
                 f"meta-gradients, {settings.workers} Ray Train workers, "
                 f"{summary['train']['step']} meta-steps.",
-                f"Champion: `{champion}` (version {version}, from the {best_from} run).",
+                f"Champion: `{champion}` (version {version}, from the {best_from} run): "
+                f"{summary['registry']['message']}.",
             ]
             # Only the embedded-defaults demo owns the README's table (not a run on real data).
             # The block goes to a file of this run: the README is copied from it on request

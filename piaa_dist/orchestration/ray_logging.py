@@ -50,6 +50,18 @@ _WORKER_SETUP_HOOK = f"{__name__}.setup_worker"
 #: Ray 2.60 names the logger of ``ray/train/v2/_internal/execution/context.py`` after the
 #: file (``logging.getLogger(__file__)``): its INFO records are the per-report lines.
 _REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+#: Libraries whose INFO lines are about themselves, not the user's work (botocore's "Found
+#: credentials in environment variables" at every client, in every worker that reads S3;
+#: MLflow's "Creating initial MLflow database tables"; alembic's migration steps): WARNING and
+#: above only, in the command's process and in Ray's workers, unless Ray's logs are wanted in
+#: full (``-v``).
+CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "mlflow", "alembic")
+
+
+def quiet_libraries() -> None:
+    """Set :data:`CHATTY_LOGGERS` to WARNING in this process."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def ray_logs_full() -> bool:
@@ -94,7 +106,8 @@ def add_setup_hook(runtime_env: dict | None) -> dict:
 
 
 def setup_worker() -> None:
-    """``worker_process_setup_hook``: quiet Ray Train's per-report lines in this worker process.
+    """``worker_process_setup_hook``: quiet Ray Train's per-report lines (and the libraries'
+    INFO chatter, :data:`CHATTY_LOGGERS`) in this worker process.
 
     Runs in every Ray worker process of the job before any task; the logger's level survives
     Ray Train's later ``logging.config.dictConfig`` (it is not a ``ray.train`` child).
@@ -103,6 +116,7 @@ def setup_worker() -> None:
     if chained:
         module, _, name = chained.rpartition(".")
         getattr(importlib.import_module(module), name)()
+    quiet_libraries()
     try:
         path = importlib.import_module(_REPORT_LOGGER_MODULE).__file__
     except ImportError:  # another Ray version: nothing to quiet
@@ -158,9 +172,11 @@ def ray_output(address: str | None = None) -> Iterator[None]:
 
 
 __all__ = [
+    "CHATTY_LOGGERS",
     "RAY_LOGS_ENV",
     "add_setup_hook",
     "ray_logs_full",
+    "quiet_libraries",
     "ray_output",
     "set_ray_logs_full",
     "setup_worker",

@@ -36,6 +36,10 @@ class StepHook:
     ``checkpoint_every``, ``validate_every`` and the last step), because ``ray.train.report``
     is a barrier that every rank must reach equally often.
 
+    Whenever rank 0 measures the validation SROCC it says so on the progress line: a
+    ``step N/M val_srocc X (best Y at step S)`` log line (what a Ray run shows from rank 0) and,
+    in-process, the tqdm bar's postfix (``val_srocc=X`` beside ``query_loss``).
+
     Args:
         cfg: job config (``run.*_every``, ``meta.meta_steps``).
         rank: this process's rank (only rank 0 validates).
@@ -72,6 +76,10 @@ class StepHook:
         self.skipped_checkpoints = skipped_checkpoints
         self.data_s = 0.0
         self.step_s = 0.0
+        #: what the progress bar shows after the step count (the last measured val_srocc stays)
+        self.postfix: dict[str, str] = {}
+        #: (best validation SROCC, its step), once one was measured
+        self.best: tuple[float, int] | None = None
 
     def __call__(self, step: int, metrics: dict, trainer: Any) -> None:
         run = self.cfg.run
@@ -80,7 +88,8 @@ class StepHook:
         self.step_s += metrics["step_s"]
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix(query_loss=f"{metrics['query_loss']:.4f}")
+            self.postfix["query_loss"] = f"{metrics['query_loss']:.4f}"
+            self.progress.set_postfix(self.postfix)
         last = step == self.cfg.meta.meta_steps
         checkpoint = due(step, run.checkpoint_every) or last
         validate = due(step, run.validate_every) or (last and run.validate_every > 0)
@@ -95,7 +104,18 @@ class StepHook:
             score = validation_score(self.cfg, self.dataset, trainer.model)
             if score is not None:
                 out["val_srocc"] = score
+                self._show_validation(step, score)
         self.report(step, out, trainer, checkpoint)
+
+    def _show_validation(self, step: int, score: float) -> None:
+        """Put a validation SROCC on the progress line (log line and progress bar)."""
+        if self.best is None or score > self.best[0]:
+            self.best = (score, step)
+        log.info("step %d/%d val_srocc %.4f (best %.4f at step %d)", step, self.cfg.meta.meta_steps,
+                 score, *self.best)
+        if self.progress is not None:
+            self.postfix["val_srocc"] = f"{score:.4f}"
+            self.progress.set_postfix(self.postfix)
 
     def _maybe_fail(self, step: int) -> None:
         """Testing hook: ``os._exit(1)`` once on one rank at one step (a marker file says "done")."""

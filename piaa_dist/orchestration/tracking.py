@@ -431,11 +431,13 @@ class RunLogger:
         self.log_text(result.to_json(), f"{prefix}/evaluate.json")
         self.log_figure(plot_srocc_vs_shots(result), f"{prefix}/srocc_vs_shots.png")
 
-    def register_model(self, model_dir: str | Path, name: str, alias: str = "") -> int | None:
+    def register_model(self, model_dir: str | Path, name: str, alias: str = "", *,
+                       description: str = "", tags: Mapping[str, Any] | None = None) -> int | None:
         """:func:`register_model` for this run (None on non-zero ranks)."""
         if self.rank != 0 or self.run_id is None:
             return None
-        return register_model(self.run_id, model_dir, name, alias, uri=self.uri)
+        return register_model(self.run_id, model_dir, name, alias, uri=self.uri,
+                              description=description, tags=tags)
 
 
 class RunMetricsCallback:
@@ -474,6 +476,7 @@ def register_model(
     *,
     uri: str = "",
     description: str = "",
+    tags: Mapping[str, Any] | None = None,
 ) -> int:
     """Upload a model folder to a run and register it as a new version of ``name``.
 
@@ -491,6 +494,7 @@ def register_model(
         alias: when set, moved to the new version (``models:/NAME@ALIAS`` then resolves to it).
         uri: tracking URI flag (see :func:`tracking_uri`); the registry uses the same store.
         description: version description.
+        tags: more version tags (e.g. the validation score that decided its alias).
 
     Returns:
         The new version number.
@@ -529,6 +533,7 @@ def register_model(
         source=source,
         run_id=run_id,
         tags={
+            **{str(k): str(v) for k, v in (tags or {}).items()},
             TAG_FORMAT: checkpoint.MODEL_FORMAT,
             TAG_SHA256: files_sha256[checkpoint.WEIGHTS_FILE],
             TAG_FILES_SHA256: json.dumps(files_sha256, sort_keys=True),
@@ -544,6 +549,80 @@ def register_model(
         "registered %s version %d%s from run %s", name, version, f" (@{alias})" if alias else "", run_id
     )
     return version
+
+
+def alias_version(name: str, alias: str, *, uri: str = "") -> Any | None:
+    """The model version ``models:/NAME@ALIAS`` points at, or None (no such model or alias).
+
+    Returns:
+        MLflow's ``ModelVersion`` (``.version``, ``.tags``, ``.run_id``...).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def set_alias(name: str, alias: str, version: int, *, uri: str = "") -> None:
+    """Point ``models:/NAME@ALIAS`` at ``version`` (creating or moving the alias)."""
+    client(uri).set_registered_model_alias(name, alias, str(version))
+    log.info("%s@%s -> version %s", name, alias, version)
+
+
+def set_version_tags(name: str, version: int, tags: Mapping[str, Any], *, uri: str = "") -> None:
+    """Set tags on a model version."""
+    mlflow_client = client(uri)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def find_versions(name: str, tags: Mapping[str, str], *, uri: str = "") -> list[Any]:
+    """Versions of ``name`` whose tags hold all of ``tags``, oldest first ([] when none or no model)."""
+    from mlflow.exceptions import MlflowException
+
+    # Names, keys and values go into a filter string: plain tokens only (our keys are hashes).
+    plain = re.compile(r"[\w.\-]+")
+    if not all(plain.fullmatch(str(t)) for t in (name, *tags, *tags.values())):
+        raise ValueError(f"find_versions: {name!r} {dict(tags)} must be letters, digits, '.', '_', '-'")
+    clauses = [f"name = '{name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    try:
+        found = client(uri).search_model_versions(" and ".join(clauses))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def require_store(uri: str = "") -> str:
+    """The resolved tracking URI, after checking that a store exists behind it.
+
+    Resolving a model reference only reads the registry, so it must not create a store: a
+    SQLite URI whose file does not exist (or a ``file:`` store whose folder does not exist)
+    means the user points at the wrong place, and MLflow would otherwise create an empty
+    database there (``mlflow.db`` in the working folder) and then report the model as unknown.
+    Servers (``http(s)://``, ``databricks``...) are not checked here: MLflow's own error says
+    when one cannot be reached.
+
+    Raises:
+        TrackingError: ``no MLflow store at ...; set --mlflow-uri or MLFLOW_TRACKING_URI``.
+    """
+    resolved = tracking_uri(uri)
+    path = None
+    if resolved.startswith("sqlite:///"):
+        path = resolved[len("sqlite:///"):]
+        if not path or path == ":memory:":
+            path = None
+    elif resolved.startswith("file:"):
+        path = resolved[len("file://"):] if resolved.startswith("file://") else resolved[len("file:"):]
+    if path is not None and not Path(path).exists():
+        raise TrackingError(f"no MLflow store at {resolved}; set --mlflow-uri or MLFLOW_TRACKING_URI "
+                            "to the store that holds the registry")
+    return resolved
 
 
 def _download(mlflow_client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
@@ -575,8 +654,9 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
         The folder; for registry models it holds only the model files (weights, config, info).
 
     Raises:
-        TrackingError: unknown model, alias or version, an unsupported URI, or a downloaded
-            file that does not match the hash recorded at registration (names the file).
+        TrackingError: unknown model, alias or version, an unsupported URI, a SQLite or file
+            store that does not exist (:func:`require_store`), or a downloaded file that does
+            not match the hash recorded at registration (names the file).
         CheckpointError: a local path that is not a model folder.
     """
     from piaa_dist import checkpoint
@@ -594,6 +674,7 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
 
     from mlflow.exceptions import MlflowException
 
+    require_store(uri)  # resolving reads the registry: never create an empty store for it
     mlflow_client = client(uri)
     expected: dict[str, str] = {}
     m = _MODELS_URI.match(text)
@@ -680,11 +761,16 @@ __all__ = [
     "TAG_SHA256",
     "RunLogger",
     "TrackingError",
+    "alias_version",
     "client",
     "credentials_to_environment",
+    "find_versions",
     "get_or_create_experiment",
     "load_model_uri",
     "register_model",
+    "require_store",
     "resolve_model",
+    "set_alias",
+    "set_version_tags",
     "tracking_uri",
 ]

@@ -14,6 +14,15 @@ workers the sweep needs ``max_concurrent * workers_per_trial * cpus_per_worker``
 defaults (1 trial × 1 worker × 1 CPU) run to the end on a 2-CPU laptop, and a cluster raises
 ``tune.max_concurrent`` / ``--workers-per-trial``.
 
+Trial length: trials are short runs that rank the hyperparameters (``tune.trial_steps``
+meta-steps; 0 = ``meta.meta_steps``); ASHA stops weak ones earlier still. Their meta-learners
+are not what users should get: the caller refits the winning configuration to the full
+``meta.meta_steps`` of the base config (:func:`refit_config`) before registering it.
+
+Search: seeded by ``run.seed`` (the same config samples the same trials), and with
+``tune.start_from_config`` the first trial runs the config's own values of the searched
+hyperparameters, so the winner is never worse at trial length than the starting point.
+
 MLflow: the sweep is one parent run; every trial is a nested run (params + per-step metrics,
 logged from the Train controller on the driver's node), and the best trial's meta-learner is
 written as a model folder and registered by the caller.
@@ -41,7 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
-from piaa_dist.config import JobConfig, config_from_dict, config_to_dict, with_overrides
+from piaa_dist.config import JobConfig, config_from_dict, config_to_dict, flat_params, with_overrides
 from piaa_dist.redact import redact_uri, redact_value
 
 log = logging.getLogger(__name__)
@@ -92,11 +101,13 @@ class SweepResult:
     """What a finished sweep hands back.
 
     Attributes:
-        best_config: the full job config of the best trial.
+        best_config: the full job config of the best trial (with the trials' length).
         best_score: its best validation SROCC.
         best_checkpoint: path/URL of the best trial's last checkpoint.
         model: the best trial's meta-learner (loaded from that checkpoint).
         trials: one row per trial: ``{"trial_id", "status", "val_srocc", "step", <searched>}``.
+        best_trial: the best trial's id.
+        best_step: the meta-step of the checkpoint its model was loaded from.
     """
 
     best_config: JobConfig
@@ -104,6 +115,8 @@ class SweepResult:
     best_checkpoint: str
     model: Any
     trials: list[dict]
+    best_trial: str = ""
+    best_step: int = 0
 
 
 def search_space(cfg: JobConfig) -> dict[str, Any]:
@@ -131,6 +144,38 @@ def searched_values(params: Mapping[str, Any]) -> dict[str, Any]:
 def trial_config(base: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     """The job config of one trial: ``base`` with the searched values applied (validated)."""
     return with_overrides(base, searched_values(params))
+
+
+def trial_steps(cfg: JobConfig) -> int:
+    """Meta-steps of each trial: ``tune.trial_steps`` capped at ``meta.meta_steps`` (0 = the latter)."""
+    steps = cfg.tune.trial_steps
+    return cfg.meta.meta_steps if steps <= 0 else min(steps, cfg.meta.meta_steps)
+
+
+def trial_base(cfg: JobConfig) -> JobConfig:
+    """The base config of the trials: ``cfg`` shortened to :func:`trial_steps`."""
+    steps = trial_steps(cfg)
+    return cfg if steps == cfg.meta.meta_steps else with_overrides(cfg, {"meta.meta_steps": steps})
+
+
+def refit_config(cfg: JobConfig, params: Mapping[str, Any]) -> JobConfig:
+    """The winning hyperparameters at full length: ``cfg`` (its own ``meta.meta_steps``, not the
+    trials') with the searched values of ``params`` (a trial's config or the best params)."""
+    return trial_config(cfg, params)
+
+
+def start_point(cfg: JobConfig) -> dict[str, Any]:
+    """The config's own values of the searched hyperparameters (the first trial's, when
+    ``tune.start_from_config``), those inside the search space only: a value the ranges
+    exclude is sampled like any other trial's (a sweep stays within its configured ranges)."""
+    flat, t = flat_params(cfg), cfg.tune
+    inside = {
+        "meta.inner_lr": t.inner_lr[0] <= cfg.meta.inner_lr <= t.inner_lr[1],
+        "meta.inner_steps": cfg.meta.inner_steps in t.inner_steps,
+        "data.shots": cfg.data.shots in t.shots,
+        "meta.meta_lr": t.meta_lr[0] <= cfg.meta.meta_lr <= t.meta_lr[1],
+    }
+    return {k: flat[k] for k in SEARCHED if inside[k]}
 
 
 def _live_placement_groups() -> dict[str, dict]:
@@ -335,6 +380,7 @@ def build_tuner(
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from piaa_dist.orchestration.checkpoint_store import RunStorage, absolute_url
 
@@ -371,7 +417,15 @@ def build_tuner(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", scheduler=scheduler, num_samples=samples,
-            max_concurrent_trials=cfg.tune.max_concurrent,
+            # Seeded: the same config samples the same trials. The config's own values
+            # first: a sweep never ranks below where it started. (The concurrency limit is
+            # the generator's: Tune ignores max_concurrent_trials beside a given generator.)
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=[start] if (start := start_point(cfg)) and cfg.tune.start_from_config
+                else None,
+                max_concurrent=cfg.tune.max_concurrent,
+                random_state=cfg.run.seed,
+            ),
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=tune_storage, storage_filesystem=tune_fs,
@@ -399,7 +453,8 @@ def run_sweep(
     """Run a Tune sweep of Ray Train meta-training trials and return the best trial.
 
     Args:
-        cfg: base job config; ``cfg.tune`` holds the ranges, scheduler and concurrency.
+        cfg: base job config; ``cfg.tune`` holds the ranges, scheduler, concurrency and the
+            trials' length (``tune.trial_steps``).
         data_url: dataset root (local folder or ``s3://``).
         out_dir: sweep output folder; trial checkpoints default to ``<out_dir>/checkpoints``.
         samples: number of trials (default ``cfg.tune.samples``).
@@ -440,6 +495,11 @@ def run_sweep(
         # An HTTP password moves to the environment before a local Ray starts (its workers
         # inherit it); see tracking.credentials_to_environment.
         mlflow_uri = tracking_uri(mlflow_uri)
+    full = cfg
+    cfg = trial_base(cfg)
+    if cfg is not full:
+        log.info("trials run %d of the config's %d meta-steps (tune.trial_steps)",
+                 cfg.meta.meta_steps, full.meta.meta_steps)
     started = ensure_ray(ray_address)
     callbacks = []
     if started and cfg.tune.max_concurrent == 1:
@@ -483,22 +543,29 @@ def run_sweep(
         if ckpt is None:
             raise RuntimeError(f"best trial {result.path} reported no checkpoint")
         model = _load_checkpoint_model(best_cfg, ckpt, storage, s3_endpoint or None)
-        log.info("best trial: val_srocc=%.4f %s", score,
-                 {k: result.config.get(k) for k in SEARCHED})
-        return SweepResult(best_cfg, float(score), ckpt, model, rows)
+        trial_id = (result.metrics or {}).get("trial_id", "")
+        step = (result.metrics or {}).get("step") or 0
+        log.info("best trial %s: val_srocc=%.4f at %s steps %s", trial_id, score, step,
+                 searched_values(result.config))
+        return SweepResult(best_cfg, float(score), ckpt, model, rows, best_trial=str(trial_id),
+                           best_step=int(step))
     finally:
         if started:
             ray.shutdown()
 
 
 __all__ = [
-    "METRIC",
     "CREDENTIAL_ENV_VARS",
+    "METRIC",
     "SEARCHED",
     "SweepResult",
     "build_tuner",
     "credentials_kept_out_of_runtime_env",
+    "refit_config",
     "run_sweep",
     "search_space",
+    "start_point",
+    "trial_base",
     "trial_config",
+    "trial_steps",
 ]

@@ -11,6 +11,17 @@ Model references (:func:`resolve_model_ref`): every use-case that reads a meta-l
 model folder, the folder ``train --out`` wrote (its ``model/``), the folder ``tune --out`` wrote
 (its ``best-model/``), ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN/PATH``.
 
+Aliases (champion/challenger, :mod:`piaa_dist.orchestration.promotion`): ``train``, ``tune`` and
+``register`` asked to move an alias first score the new version and the version holding the
+alias on the same validation users with the same protocol, and move it only when the new one
+is better (``force_alias`` overrides); otherwise the new version is registered as a challenger.
+Every version registered here carries its validation score and what it was measured on in its
+tags and description. The outcome's ``promotion`` says what happened, in one line.
+
+GIAA baselines (:mod:`piaa_dist.orchestration.baselines`): ``evaluate`` trains one GIAA model
+per dataset version, training users and GIAA budget, registers it as ``piaa-giaa`` with that
+identity in its tags, and reuses it for every meta-learner evaluated on the same data.
+
 This module is orchestration: Ray, MLflow and torch are imported inside the functions that use
 them, so importing it (or :mod:`piaa_dist.api`) is cheap. Nothing below this layer imports it.
 """
@@ -32,6 +43,7 @@ from piaa_dist.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from piaa_dist.data.scaleworld import ScaleSummary
     from piaa_dist.data.synth import WorldSummary
+    from piaa_dist.orchestration.promotion import Promotion, ValidationSet
     from piaa_dist.orchestration.tracking import RunLogger
     from piaa_dist.results import EvaluationResult
 
@@ -40,6 +52,8 @@ log = logging.getLogger(__name__)
 #: Where ``train --out DIR`` writes the meta-learner, and ``tune --out DIR`` the best one.
 TRAIN_MODEL_DIR = "model"
 TUNE_MODEL_DIR = "best-model"
+#: Where ``tune --out DIR`` trains the winning configuration to full length.
+REFIT_DIR = "refit"
 #: The sweep's files beside ``best-model/``.
 SWEEP_FILE = "sweep.json"
 BEST_CONFIG_FILE = "best.yaml"
@@ -66,7 +80,11 @@ class TrainOutcome:
         metrics_file: every report as JSON lines (``<out>/metrics.jsonl``).
         mlflow_run_id / mlflow_uri: the MLflow run (None without MLflow).
         registered: ``models:/NAME/VERSION`` of the registered version (None if not registered).
-        alias: ``models:/NAME@ALIAS`` now pointing at it (None without an alias).
+        alias: ``models:/NAME@ALIAS`` when the alias now points at it (None without an alias,
+            or when the alias stayed with a better version: see ``promotion``).
+        promotion: how the alias was decided (None when no alias was asked for).
+        registered_val_srocc: the registered version's validation SROCC as recorded in the
+            registry (None when it was not scored).
     """
 
     model_dir: Path
@@ -80,6 +98,8 @@ class TrainOutcome:
     mlflow_uri: str | None = None
     registered: str | None = None
     alias: str | None = None
+    promotion: Promotion | None = None
+    registered_val_srocc: float | None = None
 
     @property
     def val_srocc(self) -> float | None:
@@ -87,8 +107,16 @@ class TrainOutcome:
         value = self.metrics.get("val_srocc")
         return None if value is None else float(value)
 
+    def summary_lines(self) -> list[str]:
+        """What ``piaa-dist train`` prints: the model, its validation SROCC, the registry."""
+        lines = [f"meta-learner at step {self.step} written to {self.model_dir}"]
+        if self.val_srocc is not None:
+            lines.append(f"validation SROCC {self.val_srocc:.3f} at step {self.step}")
+        lines += _registry_lines(self.registered, self.registered_val_srocc, self.promotion)
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (paths as strings)."""
+        """A JSON-ready dict (paths as strings; the promotion as :meth:`Promotion.to_dict`)."""
         return _plain(self)
 
 
@@ -102,9 +130,16 @@ class SweepOutcome:
         best_params: the searched hyperparameters of the best trial.
         checkpoint: the best trial's checkpoint the model was loaded from.
         trials: one row per trial (``trial_id``, ``status``, ``val_srocc``, ``step``, params).
-        best_config_file: the best trial's full job config (``<out>/best.yaml``).
+        best_config_file: the full job config of the model in ``best-model/`` (``<out>/best.yaml``).
         summary_file: the sweep as JSON (``<out>/sweep.json``).
-        mlflow_run_id / mlflow_uri / registered / alias: as in :class:`TrainOutcome`.
+        best_trial: the winning trial's id; ``best_score`` is its short-run score.
+        trial_steps: meta-steps of the trials.
+        refit: the winning configuration was trained again to full length, and that model is
+            the one in ``best-model/`` (else it is the winning trial's own).
+        steps: meta-steps of the model in ``best-model/``.
+        refit_val_srocc: the refit's last validation SROCC (None without a refit).
+        mlflow_run_id / mlflow_uri / registered / alias / promotion / registered_val_srocc:
+            as in :class:`TrainOutcome`.
     """
 
     model_dir: Path
@@ -118,6 +153,27 @@ class SweepOutcome:
     mlflow_uri: str | None = None
     registered: str | None = None
     alias: str | None = None
+    best_trial: str = ""
+    trial_steps: int = 0
+    refit: bool = False
+    steps: int = 0
+    refit_val_srocc: float | None = None
+    promotion: Promotion | None = None
+    registered_val_srocc: float | None = None
+
+    def summary_lines(self) -> list[str]:
+        """What ``piaa-dist tune`` prints after the trials: the winner, the refit, the registry."""
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in self.best_params.items())
+        lines = [f"best trial {self.best_trial or '?'}: val SROCC {self.best_score:.3f} after "
+                 f"{self.trial_steps} steps ({params})"]
+        if self.refit:
+            reached = "" if self.refit_val_srocc is None else f": val SROCC {self.refit_val_srocc:.3f}"
+            lines.append(f"refit of its configuration to {self.steps} steps{reached} -> {self.model_dir}")
+        else:
+            lines.append(f"no refit: {self.model_dir} is the trial's own {self.steps}-step model")
+        lines += _registry_lines(self.registered, self.registered_val_srocc, self.promotion)
+        return lines
 
     def trials_table(self) -> str:
         """The trials as a plain-text table, best first."""
@@ -148,8 +204,12 @@ class Registration:
         name: registered model name.
         version: the new version.
         uri: ``models:/NAME/VERSION``.
-        alias: ``models:/NAME@ALIAS`` now pointing at it (None without an alias).
+        alias: ``models:/NAME@ALIAS`` when the alias now points at it (None without an alias,
+            or when it stayed with a better version: see ``promotion``).
         mlflow_run_id / mlflow_uri: the run that holds the model files.
+        promotion: how the alias was decided (None when no alias was asked for).
+        val_srocc: the version's validation SROCC as recorded in the registry (None when it
+            was not scored).
     """
 
     name: str
@@ -158,6 +218,12 @@ class Registration:
     alias: str | None
     mlflow_run_id: str
     mlflow_uri: str
+    promotion: Promotion | None = None
+    val_srocc: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the promotion as :meth:`Promotion.to_dict`)."""
+        return _plain(self)
 
 
 @dataclass(frozen=True)
@@ -191,7 +257,24 @@ class Ranking:
 
 
 def _plain(obj: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+    promotion = getattr(obj, "promotion", None)
+    if promotion is not None:  # its identity and message, not the validation users' list
+        obj = dataclasses.replace(obj, promotion=None)
+    out = json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+    if promotion is not None:
+        out["promotion"] = json.loads(json.dumps(promotion.to_dict(), default=str))
+    return out
+
+
+def _registry_lines(registered: str | None, val_srocc: float | None,
+                    promotion: Promotion | None) -> list[str]:
+    """The registry part of a command's summary: what was registered, and where the alias is."""
+    if registered is None:
+        return []
+    lines = [f"registered {registered}" + ("" if val_srocc is None else f" (val SROCC {val_srocc:.3f})")]
+    if promotion is not None:
+        lines.append(promotion.message)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +310,10 @@ def job_config(
     return cfg
 
 
-def _check_alias(cfg: JobConfig, mlflow: bool) -> None:
-    """An alias can only move when a version is registered: say so instead of ignoring it."""
+def _check_alias(cfg: JobConfig, mlflow: bool, force: bool = False) -> None:
+    """An alias can only move when a version is registered, and (unless forced) only after the
+    new version was compared with the current holder on validation users: say so before any
+    work starts instead of ignoring the alias."""
     if not cfg.run.alias:
         return
     if not mlflow:
@@ -236,6 +321,20 @@ def _check_alias(cfg: JobConfig, mlflow: bool) -> None:
     if not cfg.run.register_name:
         raise UserError(f"alias {cfg.run.alias!r}: nothing is registered (run.register_name is empty); "
                         "set run.register_name=NAME")
+    if not force and cfg.data.validation_users <= 0:
+        raise UserError(f"alias {cfg.run.alias!r}: moving it compares the new version with the one that "
+                        "holds it on validation users, and data.validation_users is 0; set "
+                        "data.validation_users=N or pass --force-alias")
+
+
+def _check_dataset(cfg: JobConfig) -> None:
+    """Open the dataset here, before any run starts: a missing bucket or dataset, missing S3
+    credentials or an unreachable endpoint is then one clear line (the data plane's message,
+    which says what to set) instead of a failure inside a Ray worker or a Tune trial, and no
+    MLflow run is left FAILED for it."""
+    from piaa_dist.data.stream import Dataset
+
+    Dataset.open(cfg.data.url, endpoint_url=cfg.data.s3_endpoint or None)
 
 
 def _open_run(cfg: JobConfig, mlflow_uri: str | None, kind: str, **tags: str) -> RunLogger:
@@ -250,16 +349,118 @@ def _open_run(cfg: JobConfig, mlflow_uri: str | None, kind: str, **tags: str) ->
     return run
 
 
-def _register(run: RunLogger, model_dir: Path, name: str, alias: str) -> tuple[str | None, str | None]:
-    """Register ``model_dir`` from ``run`` as a new version of ``name``; move ``alias`` to it.
+@dataclass(frozen=True)
+class _Registered:
+    """What :func:`_register` did: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` when the alias
+    points at it, the decision, and the score recorded in the registry."""
 
-    Returns:
-        ``(models:/NAME/VERSION, models:/NAME@ALIAS)``; None for what was not done.
+    uri: str | None = None
+    alias: str | None = None
+    promotion: Promotion | None = None
+    val_srocc: float | None = None
+    version: int | None = None
+
+
+def _open_validation(cfg: JobConfig) -> tuple[ValidationSet, Any] | None:
+    """The validation set of ``cfg`` on its dataset, or None when it holds no users out."""
+    from piaa_dist.data.stream import Dataset
+    from piaa_dist.orchestration.promotion import validation_set
+
+    if cfg.data.validation_users <= 0 or not cfg.data.url:
+        return None
+    dataset = Dataset.open(cfg.data.url, endpoint_url=cfg.data.s3_endpoint or None)
+    try:
+        return validation_set(cfg, dataset), dataset
+    except ValueError as err:
+        log.warning("not scored on validation users: %s", err)
+        return None
+
+
+def _score_folder(folder: Path, validation: ValidationSet, dataset: Any, cfg: JobConfig) -> float:
+    """A model folder's validation SROCC on ``validation`` (the protocol's threads and device)."""
+    from piaa_dist.checkpoint import load_model
+    from piaa_dist.model import select_device
+    from piaa_dist.orchestration.promotion import score
+
+    model, model_cfg, _info = load_model(folder)
+    return score(validation, dataset, model, model_cfg, threads=cfg.run.threads_per_worker,
+                 device=select_device(cfg.run.use_gpu))
+
+
+def _champion_score(name: str, holder: Any, validation: ValidationSet, dataset: Any, cfg: JobConfig,
+                    uri: str) -> tuple[float, bool]:
+    """The alias holder's score on ``validation``: the one its tags record on this very set, else
+    measured now (a score on other users, data or protocol is never compared). ``(score, rescored)``."""
+    import tempfile
+
+    from piaa_dist.orchestration.promotion import TAG_VAL_SROCC, recorded_score
+    from piaa_dist.orchestration.tracking import resolve_model
+
+    recorded = recorded_score(holder.tags or {}, validation)
+    if recorded is not None:
+        return recorded, False
+    if TAG_VAL_SROCC in (holder.tags or {}):
+        log.info("%s version %s was scored on other validation users or another protocol; "
+                 "scoring it on these (%s)", name, holder.version, validation.describe())
+    with tempfile.TemporaryDirectory(prefix="piaa-champion-") as tmp:
+        folder = resolve_model(f"models:/{name}/{holder.version}", uri=uri, dst=tmp)
+        return _score_folder(folder, validation, dataset, cfg), True
+
+
+def _register(run: RunLogger, model_dir: Path, cfg: JobConfig, *, name: str, alias: str = "",
+              force: bool = False) -> _Registered:
+    """Register ``model_dir`` from ``run`` as a new version of ``name``; decide ``alias``.
+
+    The new version is scored on ``cfg``'s validation users (when it holds some out) and the
+    score goes into its tags and description. With an alias, the version holding it is scored
+    on the same users with the same protocol and the alias moves only when the new version is
+    better, or when ``force`` (:mod:`piaa_dist.orchestration.promotion`); otherwise the new
+    version is tagged as a challenger.
     """
+    from piaa_dist.orchestration import tracking
+    from piaa_dist.orchestration.promotion import (ROLE_CHALLENGER, ROLE_CHAMPION, TAG_ROLE, TAG_ROLE_ALIAS,
+                                                   Promotion, decide, description)
+
     if not name:
-        return None, None
-    version = run.register_model(model_dir, name, alias)
-    return f"models:/{name}/{version}", (f"models:/{name}@{alias}" if alias else None)
+        return _Registered()
+    found = _open_validation(cfg)
+    if found is None:
+        if alias and not force:  # _check_alias says so before training; a config can still end here
+            raise UserError(f"alias {alias!r}: no validation users to compare the new version on "
+                            f"(data.validation_users={cfg.data.validation_users}); pass --force-alias")
+        version = int(run.register_model(model_dir, name, alias))
+        return _Registered(f"models:/{name}/{version}", f"models:/{name}@{alias}" if alias else None,
+                           version=version)
+    validation, dataset = found
+    new_score = _score_folder(model_dir, validation, dataset, cfg)
+    log.info("%s scores val SROCC %.4f on %s", model_dir, new_score, validation.describe())
+    tags = validation.tags(new_score)
+    if not alias:
+        version = int(run.register_model(model_dir, name, tags=tags,
+                                         description=description(validation, new_score, "", "", None)))
+        return _Registered(f"models:/{name}/{version}", None, None, new_score, version)
+
+    holder = tracking.alias_version(name, alias, uri=run.uri)
+    champion: tuple[int, float] | None = None
+    rescored = False
+    if holder is not None:
+        champ_score, rescored = _champion_score(name, holder, validation, dataset, cfg, run.uri)
+        champion = (int(holder.version), champ_score)
+    promoted = decide(new_score, champion[1] if champion else None, force=force)
+    role = ROLE_CHAMPION if promoted else ROLE_CHALLENGER
+    version = int(run.register_model(
+        model_dir, name, description=description(validation, new_score, role, alias, champion),
+        tags={**tags, TAG_ROLE: role, TAG_ROLE_ALIAS: alias}))
+    if promoted:
+        tracking.set_alias(name, alias, version, uri=run.uri)
+    promotion = Promotion(
+        name=name, alias=alias, version=version, promoted=promoted, forced=force,
+        val_srocc=new_score, champion_version=champion[0] if champion else None,
+        champion_val_srocc=champion[1] if champion else None, rescored=rescored, validation=validation)
+    log.info("%s", promotion.message)
+    run.set_tags({"piaa_dist.promotion": promotion.message})
+    return _Registered(f"models:/{name}/{version}", f"models:/{name}@{alias}" if promoted else None,
+                       promotion, new_score, version)
 
 
 def resolve_model_ref(ref: str | Path, *, mlflow_uri: str | None = None) -> Path:
@@ -478,6 +679,7 @@ def train(
     overrides: Sequence[str] = (),
     workers: int | None = None,
     alias: str | None = None,
+    force_alias: bool = False,
     s3_endpoint: str | None = None,
     mlflow_uri: str | None = None,
     mlflow: bool = True,
@@ -495,7 +697,10 @@ def train(
         overrides: ``section.key=value`` overrides of the config.
         workers: Ray Train workers (0 = in this process); default ``run.workers``.
         alias: alias to move to the registered version (e.g. ``champion``); default
-            ``run.alias``. Registration happens when ``run.register_name`` is set.
+            ``run.alias``. Registration happens when ``run.register_name`` is set. The alias
+            moves only if the new version beats the one holding it on the validation users
+            (see the module docstring); ``outcome.promotion`` says what happened.
+        force_alias: move the alias whatever the scores.
         s3_endpoint: S3 endpoint for data and checkpoints (default ``$AWS_ENDPOINT_URL``).
         mlflow_uri: tracking URI (default ``run.mlflow_uri``, ``$MLFLOW_TRACKING_URI``, then
             ``sqlite:///mlflow.db``).
@@ -505,7 +710,7 @@ def train(
 
     Raises:
         ConfigError: bad config or overrides, or no dataset URL.
-        UserError: an alias that cannot move (no MLflow, or nothing registered).
+        UserError: an alias that cannot move (no MLflow, nothing registered, no validation users).
     """
     from piaa_dist.checkpoint import save_model
     from piaa_dist.orchestration.ray_logging import ray_output
@@ -514,7 +719,8 @@ def train(
 
     cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint,
                      updates={"run.workers": workers, "run.alias": alias})
-    _check_alias(cfg, mlflow)
+    _check_alias(cfg, mlflow, force_alias)
+    _check_dataset(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # One run per output for the whole use-case (training, then the model folder it writes),
@@ -540,16 +746,17 @@ def train(
         info = {"kind": "blg-piaa-meta-learner", "step": result.step, "workers": result.workers,
                 "data": cfg.data.url, "checkpoint": result.checkpoint, "metrics": metrics}
         model_dir = save_model(out / TRAIN_MODEL_DIR, result.model, cfg, info)
-        registered = alias_uri = None
+        reg = _Registered()
         if run is not None:
             run.log_metrics({f"final.{k}": v for k, v in metrics.items()}, step=result.step)
-            registered, alias_uri = _register(run, model_dir, cfg.run.register_name, cfg.run.alias)
+            reg = _register(run, Path(model_dir), cfg, name=cfg.run.register_name, alias=cfg.run.alias,
+                            force=force_alias)
     log.info("meta-learner (step %d) written to %s", result.step, model_dir)
     return TrainOutcome(
         model_dir=Path(model_dir), step=result.step, workers=result.workers, data=cfg.data.url,
         checkpoint=result.checkpoint, metrics=metrics, metrics_file=out / "metrics.jsonl",
         mlflow_run_id=run.run_id if run else None, mlflow_uri=run.uri if run else None,
-        registered=registered, alias=alias_uri,
+        registered=reg.uri, alias=reg.alias, promotion=reg.promotion, registered_val_srocc=reg.val_srocc,
     )
 
 
@@ -562,21 +769,32 @@ def tune(
     samples: int | None = None,
     workers_per_trial: int = 1,
     alias: str | None = None,
+    force_alias: bool = False,
+    refit: bool = True,
     s3_endpoint: str | None = None,
     mlflow_uri: str | None = None,
     mlflow: bool = True,
     ray_address: str | None = None,
+    progress: bool = True,
 ) -> SweepOutcome:
-    """Run a Ray Tune sweep of meta-training trials; write, log and register the best one.
+    """Run a Ray Tune sweep of meta-training trials, refit the winner, write, log and register it.
 
     Searches ``meta.inner_lr``, ``meta.inner_steps``, ``data.shots`` and ``meta.meta_lr`` (ranges
     in the config's ``tune`` section) with ASHA on the validation SROCC of held-out training
-    users. Writes ``<out>/best-model/``, ``<out>/best.yaml`` and ``<out>/sweep.json``; with
-    MLflow the sweep is one run with a nested run per trial.
+    users. Trials are short runs (``tune.trial_steps``); with ``refit`` (the default) the winning
+    configuration is then meta-trained to the config's full ``meta.meta_steps`` (in
+    ``<out>/refit/``, with ``run.workers`` workers) and that model is the one written and
+    registered. Writes ``<out>/best-model/``, ``<out>/best.yaml`` (its config) and
+    ``<out>/sweep.json``; with MLflow the sweep is one run with a nested run per trial (and one
+    for the refit).
 
     Args:
         samples: trials (default ``tune.samples``).
         workers_per_trial: Ray Train workers per trial.
+        refit: train the winning configuration to full length before registering it (False:
+            register the winning trial's own model, as it stopped).
+        alias / force_alias: as in :func:`train` (the refit model is what is compared).
+        progress: an in-process refit (``run.workers`` 0) shows a progress bar.
         Others: as in :func:`train`.
 
     Raises:
@@ -587,10 +805,11 @@ def tune(
     from piaa_dist.checkpoint import save_model
     from piaa_dist.config import dump_config, flat_params
     from piaa_dist.orchestration.ray_logging import ray_output
-    from piaa_dist.orchestration.tune import SEARCHED, run_sweep
+    from piaa_dist.orchestration.tune import SEARCHED, refit_config, run_sweep, trial_steps
 
     cfg = job_config(config, overrides, data=data, s3_endpoint=s3_endpoint, updates={"run.alias": alias})
-    _check_alias(cfg, mlflow)
+    _check_alias(cfg, mlflow, force_alias)
+    _check_dataset(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = _open_run(cfg, mlflow_uri, "tune") if mlflow else None
@@ -602,27 +821,80 @@ def tune(
                 parent_run_id=run.run_id if run else None, ray_address=ray_address,
             )
         best_params = {k: v for k, v in flat_params(sweep.best_config).items() if k in SEARCHED}
+        short = trial_steps(cfg)
         info = {"kind": "blg-piaa-meta-learner", "source": "tune", "val_srocc": sweep.best_score,
-                "best_params": best_params, "checkpoint": sweep.best_checkpoint}
-        model_dir = save_model(out / TUNE_MODEL_DIR, sweep.model, sweep.best_config, info)
-        (out / BEST_CONFIG_FILE).write_text(dump_config(sweep.best_config))
+                "best_params": best_params, "checkpoint": sweep.best_checkpoint,
+                "trial": sweep.best_trial, "trial_steps": short}
+        model, model_cfg, checkpoint, steps, refit_val = sweep.model, sweep.best_config, sweep.best_checkpoint, \
+            sweep.best_step or short, None
+        if refit and short < cfg.meta.meta_steps:
+            full = refit_config(cfg, best_params)
+            result = _refit(full, out, run, ray_address=ray_address, progress=progress)
+            model, model_cfg, checkpoint, steps = result.model, full, result.checkpoint, result.step
+            refit_val = result.metrics.get("val_srocc")
+            refit_val = None if refit_val is None else float(refit_val)
+            info.update(refit=True, step=steps, checkpoint=checkpoint, refit_val_srocc=refit_val)
+        elif refit:
+            log.info("the trials ran the full %d meta-steps: the winning trial's model is full length, "
+                     "no refit needed", cfg.meta.meta_steps)
+        info.setdefault("step", int(steps))
+        model_dir = save_model(out / TUNE_MODEL_DIR, model, model_cfg, info)
+        (out / BEST_CONFIG_FILE).write_text(dump_config(model_cfg))
         outcome = SweepOutcome(
             model_dir=Path(model_dir), best_score=float(sweep.best_score), best_params=best_params,
-            checkpoint=str(sweep.best_checkpoint), trials=tuple(sweep.trials),
+            checkpoint=str(checkpoint), trials=tuple(sweep.trials),
             best_config_file=out / BEST_CONFIG_FILE, summary_file=out / SWEEP_FILE,
+            best_trial=sweep.best_trial, trial_steps=short, refit=model is not sweep.model,
+            steps=int(steps), refit_val_srocc=refit_val,
         )
         # Written before MLflow is touched, so that the sweep's record survives a registry error.
         outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
         if run is not None:
-            run.log_metrics({"best.val_srocc": sweep.best_score})
+            run.log_metrics({"best.val_srocc": sweep.best_score,
+                             **({"refit.val_srocc": refit_val} if refit_val is not None else {})})
             run.log_dict(outcome.to_dict(), SWEEP_FILE)
             run.log_text(outcome.trials_table(), "trials.txt")
-            registered, alias_uri = _register(run, Path(model_dir), sweep.best_config.run.register_name,
-                                              cfg.run.alias)
+            reg = _register(run, Path(model_dir), model_cfg, name=model_cfg.run.register_name,
+                            alias=cfg.run.alias, force=force_alias)
             outcome = dataclasses.replace(outcome, mlflow_run_id=run.run_id, mlflow_uri=run.uri,
-                                          registered=registered, alias=alias_uri)
+                                          registered=reg.uri, alias=reg.alias, promotion=reg.promotion,
+                                          registered_val_srocc=reg.val_srocc)
             outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
     return outcome
+
+
+def _refit(cfg: JobConfig, out: Path, sweep_run: RunLogger | None, *, ray_address: str | None,
+           progress: bool) -> Any:
+    """Meta-train the winning configuration to full length in ``<out>/refit`` (a nested MLflow run).
+
+    The checkpoints live under a name derived from the config, so re-running a sweep resumes a
+    refit of the same configuration and never one of another.
+    """
+    import hashlib
+
+    from piaa_dist.config import config_to_dict
+    from piaa_dist.orchestration.ray_logging import ray_output
+    from piaa_dist.orchestration.ray_train import run_distributed
+    from piaa_dist.orchestration.tracking import RunLogger, RunMetricsCallback
+
+    digest = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    log.info("refit: training the winning configuration to %d meta-steps (%d workers)",
+             cfg.meta.meta_steps, cfg.run.workers)
+    with contextlib.ExitStack() as stack:
+        metrics_callback = None
+        if sweep_run is not None:
+            child = stack.enter_context(RunLogger(
+                cfg.run.experiment, uri=sweep_run.uri, run_name="refit", rank=0,
+                parent_run_id=sweep_run.run_id, tags={"piaa_dist.kind": "tune-refit",
+                                                      "piaa_dist.data": cfg.data.url}))
+            child.log_params(cfg)
+            metrics_callback = RunMetricsCallback(child.uri, child.run_id)
+        with ray_output(ray_address) if cfg.run.workers > 0 else contextlib.nullcontext():
+            return run_distributed(
+                cfg, cfg.data.url, out / REFIT_DIR, workers=cfg.run.workers, name=f"refit-{digest}",
+                s3_endpoint=cfg.data.s3_endpoint or None, metrics_callback=metrics_callback,
+                progress=progress and cfg.run.workers == 0, ray_address=ray_address,
+            )
 
 
 def register(
@@ -630,36 +902,72 @@ def register(
     *,
     name: str = "blg-piaa",
     alias: str | None = None,
+    force_alias: bool = False,
+    data: str | None = None,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    s3_endpoint: str | None = None,
     mlflow_uri: str | None = None,
     experiment: str = "piaa-dist",
     params: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
     run_name: str = "register",
 ) -> Registration:
-    """Register a model folder as a new version of ``name`` and move ``alias`` to it.
+    """Register a model folder as a new version of ``name``; move ``alias`` to it if it is better.
 
     The files are logged to a new MLflow run (``run_name``, with ``params`` and ``metrics``: why
-    this model), so the version's lineage is recorded like a training run's.
+    this model), so the version's lineage is recorded like a training run's. The version is
+    scored on the validation users of the protocol config and, with an alias, compared with the
+    version holding it (champion/challenger, as in :func:`train`).
 
     Args:
         model: a model folder, or a ``train --out`` / ``tune --out`` folder.
         name: registered model name (created when missing).
-        alias: alias to point at the new version (e.g. ``champion``).
+        alias: alias to point at the new version when it beats the current holder (e.g.
+            ``champion``); ``.promotion`` says what happened.
+        force_alias: move the alias whatever the scores.
+        data: the dataset whose validation users score it (default: the protocol config's
+            ``data.url``, i.e. the data the model was trained on).
+        config / overrides: the protocol config (default: the model's own config).
+        s3_endpoint: S3 endpoint of ``data``.
         mlflow_uri: tracking URI (default ``$MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db``).
+
+    Raises:
+        UserError: an alias that cannot be decided (no validation users and not forced).
     """
+    from piaa_dist.checkpoint import load_model
     from piaa_dist.orchestration import tracking
 
     folder = resolve_model_ref(model)
+    _model, model_cfg, _info = load_model(folder)
+    if config:
+        cfg = load_config(config, overrides)
+    else:
+        cfg = with_overrides(model_cfg, _flat_overrides(overrides)) if overrides else model_cfg
+    flags: dict[str, Any] = {"run.alias": alias or "", "run.register_name": name}
+    if data:
+        flags["data.url"] = str(data)
+    if s3_endpoint:
+        flags["data.s3_endpoint"] = s3_endpoint
+    cfg = with_overrides(cfg, flags)
+    _check_alias(cfg, True, force_alias)
     uri = tracking.tracking_uri(mlflow_uri or "")
     with tracking.RunLogger(experiment, uri=uri, run_name=run_name, rank=0,
                             tags={"piaa_dist.kind": "register"}) as run:
         run.log_params({"model_dir": str(folder), **(params or {})})
         if metrics:
             run.log_metrics(dict(metrics))
-        version = run.register_model(folder, name, alias or "")
-    return Registration(name=name, version=int(version), uri=f"models:/{name}/{version}",
-                        alias=f"models:/{name}@{alias}" if alias else None,
-                        mlflow_run_id=str(run.run_id), mlflow_uri=uri)
+        reg = _register(run, folder, cfg, name=name, alias=alias or "", force=force_alias)
+    return Registration(name=name, version=int(reg.version), uri=str(reg.uri), alias=reg.alias,
+                        mlflow_run_id=str(run.run_id), mlflow_uri=uri, promotion=reg.promotion,
+                        val_srocc=reg.val_srocc)
+
+
+def _flat_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    from piaa_dist.config import parse_overrides
+
+    return {f"{section}.{key}": value for section, values in parse_overrides(overrides).items()
+            for key, value in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,25 +993,37 @@ def evaluate(
 ) -> EvaluationResult:
     """Run the meta-testing protocol on the test users.
 
+    The GIAA baseline (``giaa-finetune``) is one per dataset: its training budget (``giaa.*``,
+    ``run.seed``) comes from this evaluation's ``config`` (else the built-in defaults) and
+    ``overrides``, never from the meta-learner's saved config, and it is trained on the training
+    users the meta-learner saw, with its architecture (:mod:`piaa_dist.orchestration.baselines`).
+    With MLflow it is looked up in the registry (``piaa-giaa``, by that identity) and trained
+    and registered only when missing, so every meta-learner evaluated on the same data is
+    compared with the same GIAA model; the result records its key and version.
+
     Args:
         data: dataset root (folder or ``s3://``).
         model: the meta-learner (see :func:`resolve_model_ref`).
         giaa: the GIAA baseline's folder. Default: a ``giaa/`` folder inside or beside a local
-            meta-learner folder, else one is trained here on the users the meta-learner saw.
+            meta-learner folder, else the registered baseline of this data (MLflow), else one
+            is trained here on the users the meta-learner saw (and registered, with MLflow).
         giaa_out: save a GIAA model trained here to this folder.
         shots / repeats / seed: the protocol (default ``eval.shots``, ``eval.repeats``,
             ``run.seed``).
-        config: job config YAML for the protocol (default: the model's own config; the model's
+        config: job config YAML for the protocol and the GIAA budget (default: the model's own
+            config for the protocol, the built-in defaults for the GIAA budget; the model's
             architecture always comes from the model).
         overrides: ``section.key=value`` overrides.
         s3_endpoint: S3 endpoint (default ``data.s3_endpoint``, then ``$AWS_ENDPOINT_URL``).
         mlflow_uri: tracking URI for registry references and the ``evaluate`` run.
-        mlflow: False logs no ``evaluate`` run (registry references still resolve).
+        mlflow: False logs no ``evaluate`` run and neither looks up nor registers a GIAA
+            baseline (registry references still resolve).
         json_out: also write the result JSON here.
         progress: progress bars.
 
     Returns:
-        The result; its ``model``, ``data`` and ``giaa`` fields say where each came from.
+        The result; its ``model``, ``data``, ``dataset_version``, ``giaa``, ``giaa_key`` and
+        ``giaa_model`` fields say where each came from.
 
     Raises:
         UserError: no method to run, a GIAA folder that is not a model.
@@ -735,61 +1055,116 @@ def evaluate(
     meta = meta.to(device)
     dataset = Dataset.open(str(data), endpoint_url=s3_endpoint or cfg.data.s3_endpoint or None)
 
-    giaa_model, giaa_source = None, None
+    prior = _GiaaPrior()
     if any(METHODS.get(m) and METHODS[m].prior == "giaa" for m in cfg.eval.methods):
-        giaa_model, giaa_source = _giaa_prior(cfg, dataset, device, folder=None if _is_registry_ref(model) else folder,
-                                              giaa=giaa, giaa_out=giaa_out, progress=progress)
-    models = standard_models(meta, giaa_model, cfg.eval.methods)
+        # The GIAA budget is the evaluation's own (its --config, else the defaults), not the
+        # meta-learner's: two meta-learners on the same data get the same baseline.
+        giaa_cfg = load_config(config or None, overrides)
+        cache_uri = None
+        if mlflow:
+            from piaa_dist.orchestration.tracking import tracking_uri
+
+            cache_uri = tracking_uri(mlflow_uri or cfg.run.mlflow_uri or "")
+        prior = _giaa_prior(model_cfg, giaa_cfg, dataset, device,
+                            folder=None if _is_registry_ref(model) else folder, giaa=giaa,
+                            giaa_out=giaa_out, progress=progress, cache_uri=cache_uri)
+    models = standard_models(meta, prior.model, cfg.eval.methods)
     if not models:
         raise UserError("evaluate: no method to run (check eval.methods)")
     result = run_protocol(cfg, dataset, models, shots=shots, repeats=repeats, seed=seed, progress=progress)
     result = result.with_sources(model=str(model) if _is_registry_ref(model) else str(folder),
-                                 data=str(data), giaa=giaa_source)
+                                 data=str(data), giaa=prior.source,
+                                 dataset_version=getattr(dataset, "version_id", None) or None,
+                                 giaa_key=prior.key, giaa_model=prior.registered)
     if json_out:
         log.info("wrote %s", result.save(json_out))
     if mlflow:
         from piaa_dist.orchestration.tracking import RunLogger
 
+        tags = {"piaa_dist.kind": "evaluate", "piaa_dist.model": str(model), "piaa_dist.data": str(data)}
+        if prior.key:
+            tags.update({"piaa_dist.giaa_key": prior.key, "piaa_dist.giaa_model": prior.registered or ""})
         with RunLogger(cfg.run.experiment, uri=mlflow_uri or cfg.run.mlflow_uri or "", run_name="evaluate",
-                       rank=0, tags={"piaa_dist.kind": "evaluate", "piaa_dist.model": str(model),
-                                     "piaa_dist.data": str(data)}) as run:
+                       rank=0, tags=tags) as run:
             run.log_params(cfg)
             run.log_evaluation(result)
             log.info("logged the evaluation to MLflow run %s (%s)", run.run_id, run.uri)
     return result
 
 
-def _giaa_prior(cfg: JobConfig, dataset: Any, device: Any, *, folder: Path | None,
-                giaa: str | Path | None, giaa_out: str | Path | None, progress: bool) -> tuple[Any, str]:
-    """The GIAA prior and where it came from: ``giaa``, else a ``giaa/`` folder inside or beside
-    a local meta-learner folder, else trained now on the meta-training users."""
+@dataclass(frozen=True)
+class _GiaaPrior:
+    """The GIAA prior of an evaluation: the model, where it came from (``giaa`` of the result),
+    its identity (None for a folder given by hand) and its registry version."""
+
+    model: Any = None
+    source: str | None = None
+    key: str | None = None
+    registered: str | None = None
+
+
+def _giaa_prior(meta_cfg: JobConfig, giaa_cfg: JobConfig, dataset: Any, device: Any, *,
+                folder: Path | None, giaa: str | Path | None, giaa_out: str | Path | None,
+                progress: bool, cache_uri: str | None) -> _GiaaPrior:
+    """The GIAA prior: ``giaa``, else a ``giaa/`` folder inside or beside a local meta-learner
+    folder, else the registered baseline of this recipe (``cache_uri``), else trained now on the
+    meta-training users (and registered when ``cache_uri``)."""
+    import tempfile
+
     from piaa_dist.checkpoint import WEIGHTS_FILE, load_model, save_model
+    from piaa_dist.orchestration.baselines import GIAA_MODEL_NAME, TAG_GIAA_KEY, giaa_recipe
 
     if giaa:
         if not Path(giaa, WEIGHTS_FILE).is_file():
             raise UserError(f"--giaa {giaa}: not a model folder (no {WEIGHTS_FILE})")
         log.info("GIAA model from %s", giaa)
-        return load_model(giaa, device)[0], str(giaa)
+        return _GiaaPrior(load_model(giaa, device)[0], str(giaa))
     if folder is not None:
         # `train --out DIR` writes the meta-learner to DIR/model; a GIAA baseline saved with it
         # lives in DIR/model/giaa or DIR/giaa.
         for candidate in (folder / "giaa", folder.parent / "giaa"):
             if (candidate / WEIGHTS_FILE).is_file():
                 log.info("GIAA model from %s", candidate)
-                return load_model(candidate, device)[0], str(candidate)
+                return _GiaaPrior(load_model(candidate, device)[0], str(candidate))
+
+    from piaa_dist.orchestration import tracking
+
+    recipe = giaa_recipe(meta_cfg, giaa_cfg, dataset)
+    if cache_uri:
+        found = tracking.find_versions(GIAA_MODEL_NAME, {TAG_GIAA_KEY: recipe.key}, uri=cache_uri)
+        if found:
+            ref = f"models:/{GIAA_MODEL_NAME}/{found[0].version}"
+            log.info("GIAA baseline %s (%s)", ref, recipe.describe())
+            with tempfile.TemporaryDirectory(prefix="piaa-giaa-") as tmp:
+                model = load_model(tracking.resolve_model(ref, uri=cache_uri, dst=tmp), device)[0]
+            if giaa_out:
+                save_model(giaa_out, model, recipe.training_config(meta_cfg),
+                           {"kind": "giaa", "users": len(recipe.users), "giaa_key": recipe.key})
+            return _GiaaPrior(model, ref, recipe.key, ref)
 
     from piaa_dist.giaa import train_giaa
-    from piaa_dist.train import meta_training_users
 
-    users = meta_training_users(cfg, dataset)
-    log.info("no GIAA model given: training one on the %d meta-training users", len(users))
-    model = train_giaa(cfg, dataset, users, progress=progress, device=device)
-    source = "trained by evaluate"
+    train_cfg = recipe.training_config(meta_cfg)
+    log.info("no GIAA model for this data yet: training one (%s)", recipe.describe())
+    model = train_giaa(train_cfg, dataset, list(recipe.users), progress=progress, device=device)
+    info = {"kind": "giaa", "users": len(recipe.users), "giaa_key": recipe.key}
+    source, registered = "trained by evaluate", None
     if giaa_out:
-        save_model(giaa_out, model, cfg, {"kind": "giaa", "users": len(users)})
+        save_model(giaa_out, model, train_cfg, info)
         log.info("saved the GIAA model to %s", giaa_out)
         source = str(giaa_out)
-    return model.to(device), source
+    if cache_uri:
+        with tempfile.TemporaryDirectory(prefix="piaa-giaa-") as tmp:
+            saved = save_model(Path(tmp) / "giaa", model, train_cfg, info)
+            with tracking.RunLogger(meta_cfg.run.experiment, uri=cache_uri, run_name="giaa", rank=0,
+                                    tags={"piaa_dist.kind": "giaa", "piaa_dist.data": recipe.dataset,
+                                          "piaa_dist.giaa_key": recipe.key}) as run:
+                run.log_params(train_cfg)
+                version = run.register_model(saved, GIAA_MODEL_NAME, tags=recipe.tags(),
+                                             description=recipe.describe())
+        registered = f"models:/{GIAA_MODEL_NAME}/{version}"
+        log.info("registered the GIAA baseline as %s: evaluations of this data reuse it", registered)
+    return _GiaaPrior(model.to(device), source, recipe.key, registered)
 
 
 def personalize(
