@@ -106,6 +106,8 @@ BACKBONES = ("convnet", "resnet18")
 METHOD_NAMES = ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt")
 GPU_CHOICES = ("auto", "yes", "no")
 ALLREDUCE_DTYPES = ("float64", "float32")
+LR_SCHEDULES = ("step", "cosine")
+TRIAL_RUNNERS = ("auto", "in-trial", "ray-train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +498,9 @@ class MetaConfig(_Section):
     meta_steps: int = setting(300, at_least(1))  #: number of meta-updates
     lr_decay: float = setting(1.0, in_range(0.0, 1.0, lo_open=True))  #: multiplicative meta-lr decay per `decay_every` steps
     decay_every: int = setting(100, at_least(1))
+    lr_schedule: str = setting("step", one_of(*LR_SCHEDULES))  #: "step" (× lr_decay every decay_every steps) or "cosine" (meta_lr → lr_floor × meta_lr over meta_steps)
+    warmup_steps: int = setting(0, at_least(0))  #: linear meta-lr warm-up from meta_lr / warmup_steps over the first steps (0 = none)
+    lr_floor: float = setting(0.0, in_range(0.0, 1.0))  #: cosine schedule: the final meta-lr as a fraction of meta_lr
     grad_clip: float = setting(10.0, at_least(0.0))  #: clip the meta-gradient norm (0 = off)
 
 
@@ -547,6 +552,8 @@ class RunConfig(_Section):
     max_failures: int = setting(2, at_least(-1))  #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)
     log_every: int = setting(10, at_least(0))  #: meta-steps between loss reports (0 = only at checkpoints/validation/end)
     validate_every: int = setting(100, at_least(0))  #: meta-steps between validation SROCC measurements (0 = off)
+    patience: int = setting(0, at_least(0))  #: early stopping: validations in a row without an improvement of more than run.min_delta before meta-training stops (0 = run all meta.meta_steps)
+    min_delta: float = setting(0.0, at_least(0.0))  #: early stopping: the rise of validation SROCC over the best so far that counts as an improvement
     mlflow_uri: str = ""  #: empty = $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db in the cwd
     experiment: str = setting("piaa-dist", not_blank)
     register_name: str = setting("blg-piaa", model_name)  #: registered model name ("" = do not register)
@@ -569,6 +576,7 @@ class TuneConfig(_Section):
     reduction_factor: int = setting(2, at_least(2))  #: ASHA keeps 1/reduction_factor of the trials per rung
     trial_steps: int = setting(0, at_least(0))  #: meta-steps of each trial (0 = meta.meta_steps); the winner is refit to meta.meta_steps
     start_from_config: bool = setting(True)  #: the first trial runs the config's own values of the searched hyperparameters
+    trial_runner: str = setting("auto", one_of(*TRIAL_RUNNERS))  #: "in-trial" runs a 1-worker trial's loop inside the trial (no Train worker group to start), "ray-train" a TorchTrainer per trial; "auto": in-trial for 1-worker CPU trials
 
 
 # Cross-field rules: (keys the message names, check returning a problem or None). Cheap and
@@ -591,6 +599,16 @@ def _convnet_input(cfg: JobConfig) -> str | None:
     return None
 
 
+def _patience_needs_validation(cfg: JobConfig) -> str | None:
+    # Early stopping watches the validation SROCC: without validation it could never fire,
+    # which would silently train every meta-step while the config says otherwise.
+    if cfg.run.patience > 0 and cfg.run.validate_every <= 0:
+        return "early stopping watches validation SROCC: set run.validate_every > 0 (or run.patience=0)"
+    if cfg.run.patience > 0 and cfg.data.validation_users <= 0:
+        return "early stopping watches validation SROCC: set data.validation_users > 0 (or run.patience=0)"
+    return None
+
+
 @dataclass(frozen=True)
 class JobConfig(_Section):
     """Everything a train / tune / evaluate job needs."""
@@ -607,6 +625,7 @@ class JobConfig(_Section):
     _CROSS_RULES: ClassVar[tuple[tuple[tuple[str, ...], Callable[[JobConfig], str | None]], ...]] = (
         (("model.pretrained", "model.backbone"), _convnet_weights),
         (("data.image_size", "model.conv_blocks", "model.backbone"), _convnet_input),
+        (("run.patience", "run.validate_every", "data.validation_users"), _patience_needs_validation),
     )
 
     def __post_init__(self) -> None:

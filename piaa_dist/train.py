@@ -116,6 +116,10 @@ class MetaTrainer:
             )
         self.optimizer = self._make_optimizer()
         self.last_grad: torch.Tensor | None = None  #: averaged flat meta-gradient of the last step
+        from piaa_dist.schedule import EarlyStopping
+
+        #: validation-plateau rule and state (best score/step); part of :meth:`state_dict`
+        self.early_stopping = EarlyStopping.from_config(cfg.run)
 
     # -----------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -128,13 +132,15 @@ class MetaTrainer:
         return torch.optim.Adam(self._params, lr=meta.meta_lr)
 
     def current_lr(self) -> float:
-        """Meta learning rate at the current step: ``meta_lr * lr_decay ** (step // decay_every)``.
+        """Meta learning rate at the current step (:func:`piaa_dist.schedule.meta_lr_at`:
+        ``meta.lr_schedule`` with its warm-up).
 
         A pure function of ``step_count`` (no scheduler state), so a resumed trainer uses the
         same learning rate an uninterrupted one would.
         """
-        meta = self.cfg.meta
-        return meta.meta_lr * meta.lr_decay ** (self.step_count // max(1, meta.decay_every))
+        from piaa_dist.schedule import meta_lr_at
+
+        return meta_lr_at(self.cfg.meta, self.step_count)
 
     @property
     def flat_size(self) -> int:
@@ -294,18 +300,24 @@ class MetaTrainer:
 
     # -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume: ``{"model", "optimizer", "step"}``, tensors on CPU."""
+        """Everything needed to resume: ``{"model", "optimizer", "step", "early_stopping"}``,
+        tensors on CPU (the early-stopping state: best validation score and step, validations
+        since, whether it stopped)."""
         return {
             "model": _to_cpu(self.model.state_dict()),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "step": int(self.step_count),
+            "early_stopping": self.early_stopping.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (model weights, optimizer moments, sampler position)."""
+        """Restore a :meth:`state_dict` (model weights, optimizer moments, sampler position,
+        early-stopping state; a state saved before early stopping existed starts it fresh)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
+        if state.get("early_stopping") is not None:
+            self.early_stopping.load_state_dict(state["early_stopping"])
 
 
 def _task_to(task: Any, device: torch.device) -> Any:
@@ -368,7 +380,8 @@ def meta_train(
     on_step: OnStep | None = None,
     device: torch.device | None = None,
 ) -> MetaTrainer:
-    """Meta-train until ``cfg.meta.meta_steps`` updates have been applied.
+    """Meta-train until ``cfg.meta.meta_steps`` updates have been applied, or until early
+    stopping fires (``run.patience``: ``on_step`` feeds it validation scores).
 
     Args:
         cfg: job config.
@@ -412,7 +425,7 @@ def meta_train(
             len(users), cfg.meta.meta_steps, cfg.meta.meta_batch, cfg.meta.flavour,
             world_size, trainer.device,
         )
-    if trainer.step_count >= cfg.meta.meta_steps:
+    if trainer.step_count >= cfg.meta.meta_steps or trainer.early_stopping.stopped:
         return trainer
     stream = TaskStream(
         dataset,
@@ -429,7 +442,9 @@ def meta_train(
         num_steps=cfg.meta.meta_steps - trainer.step_count,
     )
     batches = iter(stream)
-    while trainer.step_count < cfg.meta.meta_steps:
+    # on_step (the step hook) feeds validation scores to trainer.early_stopping on every rank
+    # alike, so every rank leaves this loop after the same step.
+    while trainer.step_count < cfg.meta.meta_steps and not trainer.early_stopping.stopped:
         c0 = time.process_time()
         t0 = time.perf_counter()
         step, tasks = next(batches)
@@ -451,4 +466,9 @@ def meta_train(
             )
         if on_step is not None:
             on_step(trainer.step_count, metrics, trainer)
+    if trainer.early_stopping.stopped:
+        batches.close()  # the stream's prefetch thread: nothing more is needed
+        if rank == 0:
+            log.info("early stopping at step %d/%d: %s", trainer.step_count, cfg.meta.meta_steps,
+                     trainer.early_stopping.describe())
     return trainer

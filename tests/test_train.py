@@ -158,7 +158,8 @@ def test_state_dict_round_trip(cfg, dataset):
     a = _trainer(cfg)
     a.step(_tasks(cfg, dataset, 0))
     state = a.state_dict()
-    assert set(state) == {"model", "optimizer", "step"} and state["step"] == 1
+    # the early-stopping state (best validation score/step) is part of the training state
+    assert set(state) == {"model", "optimizer", "step", "early_stopping"} and state["step"] == 1
     b = _trainer(cfg)
     b.load_state_dict(state)
     assert b.step_count == 1 and b.current_lr() == a.current_lr()

@@ -199,7 +199,9 @@ def test_the_winning_configuration_is_refit_to_full_length_and_registered(sweep,
     assert summary.trial_steps == 2 and all((t["step"] or 0) <= 2 for t in summary.trials)
     assert summary.refit and summary.steps == 4
     info = json.loads((out / "sweep" / "best-model" / "info.json").read_text())
-    assert info["step"] == 4 and info["refit"] is True and info["trial"] == summary.best_trial
+    # the refit ran the full length; its model is its best validation checkpoint (issue 15)
+    assert info["last_step"] == 4 and info["refit"] is True and info["trial"] == summary.best_trial
+    assert info["step"] == info["best_step"] == summary.best_step and 1 <= info["step"] <= 4
     best_cfg = load_config(summary.best_config_file)
     assert best_cfg.meta.meta_steps == 4
     for key, value in summary.best_params.items():

@@ -10,14 +10,23 @@ Layout of one run's storage (``<root>`` is a local folder or ``s3://bucket/prefi
     <root>/<name>/checkpoint_<step:06d>/        written by Ray Train (rank 0's reports)
     <root>/<name>/local/checkpoint_<step:06d>/  written by an in-process run
     <root>/<name>/local/LATEST                  pointer: name of the newest folder it saved
+    <root>/<name>[/local]/best/checkpoint_<step>/  the best validation checkpoint (a copy)
+    <root>/<name>[/local]/BEST                  pointer: "best/checkpoint_<step>"
 
 A checkpoint folder is a training state (``piaa_dist.checkpoint.save_training_state``: its
 JSON, written last, records the tensors' SHA-256) plus the run's ``config.yaml``. A folder that
 does not load (a torn upload, a killed writer, bit rot) is never resumed from: a restart takes
 the newest folder that *loads* and logs the real location of every newer one it skipped.
-Pointer files such as ``LATEST`` are for people and tools (and later a ``BEST`` pointer for the
-validation-selected model); they are written atomically and never decide what a run resumes
-from, so an empty or stale pointer cannot send a run back to step 0.
+Pointer files (``LATEST``, ``BEST``) are written atomically and never decide what a run
+resumes from, so an empty or stale pointer cannot send a run back to step 0.
+
+The best checkpoint: whenever a validation SROCC is a new best (held-out *training* users,
+never test users; :class:`piaa_dist.schedule.EarlyStopping`), the runner writes a copy of that
+step's checkpoint to ``best/`` and moves ``BEST`` to it (:func:`write_best`); the previous best
+copy is deleted only after the pointer has moved, and the regular pruning (newest + previous)
+never touches ``best/``. What a run registers is the model in ``BEST`` (:func:`read_best`), not
+its last step; a best copy that does not agree with the run's own early-stopping state (a
+stale copy of an earlier run under the same name) is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -52,6 +61,10 @@ KEEP_CHECKPOINTS = 2
 IN_PROCESS_DIR = "local"
 #: pointer file naming the newest checkpoint folder an in-process run saved
 LATEST = "LATEST"
+#: pointer file naming the best validation checkpoint (``best/checkpoint_<step>``)
+BEST = "BEST"
+#: sub-folder holding the copy of the best validation checkpoint
+BEST_DIR = "best"
 CHECKPOINT_CONFIG_FILE = "config.yaml"
 #: file in a run's storage folder that the driver writes and every node must read back
 VISIBILITY_MARKER = ".piaa-storage-check"
@@ -395,6 +408,81 @@ def _exists(fs: Any, path: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
+@dataclasses.dataclass(frozen=True)
+class BestPoint:
+    """A run's best validation checkpoint.
+
+    Attributes:
+        step: the meta-step it was saved after.
+        score: its validation SROCC (held-out training users).
+        url: the folder's user-facing location.
+        state: its training state.
+    """
+
+    step: int
+    score: float | None
+    url: str
+    state: dict
+
+
+def write_best(storage: RunStorage, local: str | Path, step: int, *under: str) -> str:
+    """Keep a local checkpoint folder as the run's best: copy it to ``best/checkpoint_<step>``
+    under the run folder (``under`` e.g. ``"local"``), move the ``BEST`` pointer to it, then
+    delete the older best copies. Returns the copy's URL.
+
+    The copy is complete before the pointer moves (JSON last, or a rename on a local disk), and
+    the old best goes only after that, so ``BEST`` always names a whole folder.
+    """
+    import pyarrow.fs
+
+    fs = storage.filesystem
+    best_root = storage.run_path(*under, BEST_DIR)
+    name = checkpoint_dir_name(step)
+    fs.create_dir(best_root, recursive=True)
+    _upload_folder(storage, Path(local), f"{best_root}/{name}")
+    write_pointer(storage, storage.run_path(*under, BEST), f"{BEST_DIR}/{name}")
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(best_root, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name != name:
+            try:
+                fs.delete_dir(info.path)
+            except OSError as err:  # harmless: the next best write retries
+                log.warning("could not delete old best checkpoint %s: %s", storage.url_of(info.path), err)
+    return storage.url_of(f"{best_root}/{name}")
+
+
+def read_best(storage: RunStorage, *under: str, best_step: int | None = None) -> BestPoint | None:
+    """The run's best validation checkpoint (``BEST``), or None when it has none.
+
+    Args:
+        storage: the run's storage.
+        under: the runner's sub-folder (``"local"`` for in-process runs).
+        best_step: the best step the run's own final state records
+            (``state["early_stopping"]["best_step"]``); a copy of another step (left by an
+            earlier run under the same name) is ignored with a warning.
+    """
+    pointer = storage.run_path(*under, BEST)
+    try:
+        rel = read_pointer(storage, pointer)
+    except OSError as err:
+        log.warning("cannot read %s (%s); no best checkpoint", storage.url_of(pointer), err)
+        return None
+    if not rel:
+        return None
+    folder = storage.run_path(*under, rel)
+    try:
+        state = load_checkpoint(storage, folder)
+    except (CheckpointError, OSError) as err:
+        log.warning("best checkpoint %s does not load (%s); using the last checkpoint", storage.url_of(folder), err)
+        return None
+    step = int(state.get("step", -1))
+    if best_step is not None and step != best_step:
+        log.warning("%s names step %d but this run's best validation step is %d (a copy from an "
+                    "earlier run?); ignoring it", storage.url_of(pointer), step, best_step)
+        return None
+    score = (state.get("early_stopping") or {}).get("best_score")
+    return BestPoint(step, None if score is None else float(score), storage.url_of(folder), state)
+
+
 class InProcessCheckpoints:
     """Checkpoints of an in-process run (``workers=0``), with the same storage options as Ray's.
 
@@ -428,14 +516,20 @@ class InProcessCheckpoints:
             log.warning("cannot read %s/%s (%s); ignoring it", self.url, LATEST, err)
             return None
 
-    def save(self, step: int, state: Mapping[str, Any], cfg: JobConfig) -> str:
-        """Store the state after ``step`` updates; returns the checkpoint's URL."""
+    def save(self, step: int, state: Mapping[str, Any], cfg: JobConfig, *, best: bool = False) -> str:
+        """Store the state after ``step`` updates; returns the checkpoint's URL.
+
+        With ``best`` (a new best validation score at this step) it is also kept as the run's
+        best checkpoint (:func:`write_best`: ``local/best/`` and ``local/BEST``).
+        """
         name = checkpoint_dir_name(step)
         dest = f"{self.root}/{name}"
         self.storage.filesystem.create_dir(self.root, recursive=True)
         with tempfile.TemporaryDirectory(prefix="piaa-checkpoint-") as tmp:
             write_checkpoint_folder(tmp, state, cfg)
             _upload_folder(self.storage, Path(tmp), dest)
+            if best:
+                write_best(self.storage, tmp, step, IN_PROCESS_DIR)
         write_pointer(self.storage, f"{self.root}/{LATEST}", name)
         keep = {name, self._previous}
         self._prune(keep)
@@ -460,6 +554,9 @@ class InProcessCheckpoints:
 
 
 __all__ = [
+    "BEST",
+    "BEST_DIR",
+    "BestPoint",
     "DEFAULT_NAME",
     "IN_PROCESS_DIR",
     "KEEP_CHECKPOINTS",
@@ -474,8 +571,10 @@ __all__ = [
     "load_checkpoint",
     "model_from_state",
     "newest_loadable",
+    "read_best",
     "read_pointer",
     "stored_checkpoints",
+    "write_best",
     "write_checkpoint_folder",
     "write_pointer",
 ]

@@ -49,6 +49,8 @@ from piaa_dist.orchestration.checkpoint_store import (
     load_checkpoint,
     model_from_state,
     newest_loadable,
+    read_best,
+    write_best,
     write_checkpoint_folder,
 )
 from piaa_dist.orchestration.in_process import run_in_process
@@ -59,7 +61,7 @@ from piaa_dist.orchestration.run_records import (
     MetricsCallback,
     TrainResult,
 )
-from piaa_dist.orchestration.step_hook import StepHook
+from piaa_dist.orchestration.step_hook import StepHook, is_best_report
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +469,10 @@ def _train_worker(config: dict) -> None:
         if with_checkpoint and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 write_checkpoint_folder(tmp, trainer.state_dict(), cfg)
+                if is_best_report(step, metrics):
+                    # Ray keeps only the newest checkpoints; the best validation one is kept
+                    # beside them (<name>/best, <name>/BEST) before Ray may move this folder.
+                    write_best(storage, tmp, step)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -480,6 +486,9 @@ def _train_worker(config: dict) -> None:
         inject_failure=spec,
         resumed_from=int(resume["step"]) if resume else 0,
         skipped_checkpoints=skipped,
+        # The plain SUM (never FaultyReduce: it counts the step reduces) carries rank 0's
+        # validation score, so every rank takes the same early-stopping decision.
+        reduce=_all_reduce_sum if world > 1 else None,
     )
     meta_train(
         cfg, dataset, rank=rank, world_size=world,
@@ -624,7 +633,11 @@ def _fit(
             if point.state is None:
                 raise RuntimeError(f"Ray Train run {storage.name!r} finished without a checkpoint")
             state, url = point.state, point.url
-        return TrainResult(model_from_state(cfg, state), state, dict(result.metrics or {}), url, workers)
+        stopping = state.get("early_stopping") or {}
+        best = read_best(storage, best_step=int(stopping.get("best_step", 0))) \
+            if stopping.get("best_score") is not None else None
+        return TrainResult(model_from_state(cfg, state), state, dict(result.metrics or {}), url, workers,
+                           best=best, best_model=None if best is None else model_from_state(cfg, best.state))
     finally:
         if started:
             ray.shutdown()

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -26,6 +27,10 @@ class TrainResult:
         metrics: rank 0's last reported metrics (``step``, ``query_loss``, ...).
         checkpoint: URL or path of the last checkpoint, or None.
         workers: Ray Train workers used (0 = in-process).
+        best: the best validation checkpoint (its step, score, URL and state), or None when the
+            run measured no validation score. Its model is :attr:`selected_model`: what a run
+            writes and registers.
+        best_model: the meta-learner of ``best`` (None without one).
     """
 
     model: nn.Module
@@ -33,11 +38,28 @@ class TrainResult:
     metrics: dict
     checkpoint: str | None
     workers: int
+    best: Any = None
+    best_model: nn.Module | None = None
 
     @property
     def step(self) -> int:
         """Meta-updates applied (the final sampler position)."""
         return int(self.state["step"])
+
+    @property
+    def selected_model(self) -> nn.Module:
+        """The model to write and register: the best validation checkpoint's, else the last."""
+        return self.best_model if self.best_model is not None else self.model
+
+    @property
+    def selected_step(self) -> int:
+        """The meta-step of :attr:`selected_model`."""
+        return int(self.best.step) if self.best is not None else self.step
+
+    @property
+    def early_stopping(self) -> dict:
+        """The run's final early-stopping state (best score/step, ``stopped_at``); {} if none."""
+        return dict(self.state.get("early_stopping") or {})
 
 
 class JsonlMetrics:

@@ -40,6 +40,14 @@ class StepHook:
     ``step N/M val_srocc X (best Y at step S)`` log line (what a Ray run shows from rank 0) and,
     in-process, the tqdm bar's postfix (``val_srocc=X`` beside ``query_loss``).
 
+    Early stopping and the best checkpoint: every measured score goes to the trainer's
+    :class:`~piaa_dist.schedule.EarlyStopping` on *every* rank (rank 0 measures; ``reduce``
+    carries its score to the others, where rank 0 adds it to zeros: exact), so all ranks
+    agree on the best step and leave the training loop after the same step. A new best,
+    and the step where the rule fires, are always checkpointed; the report then carries
+    ``best_val_srocc``/``best_step`` and the runner keeps that checkpoint as the run's BEST
+    (:func:`is_best_report`).
+
     Args:
         cfg: job config (``run.*_every``, ``meta.meta_steps``).
         rank: this process's rank (only rank 0 validates).
@@ -52,6 +60,8 @@ class StepHook:
             ``resumed_from`` so the metrics show where a restart resumed.
         skipped_checkpoints: newer checkpoints this attempt could not load; reported as
             ``skipped_checkpoints`` (their locations are in the log).
+        reduce: SUM over ranks of a flat tensor (what carries rank 0's validation score to the
+            other ranks); None for a single rank.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class StepHook:
         progress: Any = None,
         resumed_from: int = 0,
         skipped_checkpoints: int = 0,
+        reduce: Any = None,
     ):
         self.cfg = cfg
         self.rank = rank
@@ -74,6 +85,7 @@ class StepHook:
         self.progress = progress
         self.resumed_from = resumed_from
         self.skipped_checkpoints = skipped_checkpoints
+        self.reduce = reduce
         self.data_s = 0.0
         self.step_s = 0.0
         #: what the progress bar shows after the step count (the last measured val_srocc stays)
@@ -100,12 +112,40 @@ class StepHook:
         # Share of wall time spent waiting for tasks since the last report (data-plane health).
         out["data_wait_share"] = self.data_s / self.step_s if self.step_s > 0 else 0.0
         self.data_s = self.step_s = 0.0
-        if validate and self.rank == 0:
-            score = validation_score(self.cfg, self.dataset, trainer.model)
+        if validate:
+            score = validation_score(self.cfg, self.dataset, trainer.model) if self.rank == 0 else None
+            score = self._shared(score)
             if score is not None:
                 out["val_srocc"] = score
-                self._show_validation(step, score)
+                stopping = getattr(trainer, "early_stopping", None)
+                if stopping is not None:
+                    improved = stopping.update(step, score)
+                    out["best_val_srocc"] = stopping.best_score
+                    out["best_step"] = stopping.best_step
+                    # The best checkpoint is the one a run registers: it must exist. The step
+                    # the rule fires at is the run's end: checkpointed like a last step.
+                    checkpoint = checkpoint or improved or stopping.stopped
+                    if stopping.stopped:
+                        out["stopped_early"] = 1
+                if self.rank == 0:
+                    self._show_validation(step, score)
         self.report(step, out, trainer, checkpoint)
+
+    def _shared(self, score: float | None) -> float | None:
+        """Rank 0's validation score on every rank (None everywhere when it measured none).
+
+        Rank 0 contributes ``[score, 1]``, the other ranks zeros, to one SUM: every rank gets
+        rank 0's float64 value exactly (``x + 0 == x``).
+        """
+        if self.reduce is None:
+            return score
+        import torch
+
+        t = torch.zeros(2, dtype=torch.float64)
+        if self.rank == 0 and score is not None:
+            t[0], t[1] = float(score), 1.0
+        t = self.reduce(t)
+        return float(t[0]) if float(t[1]) > 0 else None
 
     def _show_validation(self, step: int, score: float) -> None:
         """Put a validation SROCC on the progress line (log line and progress bar)."""
@@ -131,6 +171,12 @@ class StepHook:
         os._exit(1)
 
 
+def is_best_report(step: int, metrics: dict) -> bool:
+    """True when the report of ``step`` carries a new best validation score (its checkpoint is
+    then the run's BEST)."""
+    return "val_srocc" in metrics and metrics.get("best_step") == step
+
+
 def validation_score(cfg: JobConfig, dataset: Any, model: nn.Module) -> float | None:
     """Validation SROCC of the meta-learner on the held-out training users (Tune's metric).
 
@@ -151,4 +197,4 @@ def validation_score(cfg: JobConfig, dataset: Any, model: nn.Module) -> float | 
     )
 
 
-__all__ = ["Report", "StepHook", "due", "validation_score"]
+__all__ = ["Report", "StepHook", "due", "is_best_report", "validation_score"]

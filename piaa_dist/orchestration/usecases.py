@@ -71,8 +71,10 @@ class TrainOutcome:
     """What :func:`train` produced.
 
     Attributes:
-        model_dir: the meta-learner's folder (``<out>/model``: weights, config, info).
-        step: meta-updates applied.
+        model_dir: the meta-learner's folder (``<out>/model``: weights, config, info): the best
+            validation checkpoint's model when the run validated (``best_step``), else the last.
+        step: meta-updates applied (where training ended: ``meta.meta_steps`` or the step early
+            stopping fired at).
         workers: Ray Train workers used (0 = in this process).
         data: the dataset URL trained on.
         checkpoint: the last training checkpoint (path or URL), if any.
@@ -85,6 +87,11 @@ class TrainOutcome:
         promotion: how the alias was decided (None when no alias was asked for).
         registered_val_srocc: the registered version's validation SROCC as recorded in the
             registry (None when it was not scored).
+        best_step: the step of the model in ``model_dir`` (the best validation checkpoint's;
+            ``step`` when the run did not validate).
+        best_val_srocc: its validation SROCC (None without validation).
+        stopped_early: early stopping ended the run before ``meta.meta_steps``.
+        best_checkpoint: the best validation checkpoint's folder (None without validation).
     """
 
     model_dir: Path
@@ -100,18 +107,31 @@ class TrainOutcome:
     alias: str | None = None
     promotion: Promotion | None = None
     registered_val_srocc: float | None = None
+    best_step: int = 0
+    best_val_srocc: float | None = None
+    stopped_early: bool = False
+    best_checkpoint: str | None = None
 
     @property
     def val_srocc(self) -> float | None:
-        """The last validation SROCC (held-out training users), if the run measured one."""
+        """The validation SROCC (held-out training users) of the written model: the best one
+        measured, else the last reported (None if the run measured none)."""
+        if self.best_val_srocc is not None:
+            return float(self.best_val_srocc)
         value = self.metrics.get("val_srocc")
         return None if value is None else float(value)
 
     def summary_lines(self) -> list[str]:
         """What ``piaa-dist train`` prints: the model, its validation SROCC, the registry."""
-        lines = [f"meta-learner at step {self.step} written to {self.model_dir}"]
-        if self.val_srocc is not None:
-            lines.append(f"validation SROCC {self.val_srocc:.3f} at step {self.step}")
+        if self.best_val_srocc is not None:
+            ended = (f"early stopping at step {self.step}" if self.stopped_early
+                     else f"trained {self.step} steps")
+            lines = [f"meta-learner of step {self.best_step} (best validation SROCC "
+                     f"{self.best_val_srocc:.3f}; {ended}) written to {self.model_dir}"]
+        else:
+            lines = [f"meta-learner at step {self.step} written to {self.model_dir}"]
+            if self.val_srocc is not None:
+                lines.append(f"validation SROCC {self.val_srocc:.3f} at step {self.step}")
         lines += _registry_lines(self.registered, self.registered_val_srocc, self.promotion)
         return lines
 
@@ -136,8 +156,10 @@ class SweepOutcome:
         trial_steps: meta-steps of the trials.
         refit: the winning configuration was trained again to full length, and that model is
             the one in ``best-model/`` (else it is the winning trial's own).
-        steps: meta-steps of the model in ``best-model/``.
-        refit_val_srocc: the refit's last validation SROCC (None without a refit).
+        steps: meta-steps of the run behind ``best-model/`` (the refit's, else the trial's).
+        refit_val_srocc: the refit's best validation SROCC (None without a refit).
+        best_step: the meta-step of the model in ``best-model/`` (the refit's best validation
+            checkpoint; the winning trial's best one without a refit).
         mlflow_run_id / mlflow_uri / registered / alias / promotion / registered_val_srocc:
             as in :class:`TrainOutcome`.
     """
@@ -160,6 +182,7 @@ class SweepOutcome:
     refit_val_srocc: float | None = None
     promotion: Promotion | None = None
     registered_val_srocc: float | None = None
+    best_step: int = 0
 
     def summary_lines(self) -> list[str]:
         """What ``piaa-dist tune`` prints after the trials: the winner, the refit, the registry."""
@@ -168,7 +191,8 @@ class SweepOutcome:
         lines = [f"best trial {self.best_trial or '?'}: val SROCC {self.best_score:.3f} after "
                  f"{self.trial_steps} steps ({params})"]
         if self.refit:
-            reached = "" if self.refit_val_srocc is None else f": val SROCC {self.refit_val_srocc:.3f}"
+            reached = "" if self.refit_val_srocc is None else \
+                f": val SROCC {self.refit_val_srocc:.3f} (best, at step {self.best_step})"
             lines.append(f"refit of its configuration to {self.steps} steps{reached} -> {self.model_dir}")
         else:
             lines.append(f"no refit: {self.model_dir} is the trial's own {self.steps}-step model")
@@ -743,21 +767,49 @@ def train(
                 progress=progress and cfg.run.workers == 0, ray_address=ray_address,
             )
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        info = {"kind": "blg-piaa-meta-learner", "step": result.step, "workers": result.workers,
-                "data": cfg.data.url, "checkpoint": result.checkpoint, "metrics": metrics}
-        model_dir = save_model(out / TRAIN_MODEL_DIR, result.model, cfg, info)
+        info = {"kind": "blg-piaa-meta-learner", "workers": result.workers,
+                "data": cfg.data.url, "checkpoint": result.checkpoint, "metrics": metrics,
+                **_selection_info(result)}
+        # The best validation checkpoint's model (held-out training users), never the last one.
+        model_dir = save_model(out / TRAIN_MODEL_DIR, result.selected_model, cfg, info)
         reg = _Registered()
         if run is not None:
             run.log_metrics({f"final.{k}": v for k, v in metrics.items()}, step=result.step)
+            if result.best is not None:
+                run.log_metrics({"best.val_srocc": float(result.best.score or 0.0),
+                                 "best.step": float(result.best.step)}, step=result.step)
             reg = _register(run, Path(model_dir), cfg, name=cfg.run.register_name, alias=cfg.run.alias,
                             force=force_alias)
-    log.info("meta-learner (step %d) written to %s", result.step, model_dir)
+    log.info("meta-learner (step %d of %d) written to %s", result.selected_step, result.step, model_dir)
     return TrainOutcome(
         model_dir=Path(model_dir), step=result.step, workers=result.workers, data=cfg.data.url,
         checkpoint=result.checkpoint, metrics=metrics, metrics_file=out / "metrics.jsonl",
         mlflow_run_id=run.run_id if run else None, mlflow_uri=run.uri if run else None,
         registered=reg.uri, alias=reg.alias, promotion=reg.promotion, registered_val_srocc=reg.val_srocc,
+        **_selection_fields(result),
     )
+
+
+def _selection_info(result: Any) -> dict[str, Any]:
+    """What a model folder's ``info.json`` says about which checkpoint it is."""
+    stopping = result.early_stopping
+    info: dict[str, Any] = {"step": result.selected_step, "last_step": result.step}
+    if result.best is not None:
+        info.update(selected="best validation checkpoint", best_step=result.best.step,
+                    best_val_srocc=result.best.score, best_checkpoint=result.best.url,
+                    stopped_early=stopping.get("stopped_at") is not None)
+    else:
+        info["selected"] = "last checkpoint (no validation)"
+    return info
+
+
+def _selection_fields(result: Any) -> dict[str, Any]:
+    """:class:`TrainOutcome`'s fields about the written checkpoint."""
+    best = result.best
+    return {"best_step": result.selected_step,
+            "best_val_srocc": None if best is None else best.score,
+            "stopped_early": result.early_stopping.get("stopped_at") is not None,
+            "best_checkpoint": None if best is None else best.url}
 
 
 def tune(
@@ -826,18 +878,24 @@ def tune(
                 "best_params": best_params, "checkpoint": sweep.best_checkpoint,
                 "trial": sweep.best_trial, "trial_steps": short}
         model, model_cfg, checkpoint, steps, refit_val = sweep.model, sweep.best_config, sweep.best_checkpoint, \
-            sweep.best_step or short, None
+            sweep.trial_length or short, None
+        best_step = sweep.best_step or steps
         if refit and short < cfg.meta.meta_steps:
             full = refit_config(cfg, best_params)
             result = _refit(full, out, run, ray_address=ray_address, progress=progress)
-            model, model_cfg, checkpoint, steps = result.model, full, result.checkpoint, result.step
-            refit_val = result.metrics.get("val_srocc")
-            refit_val = None if refit_val is None else float(refit_val)
-            info.update(refit=True, step=steps, checkpoint=checkpoint, refit_val_srocc=refit_val)
+            # The refit's best validation checkpoint (held-out training users), not its last step.
+            model, model_cfg, checkpoint, steps = result.selected_model, full, result.checkpoint, result.step
+            best_step = result.selected_step
+            if result.best is not None and result.best.score is not None:
+                refit_val = float(result.best.score)
+            elif result.metrics.get("val_srocc") is not None:
+                refit_val = float(result.metrics["val_srocc"])
+            info.update(refit=True, checkpoint=checkpoint, refit_val_srocc=refit_val, **_selection_info(result))
         elif refit:
             log.info("the trials ran the full %d meta-steps: the winning trial's model is full length, "
                      "no refit needed", cfg.meta.meta_steps)
-        info.setdefault("step", int(steps))
+        info.setdefault("step", int(best_step))
+        info.setdefault("last_step", int(steps))
         model_dir = save_model(out / TUNE_MODEL_DIR, model, model_cfg, info)
         (out / BEST_CONFIG_FILE).write_text(dump_config(model_cfg))
         outcome = SweepOutcome(
@@ -845,7 +903,7 @@ def tune(
             checkpoint=str(checkpoint), trials=tuple(sweep.trials),
             best_config_file=out / BEST_CONFIG_FILE, summary_file=out / SWEEP_FILE,
             best_trial=sweep.best_trial, trial_steps=short, refit=model is not sweep.model,
-            steps=int(steps), refit_val_srocc=refit_val,
+            steps=int(steps), refit_val_srocc=refit_val, best_step=int(best_step),
         )
         # Written before MLflow is touched, so that the sweep's record survives a registry error.
         outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
