@@ -14,6 +14,7 @@ run itself reported, and first that the series still has that shape.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import random
@@ -116,7 +117,7 @@ def test_meta_lr_schedules():
                              "meta.warmup_steps=10", "meta.lr_floor=0.1"])
     lrs = [meta_lr_at(cfg.meta, s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)   # linear warm-up
-    assert lrs[10] == pytest.approx(0.01) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[10] == pytest.approx(0.01) and all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert meta_lr_at(cfg.meta, 100) == pytest.approx(0.001)                  # floor at the end
     step = load_config(TINY, ["meta.meta_lr=0.01", "meta.lr_decay=0.5", "meta.decay_every=10"])
     assert [meta_lr_at(step.meta, s) for s in (0, 9, 10, 25)] == pytest.approx([0.01, 0.01, 0.005, 0.0025])

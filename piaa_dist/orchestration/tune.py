@@ -1,17 +1,33 @@
-"""Ray Tune sweeps over the bilevel hyperparameters, each trial a Ray Train run (V2 API).
+"""Ray Tune sweeps over the bilevel hyperparameters (V2 API), without a start-up tax per trial.
 
-A trial is a plain function (Ray Train V2's Tune integration): it builds the same
-``TorchTrainer`` that ``piaa-dist train`` uses (:func:`piaa_dist.orchestration.ray_train.build_trainer`)
-with the trial's hyperparameters and fits it; ``TuneReportCallback`` forwards rank 0's reports
-to Tune. The metric is ``val_srocc``: the meta-learner fine-tuned on held-out *training* users
+A trial is a plain function run by Tune in its trial actor. Two ways to run its meta-training
+(``tune.trial_runner``):
+
+* ``in-trial`` (``auto`` picks it for 1-worker CPU trials): the trial actor runs the training
+  loop itself (:func:`~piaa_dist.orchestration.in_process.run_in_process`: the same loop,
+  step hook, checkpoint and best-checkpoint rules as ``piaa-dist train --workers 0``) and
+  reports to Tune with ``tune.report``. No Ray Train worker group is started per trial (a
+  controller actor, a worker process importing torch, a process group: tens of seconds each
+  on a busy 2-core machine), the trial actors are reused from one trial to the next
+  (``reuse_actors``), and each keeps the opened dataset warm across the trials it runs
+  (:func:`warm_dataset`: manifest and users' shard ranges read once per actor). Trials run
+  ``tune.max_concurrent`` at a time, one CPU each: 2 at once on a 2-CPU machine.
+* ``ray-train``: the trial builds the same ``TorchTrainer`` that ``piaa-dist train`` uses
+  (:func:`piaa_dist.orchestration.ray_train.build_trainer`) with the trial's hyperparameters
+  and fits it; ``TuneReportCallback`` forwards rank 0's reports to Tune. Needed for trials of
+  several workers, or on GPUs.
+
+Either way the metric is ``val_srocc``: the meta-learner fine-tuned on held-out *training* users
 (``data.validation_users``), never on test users. ASHA stops weak trials at validation
-milestones (``time_attr="step"``).
+milestones (``time_attr="step"``), and a trial's model is its best validation checkpoint (its
+``BEST``), not its last step.
 
-Sizing: the trial function itself reserves a token 0.01 CPU (it only waits on its trainer; the Train
+Sizing: an in-trial trial reserves ``run.cpus_per_worker`` CPUs (it does the work). A
+``ray-train`` trial function reserves a token 0.01 CPU (it only waits on its trainer; the Train
 controller is a zero-CPU actor too), and each trial's Train workers reserve
 ``run.cpus_per_worker`` each. With ``tune.max_concurrent`` trials of ``workers_per_trial``
-workers the sweep needs ``max_concurrent * workers_per_trial * cpus_per_worker`` CPUs; the
-defaults (1 trial × 1 worker × 1 CPU) run to the end on a 2-CPU laptop, and a cluster raises
+workers the sweep needs ``max_concurrent * workers_per_trial * cpus_per_worker`` CPUs; 1 or 2
+trials × 1 worker × 1 CPU run to the end on a 2-CPU laptop, and a cluster raises
 ``tune.max_concurrent`` / ``--workers-per-trial``.
 
 Trial length: trials are short runs that rank the hyperparameters (``tune.trial_steps``
@@ -107,7 +123,10 @@ class SweepResult:
         model: the best trial's meta-learner (loaded from that checkpoint).
         trials: one row per trial: ``{"trial_id", "status", "val_srocc", "step", <searched>}``.
         best_trial: the best trial's id.
-        best_step: the meta-step of the checkpoint its model was loaded from.
+        best_step: the meta-step of the checkpoint its model was loaded from (its best
+            validation checkpoint; the last one when it kept none).
+        trial_length: the meta-steps the best trial ran.
+        runner: how the trials ran (``"in-trial"`` or ``"ray-train"``).
     """
 
     best_config: JobConfig
@@ -117,6 +136,8 @@ class SweepResult:
     trials: list[dict]
     best_trial: str = ""
     best_step: int = 0
+    trial_length: int = 0
+    runner: str = "ray-train"
 
 
 def search_space(cfg: JobConfig) -> dict[str, Any]:
@@ -277,6 +298,121 @@ def _make_end_runs_callback(uri: str, experiment: str):
     return _EndRuns(uri)
 
 
+#: ``tune.trial_runner`` values (``auto`` resolves to one of these, :func:`trial_runner`)
+IN_TRIAL = "in-trial"
+RAY_TRAIN = "ray-train"
+
+
+def trial_runner(cfg: JobConfig, workers_per_trial: int, gpu: bool) -> str:
+    """How the trials run: ``tune.trial_runner``, with ``auto`` = in-trial for 1-worker CPU trials.
+
+    In-trial runs the training loop in the trial actor itself (no Train worker group per
+    trial); a trial of several workers, or one on a GPU, needs Ray Train.
+
+    Raises:
+        ValueError: ``in-trial`` asked for trials of several workers.
+    """
+    choice = cfg.tune.trial_runner
+    if choice == IN_TRIAL and workers_per_trial != 1:
+        raise ValueError(f"tune.trial_runner=in-trial runs one worker per trial; got --workers-per-trial "
+                         f"{workers_per_trial} (use tune.trial_runner=ray-train)")
+    if choice == "auto":
+        return IN_TRIAL if workers_per_trial == 1 and not gpu else RAY_TRAIN
+    return choice
+
+
+#: Datasets this process opened, by (URL, endpoint): kept warm from one trial to the next
+#: (trial actors are reused), so a later trial does not open the manifest and read the users'
+#: shard ranges again.
+_WARM_DATASETS: dict[tuple[str, str], Any] = {}
+
+
+def warm_dataset(data_url: str, s3_endpoint: str | None = None) -> Any:
+    """The dataset at ``data_url``, opened once per process and reused by every trial it runs.
+
+    A dataset version is immutable, so a process may keep it (and its LRU cache of users'
+    ratings) for as long as it lives; the version is resolved at the first open.
+    """
+    from piaa_dist.data.stream import Dataset
+
+    key = (data_url, s3_endpoint or "")
+    if key not in _WARM_DATASETS:
+        _WARM_DATASETS[key] = Dataset.open(data_url, endpoint_url=s3_endpoint or None)
+    return _WARM_DATASETS[key]
+
+
+def _trial_run(cfg: JobConfig, config: Mapping[str, Any], trial_id: str, mlflow_uri: str):
+    """The trial's nested MLflow run and its metrics callback, or ``(None, None)`` without MLflow."""
+    if not mlflow_uri:
+        return None, None
+    from piaa_dist.config import flat_params
+    from piaa_dist.orchestration.tracking import RunLogger, RunMetricsCallback
+
+    run = RunLogger(
+        cfg.run.experiment, uri=mlflow_uri, run_name=f"trial-{trial_id}",
+        rank=0, parent_run_id=config.get("parent_run_id"),
+        tags={"piaa_dist.kind": "tune-trial", "piaa_dist.trial_id": trial_id},
+    ).start()
+    run.log_params(flat_params(cfg))
+    return run, RunMetricsCallback(run.uri, run.run_id)
+
+
+def _end_trial_run(mlflow_uri: str, metrics_callback: Any, status: str) -> None:
+    if metrics_callback is not None:
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        RunLogger(uri=mlflow_uri, run_id=metrics_callback.run_id, rank=0).start().end(status)
+
+
+def _report_to_tune(step: int, metrics: dict) -> None:
+    """A metrics callback that hands a report to Tune (ASHA reads ``step`` and ``val_srocc``).
+
+    Tune may decide here to stop the trial: ``tune.report`` then ends the training thread
+    (``SystemExit``, which no metrics sink swallows)."""
+    import ray.tune
+
+    ray.tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step})
+
+
+def _trial_in_process(config: dict, connections: Mapping[str, str] | None = None) -> None:
+    """Tune trial that runs the meta-training loop itself, in the trial actor (no Ray Train).
+
+    The same loop as ``piaa-dist train --workers 0``: checkpoints (and the best validation
+    checkpoint) in ``<storage>/trial-<id>/local``, reports at the same steps. The dataset is
+    the actor's warm one (:func:`warm_dataset`).
+    """
+    import ray.tune
+
+    from piaa_dist.orchestration.checkpoint_store import RunStorage
+    from piaa_dist.orchestration.in_process import run_in_process
+    from piaa_dist.orchestration.run_records import Fanout
+
+    connections = dict(connections or {})
+    mlflow_uri = connections.get("mlflow_uri") or ""
+    s3_endpoint = connections.get("s3_endpoint") or None
+    cfg = trial_config(config_from_dict(config["base"]), config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    _run, metrics_callback = _trial_run(cfg, config, trial_id, mlflow_uri)
+    # MLflow first: once Tune sees a report it may stop the trial, and a metric not yet logged
+    # would be lost from the trial's MLflow run.
+    sinks = Fanout([metrics_callback] if metrics_callback is not None else [])
+    storage = RunStorage.from_url(config["storage_path"], f"trial-{trial_id}", s3_endpoint)
+
+    def report(step: int, metrics: dict) -> None:
+        sinks(step, metrics)
+        _report_to_tune(step, metrics)
+
+    try:
+        run_in_process(cfg, config["data_url"], storage, s3_endpoint=s3_endpoint, metrics_callback=report,
+                       dataset=warm_dataset(config["data_url"], s3_endpoint))
+    except SystemExit:
+        raise  # stopped by the scheduler: the driver-side callback closes the MLflow run
+    except BaseException:
+        _end_trial_run(mlflow_uri, metrics_callback, "FAILED")
+        raise
+    _end_trial_run(mlflow_uri, metrics_callback, "FINISHED")
+
+
 def _trial(config: dict, connections: Mapping[str, str] | None = None) -> None:
     """Tune trial (runs in a Ray actor): one Ray Train meta-training run with these params.
 
@@ -293,18 +429,7 @@ def _trial(config: dict, connections: Mapping[str, str] | None = None) -> None:
     base = config_from_dict(config["base"])
     cfg = trial_config(base, config)
     trial_id = ray.tune.get_context().get_trial_id()
-    metrics_callback = None
-    if mlflow_uri:
-        from piaa_dist.config import flat_params
-        from piaa_dist.orchestration.tracking import RunLogger, RunMetricsCallback
-
-        run = RunLogger(
-            cfg.run.experiment, uri=mlflow_uri, run_name=f"trial-{trial_id}",
-            rank=0, parent_run_id=config.get("parent_run_id"),
-            tags={"piaa_dist.kind": "tune-trial", "piaa_dist.trial_id": trial_id},
-        ).start()
-        run.log_params(flat_params(cfg))
-        metrics_callback = RunMetricsCallback(run.uri, run.run_id)
+    _run, metrics_callback = _trial_run(cfg, config, trial_id, mlflow_uri)
     trainer = build_trainer(
         cfg, config["data_url"],
         workers=config["workers_per_trial"],
@@ -317,15 +442,9 @@ def _trial(config: dict, connections: Mapping[str, str] | None = None) -> None:
     try:
         trainer.fit()
     except BaseException:
-        if metrics_callback is not None:
-            from piaa_dist.orchestration.tracking import RunLogger
-
-            RunLogger(uri=mlflow_uri, run_id=metrics_callback.run_id, rank=0).start().end("FAILED")
+        _end_trial_run(mlflow_uri, metrics_callback, "FAILED")
         raise
-    if metrics_callback is not None:
-        from piaa_dist.orchestration.tracking import RunLogger
-
-        RunLogger(uri=mlflow_uri, run_id=metrics_callback.run_id, rank=0).start().end("FINISHED")
+    _end_trial_run(mlflow_uri, metrics_callback, "FINISHED")
 
 
 def _best_checkpoint(result: Any) -> str | None:
@@ -338,7 +457,7 @@ def _best_checkpoint(result: Any) -> str | None:
 
 
 def _load_checkpoint_model(cfg: JobConfig, path: str, storage: str, s3_endpoint: str | None) -> Any:
-    """Load the meta-learner from a trial's checkpoint folder.
+    """Load the meta-learner from a trial's checkpoint folder; ``(model, state)``.
 
     ``path`` is what Ray reported: a local path, or ``bucket/key`` inside the S3 filesystem
     when the storage path is ``s3://``.
@@ -347,7 +466,43 @@ def _load_checkpoint_model(cfg: JobConfig, path: str, storage: str, s3_endpoint:
 
     run_storage = RunStorage.from_url(storage, endpoint_url=s3_endpoint)
     state = load_checkpoint(run_storage, path[len("s3://"):] if path.startswith("s3://") else path)
-    return model_from_state(cfg, state)
+    return model_from_state(cfg, state), state
+
+
+def _trial_model(cfg: JobConfig, trial_id: str, runner: str, result: Any, storage: str,
+                 s3_endpoint: str | None) -> tuple[Any, str, int, int]:
+    """A finished trial's model: its best validation checkpoint (``BEST``), else its last one.
+
+    Returns:
+        ``(model, checkpoint URL, the checkpoint's step, the trial's last step)``.
+
+    Raises:
+        RuntimeError: the trial left no checkpoint at all.
+    """
+    from piaa_dist.orchestration.checkpoint_store import (
+        IN_PROCESS_DIR,
+        RunStorage,
+        model_from_state,
+        newest_loadable,
+        read_best,
+    )
+
+    run_storage = RunStorage.from_url(storage, f"trial-{trial_id}", s3_endpoint)
+    under = (IN_PROCESS_DIR,) if runner == IN_TRIAL else ()
+    last_step = int((result.metrics or {}).get("step") or 0)
+    best = read_best(run_storage, *under)
+    if best is not None:
+        return model_from_state(cfg, best.state), best.url, best.step, last_step
+    if runner == IN_TRIAL:
+        point = newest_loadable(run_storage, *under)
+        if point.state is None:
+            raise RuntimeError(f"best trial {trial_id} left no checkpoint in {run_storage.url_of(run_storage.run_path())}")
+        return model_from_state(cfg, point.state), str(point.url), point.step, last_step
+    ckpt = _best_checkpoint(result)
+    if ckpt is None:
+        raise RuntimeError(f"best trial {result.path} reported no checkpoint")
+    model, state = _load_checkpoint_model(cfg, ckpt, storage, s3_endpoint)
+    return model, ckpt, int(state["step"]), last_step
 
 
 def build_tuner(
@@ -362,6 +517,7 @@ def build_tuner(
     parent_run_id: str = "",
     name: str = "tune",
     callbacks: list[Any] | None = None,
+    runner: str = RAY_TRAIN,
 ):
     """The ``tune.Tuner`` of a sweep (not fitted). Constructing it writes ``tuner.pkl`` to storage.
 
@@ -377,6 +533,8 @@ def build_tuner(
         parent_run_id: the sweep's MLflow run (trials nest under it).
         name: experiment name under the storage path.
         callbacks: more Tune callbacks (run in the driver).
+        runner: ``"in-trial"`` (the trial actor runs the loop: 1 CPU per trial, actors reused)
+            or ``"ray-train"`` (a TorchTrainer per trial; see :func:`trial_runner`).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -406,17 +564,27 @@ def build_tuner(
         # a trial that reaches max_t ends by itself (cleanly) instead of being killed
         stop_last_trials=False,
     )
-    return tune.Tuner(
+    if runner == IN_TRIAL:
+        # The trial actor does the work: one worker's CPUs. Actors are reused across trials
+        # (same resources), which keeps each actor's torch import and warm dataset.
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial_in_process, connections=connections),
+            tune.PlacementGroupFactory([{"CPU": float(cfg.run.cpus_per_worker)}]),
+        )
+    else:
         # The trial driver only waits on its TorchTrainer: reserve (almost) no CPU for it, or
         # a 2-CPU machine deadlocks with the driver holding the CPU its workers need. Ray
         # rejects an all-zero request, hence a token 0.01 CPU.
-        tune.with_resources(
+        trainable = tune.with_resources(
             tune.with_parameters(_trial, connections=connections),
             tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPU}]),
-        ),
+        )
+    return tune.Tuner(
+        trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", scheduler=scheduler, num_samples=samples,
+            reuse_actors=runner == IN_TRIAL,
             # Seeded: the same config samples the same trials. The config's own values
             # first: a sweep never ranks below where it started. (The concurrency limit is
             # the generator's: Tune ignores max_concurrent_trials beside a given generator.)
@@ -502,16 +670,20 @@ def run_sweep(
                  cfg.meta.meta_steps, full.meta.meta_steps)
     started = ensure_ray(ray_address)
     callbacks = []
-    if started and cfg.tune.max_concurrent == 1:
-        bundle = {"CPU": float(cfg.run.cpus_per_worker)}
-        if use_gpu(cfg):
-            bundle["GPU"] = 1.0
-        callbacks.append(_make_reclaim_callback(bundle))
     try:
+        gpu = use_gpu(cfg)
+        runner = trial_runner(cfg, workers_per_trial, gpu)
+        log.info("trials run %s (%d at a time)", "inside their trial actors" if runner == IN_TRIAL
+                 else f"as Ray Train runs of {workers_per_trial} worker(s)", cfg.tune.max_concurrent)
+        if runner == RAY_TRAIN and started and cfg.tune.max_concurrent == 1:
+            bundle = {"CPU": float(cfg.run.cpus_per_worker)}
+            if gpu:
+                bundle["GPU"] = 1.0
+            callbacks.append(_make_reclaim_callback(bundle))
         tuner = build_tuner(
             cfg, data_url, samples=samples, workers_per_trial=workers_per_trial, storage=storage,
             s3_endpoint=s3_endpoint, mlflow_uri=mlflow_uri or "", parent_run_id=parent_run_id or "",
-            name=name, callbacks=callbacks,
+            name=name, callbacks=callbacks, runner=runner,
         )
         with credentials_kept_out_of_runtime_env():
             grid = tuner.fit()
@@ -539,16 +711,14 @@ def run_sweep(
             )
         score, result = best
         best_cfg = trial_config(cfg, result.config)
-        ckpt = _best_checkpoint(result)
-        if ckpt is None:
-            raise RuntimeError(f"best trial {result.path} reported no checkpoint")
-        model = _load_checkpoint_model(best_cfg, ckpt, storage, s3_endpoint or None)
         trial_id = (result.metrics or {}).get("trial_id", "")
-        step = (result.metrics or {}).get("step") or 0
-        log.info("best trial %s: val_srocc=%.4f at %s steps %s", trial_id, score, step,
-                 searched_values(result.config))
+        # The winning trial's best validation checkpoint (its BEST), else its last one.
+        model, ckpt, step, length = _trial_model(best_cfg, str(trial_id), runner, result, storage,
+                                                 s3_endpoint or None)
+        log.info("best trial %s: val_srocc=%.4f (its checkpoint of step %d of %d) %s", trial_id, score,
+                 step, length, searched_values(result.config))
         return SweepResult(best_cfg, float(score), ckpt, model, rows, best_trial=str(trial_id),
-                           best_step=int(step))
+                           best_step=int(step), trial_length=int(length), runner=runner)
     finally:
         if started:
             ray.shutdown()
@@ -556,6 +726,8 @@ def run_sweep(
 
 __all__ = [
     "CREDENTIAL_ENV_VARS",
+    "IN_TRIAL",
+    "RAY_TRAIN",
     "METRIC",
     "SEARCHED",
     "SweepResult",
@@ -567,5 +739,7 @@ __all__ = [
     "start_point",
     "trial_base",
     "trial_config",
+    "trial_runner",
     "trial_steps",
+    "warm_dataset",
 ]
