@@ -548,6 +548,7 @@ class RunConfig(_Section):
     tf32: bool = False  #: allow TF32 tensor cores for float32 convolutions/matmuls on CUDA (faster; off keeps float32 exact)
     allreduce_dtype: str = setting("float64", one_of(*ALLREDUCE_DTYPES))  #: per-step all-reduce: "float64" (exact sums) or "float32" (half the bytes)
     checkpoint_every: int = setting(50, at_least(0))  #: meta-steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = setting(2, at_least(0))  #: checkpoints kept in storage: the newest N (>= 2 keeps one behind a torn newest); 0 keeps all (a learning curve scored afterwards). The best validation checkpoint is kept apart, always
     storage_path: str = setting("", storage_url)  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
     max_failures: int = setting(2, at_least(-1))  #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)
     log_every: int = setting(10, at_least(0))  #: meta-steps between loss reports (0 = only at checkpoints/validation/end)

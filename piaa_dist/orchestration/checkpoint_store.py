@@ -489,14 +489,19 @@ class InProcessCheckpoints:
     Layout: ``<root>/<name>/local/checkpoint_<step:06d>/`` plus the ``LATEST`` pointer. A save
     writes the folder completely (JSON last, or a rename on a local disk), then moves the
     pointer, then prunes: it keeps the new folder and the previous one (the one resumed from
-    or saved before), so a torn newest folder always has an intact one behind it.
+    or saved before), so a torn newest folder always has an intact one behind it, plus the
+    newest ``keep`` (``run.keep_checkpoints``; 0 prunes nothing). The best validation
+    checkpoint lives apart (``local/best``, ``local/BEST``) and is never pruned while it is best.
     """
 
-    def __init__(self, storage: RunStorage):
+    def __init__(self, storage: RunStorage, keep: int = KEEP_CHECKPOINTS):
         self.storage = storage
         self.root = storage.run_path(IN_PROCESS_DIR)
         self.url = storage.url_of(self.root)
         self._previous: str | None = None
+        #: checkpoint folders kept: the newest ``keep`` (and always the new one and the
+        #: previous one); 0 keeps every one (``run.keep_checkpoints``)
+        self.keep = int(keep)
 
     def resume_point(self) -> ResumePoint:
         """The newest checkpoint folder that loads (see :func:`newest_loadable`)."""
@@ -531,8 +536,9 @@ class InProcessCheckpoints:
             if best:
                 write_best(self.storage, tmp, step, IN_PROCESS_DIR)
         write_pointer(self.storage, f"{self.root}/{LATEST}", name)
-        keep = {name, self._previous}
-        self._prune(keep)
+        if self.keep > 0:
+            newest = [checkpoint_dir_name(s) for s, _ in stored_checkpoints(self.storage, IN_PROCESS_DIR)]
+            self._prune({name, self._previous, *newest[: self.keep]})
         self._previous = name
         return self.storage.url_of(dest)
 

@@ -56,7 +56,7 @@ def run_in_process(
 
     if dataset is None:
         dataset = Dataset.open(data_url, endpoint_url=s3_endpoint or None)
-    store = InProcessCheckpoints(storage)
+    store = InProcessCheckpoints(storage, keep=cfg.run.keep_checkpoints)
     point = store.resume_point()
     if point.state is not None:
         log.info("resuming from %s at step %d", point.url, point.step)

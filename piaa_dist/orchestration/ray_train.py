@@ -41,7 +41,6 @@ import torch
 from piaa_dist.config import JobConfig, config_from_dict, config_to_dict
 from piaa_dist.orchestration.checkpoint_store import (
     DEFAULT_NAME,
-    KEEP_CHECKPOINTS,
     RunStorage,
     StorageNotShared,
     absolute_url,
@@ -593,7 +592,9 @@ def build_trainer(
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            # run.keep_checkpoints: the newest N (0: all); the best validation one is kept
+            # apart (<name>/best), whatever Ray prunes.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
             callbacks=all_callbacks,
             # Ray Train's own start-up/checkpoint INFO lines stay in its log files unless asked for.
             logging_config=train_logging_config(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,18 +64,19 @@ class TrainResult:
 
 
 class JsonlMetrics:
-    """``metrics_callback`` that appends ``{"step", ...metrics}`` lines to a JSON-lines file.
+    """``metrics_callback`` that appends ``{"step", ...metrics, "time"}`` lines to a JSON-lines file.
 
     :func:`~piaa_dist.orchestration.ray_train.run_distributed` always writes
     ``<out_dir>/metrics.jsonl`` this way (a restarted run appends the steps it redoes, so the
-    file also shows where a run resumed).
+    file also shows where a run resumed). ``time`` is when the report reached this callback
+    (Unix seconds, on the driver's node): a run's timeline, e.g. for a time-to-quality curve.
     """
 
     def __init__(self, path: str | Path):
         self.path = str(Path(path).resolve())
 
     def __call__(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
+        row = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}, "time": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
 
