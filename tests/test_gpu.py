@@ -111,6 +111,7 @@ def test_personalize_and_giaa_on_an_unusable_gpu_fail_with_the_driver(cfg, tiny_
     from piaa_dist.giaa import train_giaa
     from piaa_dist.model import build_model
     from piaa_dist.personalize import Ratings, personalize
+    from piaa_dist.train import meta_training_users
 
     model = build_model(cfg.model)
     ratings = Ratings([], torch.zeros(0).numpy(), {})
