@@ -228,6 +228,11 @@ class IngestPlan:
 
         A pure function of the plan and ``n``; the output bytes do not depend on ``n``.
         """
+        return [self.partition(i, a, b) for i, (a, b) in enumerate(self.partition_bounds(n))]
+
+    def partition_bounds(self, n: int) -> list[tuple[int, int]]:
+        """User ranges ``[u0, u1)`` of :meth:`partitions` (specs are built one at a time from
+        them with :meth:`partition`, so a driver need not hold every spec at once)."""
         n = max(1, int(n))
         total = len(self.sample_idx)
         bounds = [0]
@@ -240,7 +245,7 @@ class IngestPlan:
                 if cut > bounds[-1]:
                     bounds.append(cut)
         bounds.append(len(self.users))
-        return [self.partition(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+        return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     def partition(self, index: int, u0: int, u1: int) -> PartitionSpec:
         """The spec of users ``[u0, u1)`` (must start and end at shard boundaries)."""
