@@ -255,7 +255,9 @@ def evaluate_user(
             if n - k < _MIN_TEST:
                 if r == 0:
                     skipped.append(k)
-                    log.warning("user %s has %d ratings: too few for %d shots; skipped", user, n, k)
+                    # One warning per k for all users comes from merge_outcomes: a long-tailed
+                    # log has thousands of such users.
+                    log.debug("user %s has %d ratings: too few for %d shots; skipped", user, n, k)
                 continue
             tr, te = split_indices(n, k, seed=seed, user=user, repeat=r)
             support = (images[tr], targets[tr])
@@ -343,6 +345,10 @@ def merge_outcomes(
         raise ValueError(f"merge_outcomes: outcomes do not match the users (missing {missing}, unexpected {extra})")
     ordered = [by_user[u] for u in users]
     skipped = {k: tuple(o.user for o in ordered if k in o.skipped) for k in shots}
+    for k, who in skipped.items():
+        if who:
+            log.warning("%d of %d users have too few ratings for %d shots (fewer than %d); skipped (e.g. %s)",
+                        len(who), len(users), k, k + _MIN_TEST, ", ".join(who[:3]))
     if all(not o.scores[names[0]].get(k) for o in ordered for k in shots):
         raise ValueError(f"evaluate: none of the {len(users)} users has enough ratings for shots {shots}")
 

@@ -96,6 +96,10 @@ class EvaluationWorker:
         self.users_done += len(users)
         return index, out
 
+    def ready(self) -> bool:
+        """Answers once the worker is built (its dataset open, its models loaded)."""
+        return True
+
     def stats(self) -> dict[str, Any]:
         """This worker's dataset open time and the RSS it added, its peak RSS (imports
         included: torch alone is several hundred MB) and the users it evaluated."""
@@ -152,8 +156,10 @@ def evaluate_distributed(
         shots, repeats, seed, users: the protocol (defaults as :func:`~piaa_dist.evaluate.evaluate`).
         progress: a tqdm bar over users.
         chunk_users: users per actor task (default: see :func:`chunks_of`).
-        stats: if given, one dict per worker is appended (``open_s``, ``open_rss_mb``,
-            ``peak_rss_mb``, ``users``).
+        stats: if given, one dict per worker is appended: ``open_s``, ``open_rss_mb``,
+            ``peak_rss_mb``, ``users`` (evaluated by it), ``ready_s`` (from the start until
+            the worker was built: imports, dataset, models) and ``users_s`` (from all workers
+            ready until the last user's outcome).
 
     Returns:
         The typed result, equal (but for ``seconds``) to :func:`~piaa_dist.evaluate.evaluate`'s.
@@ -180,23 +186,31 @@ def evaluate_distributed(
     t0 = time.perf_counter()
     workers = min(int(workers), len(users))
     cpus = float(cfg.run.cpus_per_worker)
-    with ray_workers(workers, cpus=cpus, gpus=1.0 if use_gpu(cfg) else 0.0, ray_address=ray_address):
-        gpus = 1.0 if use_gpu(cfg) else 0.0
+    gpus = 1.0 if use_gpu(cfg) else 0.0
+    chunks = chunks_of(users, workers, chunk_users)
+    done: dict[int, list[UserOutcome]] = {}
+    with ray_workers(workers, cpus=cpus, gpus=gpus, ray_address=ray_address):
         actor_cls = ray.remote(EvaluationWorker).options(num_cpus=cpus, num_gpus=gpus)
         models_ref = ray.put(_cpu_models(models))
         endpoint = getattr(dataset.store, "endpoint_url", None)
         cfg_dict = config_to_dict(cfg)
         actors = [actor_cls.remote(cfg_dict, dataset.store.url, endpoint, models_ref,
                                    int(cfg.run.threads_per_worker)) for _ in range(workers)]
-        pool = ActorPool(actors)
-        chunks = chunks_of(users, workers, chunk_users)
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(users), desc=f"evaluate ({workers} Ray workers)", unit="user")
-        done: dict[int, list[UserOutcome]] = {}
         try:
+            # Start-up (a worker's imports, the dataset, the models) is timed apart from the users.
+            ready_s = [0.0] * workers
+            waiting = {a.ready.remote(): i for i, a in enumerate(actors)}
+            while waiting:
+                ready, _ = ray.wait(list(waiting), num_returns=1)
+                ray.get(ready[0])  # raises the worker's error (e.g. the dataset cannot be read)
+                ready_s[waiting.pop(ready[0])] = time.perf_counter() - t0
+            t_users = time.perf_counter()
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(users), desc=f"evaluate ({workers} Ray workers)", unit="user")
+            pool = ActorPool(actors)
             for i, chunk in enumerate(chunks):
                 pool.submit(lambda a, v: a.run.remote(*v), (i, chunk, shots, repeats, seed))
             while pool.has_next():
@@ -204,8 +218,10 @@ def evaluate_distributed(
                 done[i] = out
                 if bar is not None:
                     bar.update(len(out))
+            users_s = time.perf_counter() - t_users
             if stats is not None:
-                stats.extend(ray.get([a.stats.remote() for a in actors]))
+                for i, st in enumerate(ray.get([a.stats.remote() for a in actors])):
+                    stats.append({**st, "ready_s": ready_s[i], "users_s": users_s})
         except Exception as err:
             cause = user_error_of(err)
             if cause is err:
