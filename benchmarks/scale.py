@@ -456,7 +456,7 @@ def main() -> int:
         if users:
             import ray
 
-            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
                      runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"})
             try:
                 _warm_ray_workers(2)

@@ -36,7 +36,7 @@ def ray_session(s3_endpoint):
     import ray
 
     ray.init(
-        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+        address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
         runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"},
     )
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -32,9 +33,10 @@ def ray_workers(workers: int, *, cpus: float = 1.0, gpus: float = 0.0,
     """A Ray session that can run ``workers`` workers of ``cpus`` CPUs (and ``gpus`` GPUs) each.
 
     Uses an initialised Ray as is (left running afterwards); else connects to
-    ``ray_address`` / ``$RAY_ADDRESS``, else starts a local Ray with at least enough CPUs
-    for the workers (the machine's CPU count, or more if the workers ask for more: they then
-    share cores) and shuts it down on exit.
+    ``ray_address`` / ``$RAY_ADDRESS``, else starts a new local Ray (never one that a
+    ``ray start`` left running) with at least enough CPUs for the workers (the machine's CPU
+    count, or more if the workers ask for more: they then share cores) and shuts it down on
+    exit.
 
     Raises:
         NotEnoughCPUs: the cluster can never run the workers at once (names both numbers).
@@ -44,8 +46,18 @@ def ray_workers(workers: int, *, cpus: float = 1.0, gpus: float = 0.0,
     from piaa_dist.orchestration.ray_train import ensure_ray
 
     need = workers * cpus
-    local = not (ray.is_initialized() or ray_address or os.environ.get("RAY_ADDRESS"))
-    started = ensure_ray(ray_address, num_cpus=max(os.cpu_count() or 1, int(-(-need // 1))) if local else None)
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        started = False
+    elif address:
+        started = ensure_ray(address)
+    else:
+        # address="local": a new Ray of our own. Without it ray.init() joins whatever Ray a
+        # `ray start` left running on this machine (someone else's, on a shared host).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+                 logging_level=logging.WARNING,
+                 runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"})
+        started = True
     try:
         have = ray.cluster_resources().get("CPU", 0.0)
         if need > have:
