@@ -108,3 +108,23 @@ def test_manifest_errors_name_column_and_row_in_any_row_group(tiny_dataset_url):
         Manifest.from_bytes(bytes_of(t), "m")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         Manifest.from_bytes(b"PAR1 not really", "m")
+
+
+def test_part_digests_ending_in_zero_bytes_read_back_whole(tiny_dataset_url):
+    """One sha256 in 256 ends in a zero byte; the manifest must give back all 32 bytes (a
+    numpy "S32" view stripped them, and that user's reads failed their checksum)."""
+    ds = Dataset.open(tiny_dataset_url)
+    table = pq.read_table(io.BytesIO(ds.store.read_bytes(MANIFEST)))
+    digests = table.column("sha256").to_pylist()
+    digests[2] = [d[:-1] + b"\x00" for d in digests[2]]
+    digests[3] = [d[:-3] + b"\x00\x00\x00" for d in digests[3]]
+    t = table.set_column(table.column_names.index("sha256"), "sha256",
+                         pa.array(digests, table.schema.field("sha256").type))
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    m = Manifest.from_bytes(buf.getvalue(), "m")
+    for row in (2, 3):
+        assert [p.sha256 for p in m.parts(row)] == digests[row]
+        assert all(len(p.sha256) == 32 for p in m.parts(row))
+    k = int(np.flatnonzero(m.part_owner() == 3)[0])
+    assert m.part_sha(k) == digests[3][0]

@@ -271,8 +271,10 @@ class Manifest:
                 raise DataError(f"{url}: manifest row {i} ({user_of(i)}) has lists of different lengths "
                                 f"in shards/{name}")
             if name == "sha256":
-                self._part_sha = np.frombuffer(values.buffers()[1], dtype="S32", count=len(values),
-                                               offset=values.offset * 32)
+                # Raw bytes, [parts, 32]: a numpy "S32" would strip a digest's trailing zero
+                # bytes when read back (1 part in 256), failing that user's checksum.
+                self._part_sha = np.frombuffer(values.buffers()[1], dtype=np.uint8, count=32 * len(values),
+                                               offset=values.offset * 32).reshape(-1, 32)
                 continue
             flat = values.to_numpy()
             low = _LOW[name]
@@ -328,7 +330,7 @@ class Manifest:
         a, b = self._part_start[i], self._part_start[i + 1]
         return [
             Part(int(self.part_shard[k]), int(self.part_offset[k]), int(self.part_length[k]),
-                 int(self.part_samples[k]), bytes(self._part_sha[k]))
+                 int(self.part_samples[k]), self._part_sha[k].tobytes())
             for k in range(a, b)
         ]
 
@@ -338,7 +340,7 @@ class Manifest:
 
     def part_sha(self, k: int) -> bytes:
         """sha256 of part ``k`` (flattened part index)."""
-        return bytes(self._part_sha[k])
+        return self._part_sha[k].tobytes()
 
     def keys_match(self) -> int:
         """First row whose ``user_key`` is not the hash of its user, or -1 (costs a hash per user)."""
