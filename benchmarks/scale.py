@@ -19,8 +19,8 @@ image pool of N/5, at least 2,000 and at most 20,000 images), in this order:
    folder, with 1 and then 2 Ray workers (``ingest_distributed``, the same partitions for
    both, so both do the same work; one local Ray of 2 CPUs, its workers warmed up first).
    Reports ratings/s, the speed-up of 2 workers over 1 with the load average beside it
-   (the machine is shared), ratings per CPU-second of the workers (what a busy machine
-   distorts least), objects and bytes written, the image amplification and the workers' peak
+   (the machine is shared; ``--ingest-repeats R`` alternates R runs of each and keeps the
+   fastest), ratings per CPU-second of the workers (what a busy machine distorts least), objects and bytes written, the image amplification and the workers' peak
    RSS; and checks that both runs wrote byte-identical shards and manifests.
 2. *open*: ``Dataset.open`` in a fresh process: seconds, RSS added, manifest bytes.
 3. *meta-steps*: ``meta_train`` with the CPU config (``jobs/configs/cpu.yaml``: 32 px convnet,
@@ -189,7 +189,7 @@ def _same_output(a: str, b: str) -> bool:
 
 
 def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int, steps: int, eval_users: int,
-              threads: int) -> dict:
+              threads: int, repeats: int = 1) -> dict:
     """Scale world -> ingest (1 and 2 Ray workers) -> open -> meta-steps -> evaluate."""
     import torch
 
@@ -211,30 +211,40 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int, steps:
           f"({row['world_s']:.0f}s)", flush=True)
 
     outs = {}
-    for workers in (1, 2):
-        out = str(tmp / f"data-{users}-w{workers}")
-        load0 = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        rep = ingest_distributed("ratings", None, out, workers=workers, partitions=partitions, threads=threads,
-                                 ratings_file=world / summary.ratings_file, images_dir=world / "images",
-                                 score_range=spec.scale, shard_size=shard_size)
-        total_s = time.perf_counter() - t0
-        ex = rep["execution"]
-        cpu = sum(t["cpu_s"] for t in ex["tasks"])
-        n = rep["ratings"]["ingested"]
-        row[f"ingest{workers}"] = {
-            "seconds": total_s, "write_s": ex["write_seconds"], "ratings_per_s": n / total_s,
-            "write_ratings_per_s": n / ex["write_seconds"], "cpu_s": cpu, "ratings_per_cpu_s": n / cpu,
-            "partitions": ex["partitions"], "worker_peak_rss_mb": ex["worker_peak_rss_mb"],
-            "load_before": load0, "load_after": os.getloadavg()[0],
-        }
-        outs[workers] = out
-        print(f"  ingest, {workers} Ray worker(s): {n:,} ratings in {total_s:.1f}s ({n / total_s:,.0f}/s; "
-              f"{n / cpu:,.0f} per worker CPU-second; load {load0:.1f})", flush=True)
+    for rep_i in range(repeats):
+        # Alternating 1 and 2 workers, best of `repeats`: other load on a shared machine only
+        # ever slows a run down, so the fastest run is the closest to what the code can do.
+        for workers in (1, 2):
+            out = str(tmp / f"data-{users}-w{workers}-{rep_i}")
+            load0 = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            rep = ingest_distributed("ratings", None, out, workers=workers, partitions=partitions,
+                                     threads=threads, ratings_file=world / summary.ratings_file,
+                                     images_dir=world / "images", score_range=spec.scale, shard_size=shard_size)
+            total_s = time.perf_counter() - t0
+            ex = rep["execution"]
+            cpu = sum(t["cpu_s"] for t in ex["tasks"])
+            n = rep["ratings"]["ingested"]
+            run = {
+                "seconds": total_s, "write_s": ex["write_seconds"], "ratings_per_s": n / total_s,
+                "write_ratings_per_s": n / ex["write_seconds"], "cpu_s": cpu, "ratings_per_cpu_s": n / cpu,
+                "partitions": ex["partitions"], "worker_peak_rss_mb": ex["worker_peak_rss_mb"],
+                "load_before": load0, "load_after": os.getloadavg()[0],
+            }
+            key = f"ingest{workers}"
+            row.setdefault(f"{key}_runs", []).append(run)
+            if key not in row or run["seconds"] < row[key]["seconds"]:
+                row[key] = run
+            if workers in outs:
+                shutil.rmtree(outs[workers], ignore_errors=True)
+            outs[workers] = out
+            print(f"  ingest, {workers} Ray worker(s): {n:,} ratings in {total_s:.1f}s ({n / total_s:,.0f}/s; "
+                  f"{n / cpu:,.0f} per worker CPU-second; load {load0:.1f})", flush=True)
     row.update(
         ratings=rep["ratings"]["ingested"], skipped=sum(rep["ratings"]["skipped"].values()),
         objects=rep["objects"], shards=rep["shards"], bytes=rep["bytes"],
         amplification=rep["image_amplification"], decodes=rep["image_decodes"],
+        decodes_per_rating=rep["image_decodes"] / rep["ratings"]["ingested"],
         train_users=rep["users"]["train"], test_users=rep["users"]["test"],
         identical=_same_output(outs[1], outs[2]),
     )
@@ -330,6 +340,7 @@ def report(data: dict, plot: Path | None) -> None:
     meta = [data["metadata"][k] for k in sorted(data["metadata"], key=int)]
     if full:
         for r in full:
+            r.setdefault("decodes_per_rating", r["decodes"] / r["ratings"])
             r["_ingest1_us"] = 1e6 * r["ingest1"]["seconds"] / r["ratings"]
             r["_ingest2_us"] = 1e6 * r["ingest2"]["seconds"] / r["ratings"]
             r["_cpu_us"] = 1e6 * r["ingest1"]["cpu_s"] / r["ratings"]
@@ -351,6 +362,7 @@ def report(data: dict, plot: Path | None) -> None:
             ("_r2", "ingest/s 2w", ",.0f"), ("speedup_total", "2w/1w", ".2f"), ("speedup_write", "2w/1w write", ".2f"),
             ("_load", "load avg", ".1f"), ("_rcpu1", "per CPU-s 1w", ",.0f"), ("_rcpu2", "per CPU-s 2w", ",.0f"),
             ("objects", "objects", ",d"), ("_mb", "MB written", ",.1f"), ("amplification", "amplif.", ".2f"),
+            ("decodes_per_rating", "decodes/rating", ".2f"),
             ("_wrss", "worker RSS MB", ".0f"), ("identical", "1w==2w", "")]))
         print(table(full, [
             ("users", "users", ",d"), ("manifest_bytes", "manifest B", ",d"), ("open_s", "open s", ".3f"),
@@ -439,6 +451,8 @@ def main() -> int:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--partitions", type=int, default=32, help="ingest partitions, the same for 1 and 2 workers")
     p.add_argument("--threads", type=int, default=2, help="threads per ingest worker")
+    p.add_argument("--ingest-repeats", type=int, default=1,
+                   help="ingest runs with 1 and 2 workers, alternating; the fastest of each is reported")
     p.add_argument("--steps", type=int, default=23, help="meta-steps per size (the first 3 are warm-up)")
     p.add_argument("--eval-users", type=int, default=1000, help="test users evaluated at most, per size")
     p.add_argument("--calls", type=int, default=500, help="calls averaged per metadata per-step figure")
@@ -464,7 +478,7 @@ def main() -> int:
                     print(f"full data path, {n:,} users", flush=True)
                     data["full"][str(n)] = full_path(n, tmp, shard_size=args.shard_size, partitions=args.partitions,
                                                      steps=args.steps, eval_users=args.eval_users,
-                                                     threads=args.threads)
+                                                     threads=args.threads, repeats=args.ingest_repeats)
                     _save(data)
             finally:
                 ray.shutdown()

@@ -66,10 +66,21 @@ def run_partition(spec: PartitionSpec) -> tuple[PartitionResult, dict[str, float
     """
     wall, cpu = time.perf_counter(), time.process_time()
     result = ingest_partition(spec)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     return result, {"seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                    "peak_rss_mb": usage.ru_maxrss / 1024.0, "samples": float(result.samples),
-                    "pid": float(os.getpid())}
+                    "peak_rss_mb": _peak_rss_mb(), "samples": float(result.samples), "pid": float(os.getpid())}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM where Linux has it. (``ru_maxrss`` would count
+    the memory of the process a Ray worker was forked from before it exec'd.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def ingest_distributed(
