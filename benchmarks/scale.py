@@ -470,8 +470,8 @@ def main() -> int:
         if users:
             import ray
 
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                     runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"})
+            # No worker set-up hook (ray_train's would import torch into the ingest workers).
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
             try:
                 _warm_ray_workers(2)
                 for n in users:

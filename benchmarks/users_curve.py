@@ -14,7 +14,7 @@ test users, a long tail of 30-300 ratings per user (median 60, so every user mak
 5,000 images of 32 px. It is generated and ingested once (2 Ray workers) into ``--work``
 and reused by later invocations.
 
-Each point meta-trains the CPU config (``jobs/configs/cpu.yaml``: 32 px convnet, meta-batch 4,
+Each point (``--seeds``: one run per training seed, averaged) meta-trains the CPU config (``jobs/configs/cpu.yaml``: 32 px convnet, meta-batch 4,
 head-only second-order inner loop; ``data.validation_users`` 0, no validation) on the first N
 training users of one seeded shuffle (so the 50 are among the 500, and those among the 5,000),
 then evaluates the meta-learner on every test user with the CPU config's protocol
@@ -95,8 +95,10 @@ def make_data(work: Path, train_users: int, test_users: int) -> str:
     return str(data)
 
 
-def point(url: str, n: int, steps: int, repeats: int) -> dict:
-    """Meta-train on the first ``n`` training users for ``steps`` steps; evaluate the test users."""
+def point(url: str, n: int, steps: int, repeats: int, seed: int = 0) -> dict:
+    """Meta-train on the first ``n`` training users for ``steps`` steps (``seed``: the
+    initialisation and the meta-batches); evaluate the test users (splits always seeded 0, so
+    every point is scored on the same images)."""
     import torch
 
     from piaa_dist.config import load_config, with_overrides
@@ -107,7 +109,7 @@ def point(url: str, n: int, steps: int, repeats: int) -> dict:
 
     torch.set_num_threads(1)
     cfg = with_overrides(load_config(str(CPU_CONFIG)), {
-        "meta.meta_steps": steps, "data.validation_users": 0, "run.validate_every": 0,
+        "meta.meta_steps": steps, "data.validation_users": 0, "run.validate_every": 0, "run.seed": seed,
         "eval.repeats": repeats, "eval.shots": [10, 100], "eval.methods": ["blg-piaa", "meta-no-adapt"]})
     ds = Dataset.open(url)
     t0 = time.perf_counter()
@@ -118,8 +120,8 @@ def point(url: str, n: int, steps: int, repeats: int) -> dict:
         model = build_model(cfg.model)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = evaluate_distributed(cfg, ds, {"blg-piaa": model, "meta-no-adapt": model}, workers=2)
-    row = {"train_users": n, "steps": steps if n else 0, "train_s": train_s, "eval_s": time.perf_counter() - t0,
+    res = evaluate_distributed(cfg, ds, {"blg-piaa": model, "meta-no-adapt": model}, workers=2, seed=0)
+    row = {"train_users": n, "seed": seed, "steps": steps if n else 0, "train_s": train_s, "eval_s": time.perf_counter() - t0,
            "test_users": len(res.users), "repeats": repeats,
            "oracle": res.ceilings.oracle if res.ceilings else None,
            "average_user": res.ceilings.average_user if res.ceilings else None}
@@ -139,20 +141,35 @@ def _load() -> dict:
 
 
 def report(data: dict, plot: Path | None) -> None:
-    rows = [data["points"][k] for k in sorted(data["points"], key=int)]
-    if not rows:
+    runs = list(data["points"].values())
+    if not runs:
         print("no points yet")
         return
+    rows = []
+    for n in sorted({r["train_users"] for r in runs}):
+        same = [r for r in runs if r["train_users"] == n]
+        row = dict(same[0])
+        row["seeds"] = len(same)
+        for k in (10, 100):
+            vals = [r[f"srocc{k}"] for r in same]
+            row[f"srocc{k}"] = sum(vals) / len(vals)
+            row[f"seedspread{k}"] = (max(vals) - min(vals)) / 2 if len(vals) > 1 else float("nan")
+            row[f"noadapt_srocc{k}"] = sum(r[f"noadapt_srocc{k}"] for r in same) / len(same)
+        row["train_s"] = sum(r["train_s"] for r in same) / len(same)
+        row["eval_s"] = sum(r["eval_s"] for r in same) / len(same)
+        rows.append(row)
     print(f"users curve: test SROCC against meta-training users, {rows[-1]['steps']} meta-steps each "
           f"(CPU config), {rows[0]['test_users']} test users, {rows[0]['repeats']} repeats")
     print(table(rows, [
-        ("train_users", "train users", ",d"), ("steps", "steps", "d"), ("srocc10", "SROCC@10", ".3f"),
-        ("std10", "±", ".3f"), ("srocc100", "SROCC@100", ".3f"), ("std100", "±", ".3f"),
+        ("train_users", "train users", ",d"), ("steps", "steps", "d"), ("seeds", "seeds", "d"),
+        ("srocc10", "SROCC@10", ".3f"), ("std10", "± splits", ".3f"), ("seedspread10", "± seeds", ".3f"),
+        ("srocc100", "SROCC@100", ".3f"), ("std100", "± splits", ".3f"), ("seedspread100", "± seeds", ".3f"),
         ("noadapt_srocc10", "no-adapt@10", ".3f"), ("noadapt_srocc100", "no-adapt@100", ".3f"),
         ("users10", "users@10", "d"), ("users100", "users@100", "d"), ("train_s", "train s", ".0f"),
         ("eval_s", "eval s", ".0f")]))
     print(f"ceilings on these test users: oracle {rows[0]['oracle']:.3f}, average user {rows[0]['average_user']:.3f}")
-    print("± = std over repeats of the user-averaged SROCC; no-adapt = the meta-learner without fine-tuning; "
+    print("SROCC = mean over training seeds; ± splits = std over repeats of the user-averaged SROCC (first "
+          "seed); ± seeds = half the range over training seeds; no-adapt = the meta-learner without fine-tuning; "
           "0 users = the untrained initialisation")
     if plot is None:
         return
@@ -165,8 +182,9 @@ def report(data: dict, plot: Path | None) -> None:
     trained = [r for r in rows if r["train_users"]]
     x = [r["train_users"] for r in trained]
     for k, marker in ((10, "o"), (100, "s")):
-        ax.errorbar(x, [r[f"srocc{k}"] for r in trained], yerr=[r[f"std{k}"] for r in trained], marker=marker,
-                    capsize=3, label=f"blg-piaa, {k} shots")
+        err = [r[f"seedspread{k}"] if r["seeds"] > 1 else r[f"std{k}"] for r in trained]
+        ax.errorbar(x, [r[f"srocc{k}"] for r in trained], yerr=err, marker=marker, capsize=3,
+                    label=f"blg-piaa, {k} shots")
         init = [r for r in rows if not r["train_users"]]
         if init:
             ax.axhline(init[0][f"srocc{k}"], ls=":", lw=1, color="grey")
@@ -190,6 +208,8 @@ def main() -> int:
     p.add_argument("--train-users", type=int, nargs="*", default=[0, 50, 500, 5_000],
                    help="meta-training users per point (0 = untrained; at most 5000)")
     p.add_argument("--steps", type=int, default=500, help="meta-steps of every point")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds per point (initialisation and meta-batches; results are averaged)")
     p.add_argument("--test-users", type=int, default=500, help="test users of the world")
     p.add_argument("--world-train-users", type=int, default=TRAIN_USERS,
                    help=f"training users of the world (default {TRAIN_USERS}; a new --work folder if changed)")
@@ -203,8 +223,7 @@ def main() -> int:
     if not args.report and args.train_users:
         import ray
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"})
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         try:
             work = Path(args.work)
             work.mkdir(parents=True, exist_ok=True)
@@ -213,14 +232,15 @@ def main() -> int:
             for n in args.train_users:
                 if n > args.world_train_users:
                     raise SystemExit(f"--train-users {n}: the world has {args.world_train_users} training users")
-                print(f"point: {n:,} meta-training users, {args.steps} steps", flush=True)
-                row = point(url, n, args.steps, args.repeats)
-                row["machine"] = machine()
-                data["points"][str(n)] = row
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                OUT_JSON.write_text(json.dumps(data, indent=1) + "\n")
-                print(f"  SROCC@10 {row['srocc10']:.3f}, SROCC@100 {row['srocc100']:.3f} "
-                      f"(train {row['train_s']:.0f}s, eval {row['eval_s']:.0f}s)", flush=True)
+                for seed in args.seeds if n else [0]:
+                    print(f"point: {n:,} meta-training users, {args.steps} steps, seed {seed}", flush=True)
+                    row = point(url, n, args.steps, args.repeats, seed)
+                    row["machine"] = machine()
+                    data["points"][f"{n}" if seed == 0 else f"{n}-s{seed}"] = row
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    OUT_JSON.write_text(json.dumps(data, indent=1) + "\n")
+                    print(f"  SROCC@10 {row['srocc10']:.3f}, SROCC@100 {row['srocc100']:.3f} "
+                          f"(train {row['train_s']:.0f}s, eval {row['eval_s']:.0f}s)", flush=True)
         finally:
             ray.shutdown()
     report(data, Path(args.plot) if args.plot else None)

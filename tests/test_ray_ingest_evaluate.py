@@ -35,10 +35,7 @@ def ray_session(s3_endpoint):
     # After the S3 fixture: Ray's workers inherit its credentials from this environment.
     import ray
 
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"},
-    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield ray
     finally:

@@ -53,10 +53,11 @@ def ray_workers(workers: int, *, cpus: float = 1.0, gpus: float = 0.0,
         started = ensure_ray(address)
     else:
         # address="local": a new Ray of our own. Without it ray.init() joins whatever Ray a
-        # `ray start` left running on this machine (someone else's, on a shared host).
+        # `ray start` left running on this machine (someone else's, on a shared host). No
+        # worker set-up hook: ray_train's imports torch into every worker (~600 MB), which
+        # ingest tasks never need.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-                 logging_level=logging.WARNING,
-                 runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"})
+                 logging_level=logging.WARNING)
         started = True
     try:
         have = ray.cluster_resources().get("CPU", 0.0)
