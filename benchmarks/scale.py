@@ -16,8 +16,8 @@ long tail of ratings per user, median 6, most users 2-20, a few up to 200; 32 px
 image pool of N/5, at least 2,000 and at most 20,000 images), in this order:
 
 1. *ingest*: the ratings log into packed shards (``--shard-size`` samples each) on a local
-   folder, with 1 and then 2 Ray workers (``ingest_distributed``, the same partitions for
-   both, so both do the same work; one local Ray of 2 CPUs, its workers warmed up first).
+   folder, with 1 and then 2 Ray workers (``ingest_distributed``, the same partitions of at
+   most 4 shards for both, so both do the same work; one local Ray of 2 CPUs, its workers warmed up first).
    Reports ratings/s, the speed-up of 2 workers over 1 with the load average beside it
    (the machine is shared; ``--ingest-repeats R`` alternates R runs of each and keeps the
    fastest), ratings per CPU-second of the workers (what a busy machine distorts least), objects and bytes written, the image amplification and the workers' peak
@@ -188,7 +188,7 @@ def _same_output(a: str, b: str) -> bool:
     return fa == fb and all(filecmp.cmp(Path(va.url) / r, Path(vb.url) / r, shallow=False) for r in fa)
 
 
-def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int, steps: int, eval_users: int,
+def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None, steps: int, eval_users: int,
               threads: int, repeats: int = 1) -> dict:
     """Scale world -> ingest (1 and 2 Ray workers) -> open -> meta-steps -> evaluate."""
     import torch
@@ -210,6 +210,9 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int, steps:
     print(f"  world: {users:,} users, {summary.ratings:,} ratings, {spec.images:,} images "
           f"({row['world_s']:.0f}s)", flush=True)
 
+    # Partitions of at most 4 shards (ingest_distributed's default rule), the same count for
+    # both worker counts so both do the same work.
+    partitions = partitions or max(4, math.ceil(summary.ratings / shard_size / 4))
     outs = {}
     for rep_i in range(repeats):
         # Alternating 1 and 2 workers, best of `repeats`: other load on a shared machine only
@@ -449,7 +452,8 @@ def main() -> int:
     p.add_argument("--metadata-users", type=int, nargs="*", default=None,
                    help="metadata path at these sizes (default 1000 10000 100000 1000000 when running everything)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--partitions", type=int, default=32, help="ingest partitions, the same for 1 and 2 workers")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="ingest partitions, the same for 1 and 2 workers (default: 4 shards each, at least 4)")
     p.add_argument("--threads", type=int, default=2, help="threads per ingest worker")
     p.add_argument("--ingest-repeats", type=int, default=1,
                    help="ingest runs with 1 and 2 workers, alternating; the fastest of each is reported")

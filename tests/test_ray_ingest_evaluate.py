@@ -76,7 +76,7 @@ def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
         for rel in expected:
             assert got[rel] == expected[rel], f"{rel} differs with {workers} Ray worker(s)"
         ex = rep["execution"]
-        assert ex["workers"] == workers and ex["partitions"] == 2 * workers
+        assert ex["workers"] == workers and ex["partitions"] >= 2  # the work really was cut up
         assert sum(t["samples"] for t in ex["tasks"]) == rep["samples"] == rep["ratings"]["ingested"]
         # And the result reads back as a dataset.
         assert Dataset.open(url(f"ray{workers}"), endpoint).num_users() == 10

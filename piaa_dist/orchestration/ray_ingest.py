@@ -23,6 +23,8 @@ undo; tasks keep the decode-and-write pipeline inside one process, as in-process
 * **Failures**: a task that raises bad input (``--strict``) or a storage error stops the
   ingest and nothing is published (the error is the worker's own one-line message); a task
   whose worker process died is retried by Ray (rewriting a shard gives the same bytes).
+  Partitions are at most :data:`PARTITION_SHARDS` shards by default, so a task's size, and
+  with it a worker's memory, is bounded whatever the dataset's.
 
 ``workers=0`` runs :func:`piaa_dist.data.ingest.ingest` in this process without Ray.
 """
@@ -30,6 +32,7 @@ undo; tasks keep the decode-and-write pipeline inside one process, as in-process
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -56,31 +59,47 @@ log = logging.getLogger(__name__)
 
 #: Default threads per worker for image work and uploads (overlaps I/O with decoding).
 DEFAULT_THREADS = 2
+#: Default largest partition, in shards: a task's memory (its spec, tens of bytes per sample,
+#: and its manifest rows) follows its partition's size, so partitions are capped rather than
+#: a fixed number, and a worker's memory does not grow with the dataset.
+PARTITION_SHARDS = 4
 
 
 def run_partition(spec: PartitionSpec) -> tuple[PartitionResult, dict[str, float]]:
     """One partition in a Ray task; returns its result and what it cost the worker.
 
     The cost: ``seconds`` (wall), ``cpu_s`` (CPU time of the worker process, all threads),
-    ``peak_rss_mb`` (the worker process's peak RSS so far), ``samples`` and ``pid``.
+    ``peak_rss_mb`` (the worker process's peak RSS so far), ``rss_anon_mb`` and
+    ``rss_shmem_mb`` at the end (see :func:`_status_mb`), ``samples`` and ``pid``.
     """
     wall, cpu = time.perf_counter(), time.process_time()
     result = ingest_partition(spec)
+    status = _status_mb()
     return result, {"seconds": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                    "peak_rss_mb": _peak_rss_mb(), "samples": float(result.samples), "pid": float(os.getpid())}
+                    "peak_rss_mb": status.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
+                    "rss_anon_mb": status.get("RssAnon", float("nan")),
+                    "rss_shmem_mb": status.get("RssShmem", float("nan")),
+                    "samples": float(result.samples), "pid": float(os.getpid())}
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS in MB: VmHWM where Linux has it. (``ru_maxrss`` would count
-    the memory of the process a Ray worker was forked from before it exec'd.)"""
+def _status_mb() -> dict[str, float]:
+    """This process's memory figures from ``/proc/self/status`` in MB (Linux; else empty).
+
+    ``VmHWM`` is the peak RSS (``ru_maxrss`` would count the memory of the process a Ray
+    worker was forked from before it exec'd); ``RssAnon`` the private memory; ``RssShmem``
+    the shared memory touched, i.e. pages of Ray's object store that task arguments were
+    read from (shared with every process on the node, not this worker's own).
+    """
+    out: dict[str, float] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "RssAnon", "RssShmem"):
+                    out[key] = int(rest.split()[0]) / 1024.0
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return out
 
 
 def ingest_distributed(
@@ -115,8 +134,8 @@ def ingest_distributed(
         fmt, root, out_url: as :func:`piaa_dist.data.ingest.ingest`.
         workers: Ray workers (1 CPU each); 0 ingests in this process without Ray.
         ray_address: Ray cluster to connect to (default ``$RAY_ADDRESS``, else a local Ray).
-        partitions: partitions of whole shards (default ``2 * workers``, at least 1); the
-            output bytes do not depend on it.
+        partitions: partitions of whole shards (default: at least ``2 * workers``, and at
+            most :data:`PARTITION_SHARDS` shards each); the output bytes do not depend on it.
         threads: threads per worker for image work and uploads.
         test_workers ... image_cache_mb: as :func:`piaa_dist.data.ingest.ingest`.
         progress: a tqdm bar over samples (advanced as partitions finish).
@@ -157,7 +176,7 @@ def ingest_distributed(
     # cluster cannot run should not wait for it.
     with ray_workers(workers, cpus=1.0, ray_address=ray_address):
         plan = plan_ingest(fmt, root, out_url, settings=settings, **options)
-        bounds = plan.partition_bounds(partitions or 2 * workers)
+        bounds = plan.partition_bounds(partitions or max(2 * workers, math.ceil(plan.n_shards / PARTITION_SHARDS)))
         task = ray.remote(run_partition).options(num_cpus=1, max_retries=2)
         bar = None
         if progress:
@@ -203,4 +222,4 @@ def ingest_distributed(
     return report
 
 
-__all__ = ["DEFAULT_THREADS", "ingest_distributed", "run_partition"]
+__all__ = ["DEFAULT_THREADS", "PARTITION_SHARDS", "ingest_distributed", "run_partition"]
