@@ -1,0 +1,125 @@
+"""The meta-step's speed-ups keep the numbers: each optimised path against the plain one.
+
+* ``piaa_dist.meta.Speedups`` (head-only inner loop on backbone features computed once,
+  channels-last images, lean inner steps) against ``PLAIN``, on the tiny world's real tasks,
+  for every flavour and inner optimizer, in float64 (so "float tolerance" is tight).
+* The trainer's per-phase timers reach ``on_step``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from piaa_dist.config import load_config, with_overrides
+from piaa_dist.data.stream import Dataset, TaskStream
+from piaa_dist.meta import FAST, PLAIN, adapts_head_only, meta_gradient, meta_kwargs
+from piaa_dist.model import build_model
+from piaa_dist.train import meta_train, meta_training_users, task_seed
+
+TINY = "jobs/configs/tiny.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset_url):
+    return Dataset.open(tiny_dataset_url)
+
+
+def _stream(cfg, dataset, **kw) -> TaskStream:
+    return TaskStream(
+        dataset, meta_training_users(cfg, dataset), rank=0, world_size=1,
+        meta_batch=cfg.meta.meta_batch, shots=cfg.data.shots, query_size=cfg.data.query_size,
+        image_size=cfg.data.image_size, augment=cfg.data.augment, seed=cfg.run.seed, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tasks(dataset):
+    cfg = with_overrides(load_config(TINY), {"data.shots": 6, "data.query_size": 8})
+    return _stream(cfg, dataset).tasks(0)
+
+
+class _BackboneCalls:
+    """Counts forward passes through a model's backbone (hooks fire under functional_call)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.backbone.register_forward_hook(self._hit)
+
+    def _hit(self, *_):
+        self.n += 1
+
+
+@pytest.mark.parametrize("inner_params", ["head", "all"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("flavour", ["second_order", "first_order", "reptile"])
+def test_the_fast_meta_gradient_equals_the_plain_one(tasks, flavour, optimizer, inner_params):
+    """Every shortcut on (FAST) gives the plain path's meta-gradient, losses and BatchNorm
+    statistics to float64 rounding (which Adam magnifies to ~1e-8 relative): with head dropout
+    on (seeded per task, so the random stream must be drawn in the same order), 2 inner steps,
+    a larger head learning rate."""
+    cfg = with_overrides(load_config(TINY), {
+        "model.dropout": 0.3, "meta.inner_params": inner_params, "meta.inner_steps": 2,
+        "meta.inner_optimizer": optimizer, "meta.inner_head_lr_scale": 3.0,
+        "meta.inner_lr": 0.01 if optimizer == "adam" else 0.1,
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg.model).double()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    kw = dict(flavour=flavour, seeds=[task_seed(0, 0, t.user) for t in tasks],
+              **meta_kwargs(model, cfg.meta))
+    calls = _BackboneCalls(model)
+    plain = meta_gradient(model, params, buffers, tasks, speedups=PLAIN, **kw)
+    plain_calls, calls.n = calls.n, 0
+    fast = meta_gradient(model, params, buffers, tasks, speedups=FAST, **kw)
+    assert set(fast.grads) == set(plain.grads) == set(params)
+    # Biases right before a BatchNorm have a true gradient of ~0, which Adam (reptile's moves)
+    # scales up: rounding noise there is measured against the largest entry, not their own.
+    scale = max(float(g.abs().max()) for g in plain.grads.values())
+    for name in params:
+        torch.testing.assert_close(fast.grads[name], plain.grads[name], rtol=1e-7,
+                                   atol=1e-7 * scale, msg=lambda m, n=name: f"{n}: {m}")
+    assert fast.query_loss == pytest.approx(plain.query_loss, rel=1e-9)
+    assert fast.support_loss == pytest.approx(plain.support_loss, rel=1e-9)
+    assert set(fast.buffers) == set(plain.buffers)
+    for name in plain.buffers:
+        torch.testing.assert_close(fast.buffers[name], plain.buffers[name], rtol=1e-7, atol=1e-10)
+    # The backbone of a head-only inner loop runs once on each set (support, query), where the
+    # plain path runs it at every step (and, for reptile, at every query step too).
+    steps = cfg.meta.inner_steps
+    per_task = {"second_order": steps + 1, "first_order": steps + 1, "reptile": 2 * steps + 1}
+    assert plain_calls == len(tasks) * per_task[flavour]
+    assert calls.n == len(tasks) * (2 if inner_params == "head" else per_task[flavour])
+
+
+def test_the_head_shortcut_is_refused_where_it_would_not_be_exact():
+    cfg = load_config(TINY)
+    model = build_model(cfg.model)
+    heads = {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert adapts_head_only(model, heads)
+    assert not adapts_head_only(model, None)  # everything adapts
+    assert not adapts_head_only(model, heads | {"backbone.fc.weight"})
+    noisy = copy.deepcopy(model)
+    noisy.backbone.features.append(torch.nn.Dropout(0.1))  # the backbone would draw randoms
+    assert not adapts_head_only(noisy, heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase timers
+
+
+def test_every_step_reports_its_phases(dataset):
+    cfg = with_overrides(load_config(TINY), {"meta.meta_steps": 3})
+    seen = []
+    meta_train(cfg, dataset, on_step=lambda s, m, t: seen.append(dict(m)))
+    assert len(seen) == 3
+    for m in seen:
+        phases = [m[k] for k in ("data_s", "inner_s", "outer_s", "allreduce_s", "update_s")]
+        assert all(np.isfinite(p) and p >= 0 for p in phases), m
+        assert m["inner_s"] > 0 and m["outer_s"] > 0
+        assert sum(phases) <= m["step_s"] * 1.01 + 1e-3
