@@ -3,6 +3,7 @@
 * ``piaa_dist.meta.Speedups`` (head-only inner loop on backbone features computed once,
   channels-last images, lean inner steps) against ``PLAIN``, on the tiny world's real tasks,
   for every flavour and inner optimizer, in float64 (so "float tolerance" is tight).
+* The task stream's decoded-pixel cache against decoding at every visit (bit for bit).
 * The trainer's per-phase timers reach ``on_step``.
 """
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from piaa_dist.config import load_config, with_overrides
+from piaa_dist.data.decode import decode_batch, decode_pixels, normalize
 from piaa_dist.data.stream import Dataset, TaskStream
 from piaa_dist.meta import FAST, PLAIN, adapts_head_only, meta_gradient, meta_kwargs
 from piaa_dist.model import build_model
@@ -107,6 +109,57 @@ def test_the_head_shortcut_is_refused_where_it_would_not_be_exact():
     noisy = copy.deepcopy(model)
     noisy.backbone.features.append(torch.nn.Dropout(0.1))  # the backbone would draw randoms
     assert not adapts_head_only(noisy, heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded-pixel cache
+
+
+def _same_tasks(a, b) -> None:
+    assert [t.user for t in a] == [t.user for t in b]
+    for x, y in zip(a, b):
+        for part in ("support", "query"):
+            for u, v in zip(getattr(x, part), getattr(y, part)):
+                assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+def test_pixels_then_normalize_is_decoding(dataset):
+    ratings = dataset.load_user(dataset.users("train")[0])
+    assert torch.equal(normalize(decode_pixels(ratings.jpegs, 32)), decode_batch(ratings.jpegs, 32))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_pixel_cache_gives_the_same_tasks_and_decodes_an_image_once(tiny_dataset_url, augment):
+    cfg = with_overrides(load_config(TINY), {"data.augment": augment})
+    plain = _stream(cfg, Dataset.open(tiny_dataset_url), cache_pixels=False)
+    cached_ds = Dataset.open(tiny_dataset_url)
+    cached = _stream(cfg, cached_ds)
+    steps = range(6)  # 6 x 4 of 6 meta-training users: every user is met several times
+    for step in steps:
+        _same_tasks(cached.tasks(step), plain.tasks(step))
+    stats = dict(cached_ds.pixel_stats)
+    assert stats["misses"] > 0 and stats["hits"] > 0
+    # The same steps again: nothing left to decode, the same tensors.
+    for step in steps:
+        _same_tasks(cached.tasks(step), plain.tasks(step))
+    assert cached_ds.pixel_stats["misses"] == stats["misses"]
+    # Augmented support images are cut at random every visit: only query images are cached.
+    per_step = cfg.meta.meta_batch * (cfg.data.query_size + (0 if augment else cfg.data.shots))
+    assert stats["hits"] + stats["misses"] == len(steps) * per_step
+
+
+def test_the_pixel_cache_stays_within_its_bound(tiny_dataset_url):
+    cfg = load_config(TINY)
+    probe = Dataset.open(tiny_dataset_url)
+    one_user = len(probe.load_user(probe.users("train")[0])) * 3 * cfg.data.image_size ** 2
+    bound_mb = 1.5 * one_user / 2**20  # room for one user, not two
+    small = Dataset.open(tiny_dataset_url, cache_pixels_mb=bound_mb)
+    cached, plain = _stream(cfg, small), _stream(cfg, Dataset.open(tiny_dataset_url), cache_pixels=False)
+    for step in range(4):
+        _same_tasks(cached.tasks(step), plain.tasks(step))
+        held = sum(e.data.numel() for e in small._pixels.values())
+        assert held <= bound_mb * 2**20
+    assert small.pixel_stats["evicted"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
