@@ -4,6 +4,7 @@
   channels-last images, lean inner steps) against ``PLAIN``, on the tiny world's real tasks,
   for every flavour and inner optimizer, in float64 (so "float tolerance" is tight).
 * The task stream's decoded-pixel cache against decoding at every visit (bit for bit).
+* Validation spread over two ranks against validation on one rank.
 * The trainer's per-phase timers reach ``on_step``.
 """
 
@@ -160,6 +161,79 @@ def test_the_pixel_cache_stays_within_its_bound(tiny_dataset_url):
         held = sum(e.data.numel() for e in small._pixels.values())
         assert held <= bound_mb * 2**20
     assert small.pixel_stats["evicted"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation on two ranks
+
+
+class _Watched:
+    """A dataset that records whose ratings are read."""
+
+    def __init__(self, inner):
+        self.inner, self.loaded = inner, set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load_user(self, user):
+        self.loaded.add(user)
+        return self.inner.load_user(user)
+
+
+def _two_ranks(fn):
+    """Run ``fn(rank, reduce)`` for ranks 0 and 1, ``reduce`` being a SUM all-reduce between them.
+
+    The ranks run one after the other (one process: torch's global RNG, which fine-tuning seeds,
+    cannot be shared by concurrent ranks), twice: the first pass records what each rank sends,
+    the second hands every rank the sum of both. ``fn`` is deterministic, so this is what a
+    concurrent all-reduce would give.
+    """
+    sent: list = [None, None]
+
+    def record(rank):
+        def reduce(t):
+            sent[rank] = t.clone()
+            return t
+        return reduce
+
+    for rank in (0, 1):
+        fn(rank, record(rank))
+    return [fn(rank, lambda t: sent[0] + sent[1]) for rank in (0, 1)]
+
+
+def test_validation_spread_over_two_ranks_equals_one_rank(dataset):
+    """Each rank scores half of the validation users (and reads no one else's ratings); the
+    combined score is the one-rank score, on both ranks, and both step hooks report it."""
+    from piaa_dist.orchestration.step_hook import StepHook, validation_score
+    from piaa_dist.train import validation_users
+
+    cfg = load_config(TINY, ["data.validation_users=4", "run.validate_every=1", "eval.repeats=2"])
+    users = validation_users(cfg, dataset)
+    assert len(users) == 4
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    one = validation_score(cfg, dataset, model)
+    watched = [_Watched(dataset), _Watched(dataset)]
+    scores = _two_ranks(lambda r, reduce: validation_score(cfg, watched[r], model, rank=r,
+                                                           world_size=2, reduce=reduce))
+    assert scores[0] == scores[1] == pytest.approx(one, rel=1e-12, abs=1e-12)
+    assert watched[0].loaded and watched[1].loaded
+    assert not watched[0].loaded & watched[1].loaded
+    assert watched[0].loaded | watched[1].loaded == set(users)
+
+    # The step hook of each rank validates its share and reports the common score.
+    reports: list = [[], []]
+
+    def hook_on(rank, reduce):
+        trainer = type("T", (), {"model": model, "reduce": staticmethod(reduce), "world_size": 2})()
+        hook = StepHook(cfg, rank=rank, dataset=dataset,
+                        report=lambda step, metrics, tr, ckpt: reports[rank].append(metrics))
+        hook(1, {"data_s": 0.0, "step_s": 1.0, "query_loss": 0.1}, trainer)
+
+    _two_ranks(hook_on)
+    assert reports[0][-1]["val_srocc"] == reports[1][-1]["val_srocc"] == scores[0]
+    assert all(r[-1]["val_total_s"] > 0 for r in reports)
 
 
 # ---------------------------------------------------------------------------------------------
