@@ -135,9 +135,12 @@ class Speedups:
         channels_last: hand 4-D image batches to the model in channels-last memory format,
             in which oneDNN's convolutions, pooling and BatchNorm run several times faster on
             CPU; convolutions then pick other kernels, so results change at float rounding only.
-            Not where the inner loop adapts backbone parameters to second order: the double
-            backward of BatchNorm and of convolutions makes contiguous (channels-first)
-            tensors, and the mix measured slower than channels-first throughout.
+            Not where the inner loop adapts backbone parameters to second order (unless
+            ``channels_last_twice``): on CPU the double backward of BatchNorm and of
+            convolutions makes contiguous (channels-first) tensors, and the mix measured slower
+            than channels-first throughout.
+        channels_last_twice: channels-last there too (for GPUs, where tensor cores want it;
+            ``benchmarks/gpu_step.py``'s ``bf16-cl`` variant measures it).
         lean_steps: fewer autograd nodes per inner step (see :func:`_inner_loop`).
 
     ``benchmarks/meta_step.py`` measures each against the one before, in one run.
@@ -146,6 +149,7 @@ class Speedups:
     head_features: bool = True
     channels_last: bool = True
     lean_steps: bool = True
+    channels_last_twice: bool = False
 
 
 #: Every shortcut on: what the trainer uses.
@@ -494,7 +498,7 @@ def meta_gradient(
     task_fn = (_head_only_task if speedups.head_features and adapts_head_only(model, adapt_names)
                else _plain_task)
     backbone_twice = flavour == "second_order" and not all(n.startswith(_HEAD) for n in names)
-    channels_last = speedups.channels_last and not backbone_twice
+    channels_last = speedups.channels_last and (speedups.channels_last_twice or not backbone_twice)
 
     # Leaves owned by this call: the caller's tensors are neither differentiated into (no
     # .grad side effects) nor kept alive by our graphs.
