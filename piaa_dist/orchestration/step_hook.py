@@ -43,7 +43,8 @@ class StepHook:
     shares are combined with the trainer's SUM reduce (:func:`validation_score`), so no rank
     waits while another validates. Every report carries the time spent so far in validation
     (``val_total_s``) and in reports that wrote a checkpoint (``checkpoint_total_s``; the one
-    being made is counted in the next report), next to the trainer's per-step phases.
+    being made is counted in the next report), next to the trainer's per-step phases, and the
+    wall-clock ``time`` it was made at.
 
     Args:
         cfg: job config (``run.*_every``, ``meta.meta_steps``).
@@ -113,6 +114,7 @@ class StepHook:
                 out["val_srocc"] = score
         out["val_total_s"] = self.val_total_s
         out["checkpoint_total_s"] = self.checkpoint_total_s
+        out["time"] = time.time()  # wall clock: end-to-end throughput between two reports
         t0 = time.perf_counter()
         self.report(step, out, trainer, checkpoint)
         if checkpoint:
