@@ -3,13 +3,14 @@
 Each row meta-trains the CPU configuration (``jobs/configs/cpu.yaml``: convnet, 32 px, 10 shots
 / 30 query, 3 second-order inner steps on the head, 4 user tasks per meta-step) for
 ``--steps`` meta-steps on a synthetic world served by a local S3 endpoint (moto over real
-HTTP), validating and checkpointing every ``--every`` steps, and reads rank 0's records from
-the run's ``metrics.jsonl`` (every step is logged):
+HTTP), validating and checkpointing every ``--every`` steps, reporting every ``--log-every``
+steps, and reads rank 0's reports from the run's ``metrics.jsonl`` (each carries its own
+step's timings, so the reported steps are a sample of all steps, and running totals):
 
 * **tasks/s**: tasks of the global meta-batch per second of meta-step wall time (data wait +
-  the step itself), over the steps after ``--warmup``;
-* **end-to-end tasks/s**: the same tasks per second of wall clock between the first and the
-  last measured report: meta-steps plus validation, checkpoints and Ray's reports;
+  the step itself), over the reported steps after ``--warmup``;
+* **end-to-end tasks/s**: tasks per second of wall clock between the first and the last
+  report after the warm-up: meta-steps plus validation, checkpoints and Ray's reports;
 * **tasks/CPU-s**: tasks per second of process CPU time (all threads), over all ranks (rank
   0's CPU time times the number of ranks), which a busy machine distorts less than wall time;
 * **per-phase time** per meta-step (rank 0): waiting for data, inner loops, outer gradients,
@@ -33,7 +34,7 @@ the machine slow every row, and the two-worker row most (it needs both cores).
 
 Usage::
 
-    RAY_TMPDIR=/tmp/myray python benchmarks/scaling.py [--steps 40] [--warmup 5] [--every 10]
+    RAY_TMPDIR=/tmp/myray python benchmarks/scaling.py [--steps 80] [--warmup 5] [--every 20]
 
 Writes ``benchmarks/results/scaling.json`` and prints the tables.
 """
@@ -78,20 +79,22 @@ def _make_data(tmp: Path, users: int, endpoint: str) -> str:
 
 
 def _summarise(records: list[dict], warmup: int, meta_batch: int, workers: int) -> dict:
+    """Rank 0's reports after the warm-up. Each report holds its own step's timings (a sample of
+    the steps when not every step reports) and running totals, so the window's end-to-end time
+    is the wall clock between its first and last report."""
     last = {r["step"]: r for r in records}  # a restarted run logs redone steps again
     steady = [last[s] for s in sorted(last) if s > warmup]
     if len(steady) < 2:
-        raise RuntimeError("fewer than 2 steps after the warm-up: raise --steps")
+        raise RuntimeError("fewer than 2 reports after the warm-up: raise --steps")
     ranks = max(1, workers)
     wall = sum(r["step_s"] for r in steady)
     cpu = sum(r["cpu_s"] for r in steady)
     n = len(steady)
-    # End to end: from the report before the window's first step to its last report.
-    first_time = last[steady[0]["step"] - 1]["time"] if steady[0]["step"] - 1 in last else steady[0]["time"]
-    span_steps = n if steady[0]["step"] - 1 in last else n - 1
-    e2e = steady[-1]["time"] - first_time
-    val = steady[-1]["val_total_s"] - last.get(steady[0]["step"] - 1, steady[0])["val_total_s"]
-    ckpt = steady[-1]["checkpoint_total_s"] - last.get(steady[0]["step"] - 1, steady[0])["checkpoint_total_s"]
+    first, end = steady[0], steady[-1]
+    span_steps = end["step"] - first["step"]
+    e2e = end["time"] - first["time"]
+    val = end["val_total_s"] - first["val_total_s"]
+    ckpt = end["checkpoint_total_s"] - first["checkpoint_total_s"]
     out = {
         "steps_measured": n,
         "tasks_per_s": meta_batch * n / wall,
@@ -112,9 +115,11 @@ def _summarise(records: list[dict], warmup: int, meta_batch: int, workers: int) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="meta-steps per row")
+    parser.add_argument("--steps", type=int, default=80, help="meta-steps per row")
     parser.add_argument("--warmup", type=int, default=5, help="first steps not measured")
-    parser.add_argument("--every", type=int, default=10, help="validate and checkpoint every N steps (0: off)")
+    parser.add_argument("--every", type=int, default=20, help="validate and checkpoint every N steps (0: off)")
+    parser.add_argument("--log-every", type=int, default=5,
+                        help="report every N steps (each report is a Ray barrier; cpu.yaml logs every 10)")
     parser.add_argument("--users", type=int, default=24, help="users in the synthetic world")
     parser.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "cpu.yaml"))
     parser.add_argument("--rows", default=DEFAULT_ROWS,
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = with_overrides(load_config(args.config), {
                         "meta.meta_steps": args.steps, "run.checkpoint_every": args.every,
                         "run.validate_every": args.every,
-                        "run.log_every": 1, "run.threads_per_worker": threads,
+                        "run.log_every": args.log_every, "run.threads_per_worker": threads,
                         "run.cpus_per_worker": threads, "run.register_name": "",
                     })
                     out = tmp / name.replace(" ", "_")
