@@ -174,7 +174,236 @@ def standard_models(
 
 
 # ---------------------------------------------------------------------------------------------
-# The protocol
+# The protocol, one user at a time
+
+
+@dataclass(frozen=True)
+class UserOutcome:
+    """What the protocol measured on one user: small and picklable (no images, no models).
+
+    :func:`evaluate_user` makes one; :func:`merge_outcomes` turns the outcomes of all users
+    into the :class:`~piaa_dist.results.EvaluationResult`. The split of the work is free: the
+    orchestration layer evaluates users in other processes and merges here, with the same
+    numbers as one :func:`evaluate` call.
+
+    Attributes:
+        user: the user.
+        scores: method → k → ``(srocc, plcc)`` of each repeat, in repeat order (a k the user
+            has too few ratings for is absent).
+        degenerate: method → k → splits whose predictions or test ratings were constant.
+        skipped: the shot counts the user has too few ratings for.
+        truth: ``(latent, average_latent, observed)`` over all the user's ratings (for the
+            ceilings), or None when the data carries no truth sidecar.
+    """
+
+    user: str
+    scores: dict[str, dict[int, tuple[tuple[float, float], ...]]]
+    degenerate: dict[str, dict[int, int]]
+    skipped: tuple[int, ...]
+    truth: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+
+
+def _adapts(name: str) -> bool:
+    return METHODS[name].adapt if name in METHODS else not name.endswith("no-adapt")
+
+
+def evaluate_user(
+    cfg: JobConfig,
+    ratings,
+    models: Mapping[str, nn.Module],
+    *,
+    shots: Sequence[int],
+    repeats: int,
+    seed: int,
+    budgets: Mapping[str, object] | None = None,
+    on_split: Callable[[SplitPrediction], None] | None = None,
+    on_repeat: Callable[[], None] | None = None,
+) -> UserOutcome:
+    """The protocol on one user: every repeat, every k, every method.
+
+    Everything random is a function of ``(seed, user, k, repeat)``, so the outcome does not
+    depend on which process evaluates the user or in which order users come.
+
+    Args:
+        cfg: job config (``data.image_size`` and the fine-tuning budget).
+        ratings: the user's ratings (``Dataset.load_user``).
+        models: method name → prior (see :func:`evaluate`).
+        shots, repeats, seed: the protocol.
+        budgets: method → :func:`~piaa_dist.protocol.finetune_budget` (computed when None).
+        on_split: called with every method's :class:`SplitPrediction`.
+        on_repeat: called after each repeat (progress).
+
+    Returns:
+        The user's :class:`UserOutcome`.
+    """
+    user = ratings.user
+    budgets = budgets if budgets is not None else {n: finetune_budget(cfg, m) for n, m in models.items()}
+    names = list(models)
+    n = len(ratings.scores)
+    scores = np.asarray(ratings.scores, dtype=np.float64)
+    images = decode_user(ratings, cfg.data.image_size)
+    targets = score_targets(scores)
+    per: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name in names}
+    degenerate = {name: {k: 0 for k in shots} for name in names}
+    skipped: list[int] = []
+    # One scorer per method over all of this user's images: a method that does not adapt
+    # is predicted once, a head-only one computes its backbone features once; each split
+    # then reads off its test images.
+    scorers = {name: Scorer(m, budgets[name], images) for name, m in models.items()}
+    for r in range(repeats):
+        for k in shots:
+            if n - k < _MIN_TEST:
+                if r == 0:
+                    skipped.append(k)
+                    # One warning per k for all users comes from merge_outcomes: a long-tailed
+                    # log has thousands of such users.
+                    log.debug("user %s has %d ratings: too few for %d shots; skipped", user, n, k)
+                continue
+            tr, te = split_indices(n, k, seed=seed, user=user, repeat=r)
+            support = (images[tr], targets[tr])
+            ft_seed = finetune_seed(seed, user, k, r)
+            for name in names:
+                pred = scorers[name].score(support if _adapts(name) else None, seed=ft_seed)[te]
+                if on_split is not None:
+                    on_split(SplitPrediction(name, user, k, r, ft_seed, tr, te, pred))
+                s, p, bad = _rank_metrics(pred, scores[te])
+                degenerate[name][k] += int(bad)
+                per[name].setdefault(k, []).append((s, p))
+        if on_repeat is not None:
+            on_repeat()
+    truth = None
+    if ratings.latent is not None and ratings.average_latent is not None:
+        truth = (np.asarray(ratings.latent), np.asarray(ratings.average_latent), np.asarray(ratings.scores))
+    return UserOutcome(
+        user=user,
+        scores={name: {k: tuple(v) for k, v in by_k.items()} for name, by_k in per.items()},
+        degenerate=degenerate,
+        skipped=tuple(skipped),
+        truth=truth,
+    )
+
+
+def evaluate_users(
+    cfg: JobConfig,
+    dataset,
+    models: Mapping[str, nn.Module],
+    users: Sequence[str],
+    *,
+    shots: Sequence[int],
+    repeats: int,
+    seed: int,
+    on_split: Callable[[SplitPrediction], None] | None = None,
+    on_repeat: Callable[[], None] | None = None,
+) -> list[UserOutcome]:
+    """:func:`evaluate_user` on each of `users` (loaded from `dataset`), in order.
+
+    The unit of work the orchestration layer runs remotely on a chunk of users.
+    """
+    budgets = {n: finetune_budget(cfg, m) for n, m in models.items()}
+    return [
+        evaluate_user(cfg, dataset.load_user(user), models, shots=shots, repeats=repeats, seed=seed,
+                      budgets=budgets, on_split=on_split, on_repeat=on_repeat)
+        for user in users
+    ]
+
+
+def merge_outcomes(
+    cfg: JobConfig,
+    outcomes: Iterable[UserOutcome],
+    *,
+    methods: Sequence[str],
+    users: Sequence[str],
+    shots: Sequence[int],
+    repeats: int,
+    seed: int,
+    seconds: float = 0.0,
+) -> EvaluationResult:
+    """The :class:`~piaa_dist.results.EvaluationResult` of per-user outcomes.
+
+    A pure function of the outcomes (any order) and the protocol: the same numbers as
+    :func:`evaluate` whatever process computed each outcome.
+
+    Args:
+        cfg: the job config (recorded in the result).
+        outcomes: one per user of `users` (any order).
+        methods: the method names, in the order they were evaluated.
+        users: the users, in the order to report them (and to average the ceilings in).
+        shots, repeats, seed: the protocol.
+        seconds: wall time to record.
+
+    Raises:
+        ValueError: an outcome is missing or unexpected, or no user has enough ratings for any k.
+    """
+    shots = [int(k) for k in shots]
+    names = list(methods)
+    if len(set(users)) != len(users):
+        raise ValueError("merge_outcomes: the users list names a user twice")
+    by_user = {o.user: o for o in outcomes}
+    if set(by_user) != set(users):
+        missing = sorted(set(users) - set(by_user))[:5]
+        extra = sorted(set(by_user) - set(users))[:5]
+        raise ValueError(f"merge_outcomes: outcomes do not match the users (missing {missing}, unexpected {extra})")
+    ordered = [by_user[u] for u in users]
+    skipped = {k: tuple(o.user for o in ordered if k in o.skipped) for k in shots}
+    for k, who in skipped.items():
+        if who:
+            log.warning("%d of %d users have too few ratings for %d shots (fewer than %d); skipped (e.g. %s)",
+                        len(who), len(users), k, k + _MIN_TEST, ", ".join(who[:3]))
+    if all(not o.scores[names[0]].get(k) for o in ordered for k in shots):
+        raise ValueError(f"evaluate: none of the {len(users)} users has enough ratings for shots {shots}")
+
+    methods_out: dict[str, dict[int, ShotStats]] = {}
+    for name in names:
+        methods_out[name] = {}
+        for k in shots:
+            table = {o.user: o.scores[name][k] for o in ordered if o.scores[name].get(k)}
+            if not table:
+                continue
+            kept = sorted(table)
+            arr = np.array([[sp[0] for sp in table[u]] for u in kept])  # [users, repeats]
+            parr = np.array([[sp[1] for sp in table[u]] for u in kept])
+            by_repeat = arr.mean(axis=0)  # user-averaged SROCC of each repeat
+            pby_repeat = parr.mean(axis=0)
+            ddof = 1 if repeats > 1 else 0
+            methods_out[name][k] = ShotStats(
+                srocc_mean=float(arr.mean(axis=1).mean()),
+                srocc_std=float(by_repeat.std(ddof=ddof)),
+                plcc_mean=float(parr.mean(axis=1).mean()),
+                plcc_std=float(pby_repeat.std(ddof=ddof)),
+                per_user={u: float(arr[i].mean()) for i, u in enumerate(kept)},
+                per_user_plcc={u: float(parr[i].mean()) for i, u in enumerate(kept)},
+                n_users=len(kept),
+                degenerate=sum(o.degenerate[name][k] for o in ordered),
+            )
+
+    paired: dict[str, dict[int, PairedDiff]] = {}
+    reference = REFERENCE_METHOD if REFERENCE_METHOD in methods_out else None
+    if reference is not None:
+        ref = methods_out[reference]
+        for other in names:
+            if other == reference:
+                continue
+            paired[other] = {
+                k: _paired(ref[k].per_user, methods_out[other][k].per_user)
+                for k in ref
+                if k in methods_out[other]
+            }
+
+    truths = [o.truth for o in ordered]
+    ceil = None if not truths or any(t is None for t in truths) else metrics.ceilings(truths)
+    return EvaluationResult(
+        methods=methods_out,
+        reference=reference,
+        paired=paired,
+        ceilings=ceil,
+        users=tuple(users),
+        skipped=skipped,
+        shots=tuple(shots),
+        repeats=repeats,
+        seed=seed,
+        config=config_to_dict(cfg),
+        seconds=round(seconds, 2),
+    )
 
 
 def evaluate(
@@ -189,7 +418,11 @@ def evaluate(
     progress: bool = False,
     on_split: Callable[[SplitPrediction], None] | None = None,
 ) -> EvaluationResult:
-    """Run the meta-testing protocol.
+    """Run the meta-testing protocol (in this process).
+
+    :func:`evaluate_users` then :func:`merge_outcomes`;
+    :mod:`piaa_dist.orchestration.ray_evaluate` spreads the first over Ray workers with the
+    same numbers.
 
     Args:
         cfg: job config (``eval`` budget, ``data.image_size``, ``meta.inner_params`` /
@@ -217,114 +450,31 @@ def evaluate(
     """
     if not models:
         raise ValueError("evaluate: no models to evaluate")
-    shots = [int(k) for k in (shots if shots is not None else cfg.eval.shots)]
-    repeats = int(repeats if repeats is not None else cfg.eval.repeats)
-    seed = int(seed if seed is not None else cfg.run.seed)
+    shots, repeats, seed = protocol_of(cfg, shots, repeats, seed)
     users = list(users if users is not None else dataset.users("test"))
     t0 = time.perf_counter()
-
-    def adapts(name: str) -> bool:
-        return METHODS[name].adapt if name in METHODS else not name.endswith("no-adapt")
-
-    names = list(models)
-    # scores[name][k][user] = list of (srocc, plcc) over repeats
-    per: dict[str, dict[int, dict[str, list[tuple[float, float]]]]] = {
-        n: {k: {} for k in shots} for n in names
-    }
-    degenerate = {n: {k: 0 for k in shots} for n in names}
-    skipped: dict[int, list[str]] = {k: [] for k in shots}
-    budgets = {n: finetune_budget(cfg, m) for n, m in models.items()}
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(users) * repeats, desc="evaluate", unit="split")
-    for user in users:
-        ratings = dataset.load_user(user)
-        n = len(ratings.scores)
-        scores = np.asarray(ratings.scores, dtype=np.float64)
-        images = decode_user(ratings, cfg.data.image_size)
-        targets = score_targets(scores)
-        # One scorer per method over all of this user's images: a method that does not adapt
-        # is predicted once, a head-only one computes its backbone features once; each split
-        # then reads off its test images.
-        scorers = {n_: Scorer(m, budgets[n_], images) for n_, m in models.items()}
-        for r in range(repeats):
-            for k in shots:
-                if n - k < _MIN_TEST:
-                    if r == 0:
-                        skipped[k].append(user)
-                        log.warning("user %s has %d ratings: too few for %d shots; skipped", user, n, k)
-                    continue
-                tr, te = split_indices(n, k, seed=seed, user=user, repeat=r)
-                support = (images[tr], targets[tr])
-                ft_seed = finetune_seed(seed, user, k, r)
-                for name in names:
-                    pred = scorers[name].score(support if adapts(name) else None, seed=ft_seed)[te]
-                    if on_split is not None:
-                        on_split(SplitPrediction(name, user, k, r, ft_seed, tr, te, pred))
-                    s, p, bad = _rank_metrics(pred, scores[te])
-                    degenerate[name][k] += int(bad)
-                    per[name][k].setdefault(user, []).append((s, p))
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    try:
+        outcomes = evaluate_users(cfg, dataset, models, users, shots=shots, repeats=repeats, seed=seed,
+                                  on_split=on_split, on_repeat=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return merge_outcomes(cfg, outcomes, methods=list(models), users=users, shots=shots, repeats=repeats,
+                          seed=seed, seconds=time.perf_counter() - t0)
 
-    if all(not per[names[0]][k] for k in shots):
-        raise ValueError(f"evaluate: none of the {len(users)} users has enough ratings for shots {shots}")
 
-    methods_out: dict[str, dict[int, ShotStats]] = {}
-    for name in names:
-        methods_out[name] = {}
-        for k in shots:
-            table = per[name][k]
-            if not table:
-                continue
-            kept = sorted(table)
-            arr = np.array([[sp[0] for sp in table[u]] for u in kept])  # [users, repeats]
-            parr = np.array([[sp[1] for sp in table[u]] for u in kept])
-            by_repeat = arr.mean(axis=0)  # user-averaged SROCC of each repeat
-            pby_repeat = parr.mean(axis=0)
-            ddof = 1 if repeats > 1 else 0
-            methods_out[name][k] = ShotStats(
-                srocc_mean=float(arr.mean(axis=1).mean()),
-                srocc_std=float(by_repeat.std(ddof=ddof)),
-                plcc_mean=float(parr.mean(axis=1).mean()),
-                plcc_std=float(pby_repeat.std(ddof=ddof)),
-                per_user={u: float(arr[i].mean()) for i, u in enumerate(kept)},
-                per_user_plcc={u: float(parr[i].mean()) for i, u in enumerate(kept)},
-                n_users=len(kept),
-                degenerate=degenerate[name][k],
-            )
-
-    paired: dict[str, dict[int, PairedDiff]] = {}
-    reference = REFERENCE_METHOD if REFERENCE_METHOD in methods_out else None
-    if reference is not None:
-        ref = methods_out[reference]
-        for other in names:
-            if other == reference:
-                continue
-            paired[other] = {
-                k: _paired(ref[k].per_user, methods_out[other][k].per_user)
-                for k in ref
-                if k in methods_out[other]
-            }
-
-    return EvaluationResult(
-        methods=methods_out,
-        reference=reference,
-        paired=paired,
-        ceilings=ceilings(dataset, users),
-        users=tuple(users),
-        skipped={k: tuple(v) for k, v in skipped.items()},
-        shots=tuple(shots),
-        repeats=repeats,
-        seed=seed,
-        config=config_to_dict(cfg),
-        seconds=round(time.perf_counter() - t0, 2),
-    )
+def protocol_of(cfg: JobConfig, shots: Sequence[int] | None = None, repeats: int | None = None,
+                seed: int | None = None) -> tuple[list[int], int, int]:
+    """``(shots, repeats, seed)``: the arguments given, else ``cfg.eval.shots``,
+    ``cfg.eval.repeats`` and ``cfg.run.seed`` (the defaults of :func:`evaluate`)."""
+    return ([int(k) for k in (shots if shots is not None else cfg.eval.shots)],
+            int(repeats if repeats is not None else cfg.eval.repeats),
+            int(seed if seed is not None else cfg.run.seed))
 
 
 def _paired(ref: Mapping[str, float], other: Mapping[str, float]) -> PairedDiff:
@@ -360,10 +510,15 @@ __all__ = [
     "REFERENCE_METHOD",
     "MethodSpec",
     "SplitPrediction",
+    "UserOutcome",
     "ceilings",
     "decode_user",
     "evaluate",
+    "evaluate_user",
+    "evaluate_users",
     "finetune_seed",
+    "merge_outcomes",
+    "protocol_of",
     "standard_models",
     "validation_srocc",
 ]

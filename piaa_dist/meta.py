@@ -64,8 +64,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,9 @@ class MetaGradient:
         buffers: name → sum over tasks of the per-task updated floating buffers (BatchNorm
             running mean/var); integer buffers (``num_batches_tracked``) are not included.
             See :func:`apply_buffer_update`.
+        inner_s: wall seconds spent in the tasks' inner loops (support features included).
+        outer_s: wall seconds spent on the query loss and the outer gradient. (On CUDA both
+            count kernel launches, not kernel time, unless the caller synchronizes.)
     """
 
     grads: dict[str, Tensor]
@@ -110,6 +114,104 @@ class MetaGradient:
     query_loss: float
     support_loss: float
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    inner_s: float = 0.0
+    outer_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Shortcuts :func:`meta_gradient` takes, each exact (the same numbers as without it, to float
+    rounding) and each switchable, so a benchmark can measure it alone and a test can compare it
+    with :data:`PLAIN` (``tests/test_meta.py``).
+
+    Attributes:
+        head_features: when only the head adapts (:func:`adapts_head_only`), run the backbone
+            once per task on the support set and once on the query set, and the inner loop on
+            the head alone. Exact because the backbone's parameters and its input batch are
+            fixed within the inner loop, so its train-mode output (BatchNorm on the batch's own
+            statistics) is the same at every step. The support features are computed *with*
+            grad (second order): the outer gradient still reaches the backbone through them and
+            through the query features.
+        channels_last: hand 4-D image batches to the model in channels-last memory format,
+            in which oneDNN's convolutions, pooling and BatchNorm run several times faster on
+            CPU; convolutions then pick other kernels, so results change at float rounding only.
+            Not where the inner loop adapts backbone parameters to second order (unless
+            ``channels_last_twice``): on CPU the double backward of BatchNorm and of
+            convolutions makes contiguous (channels-first) tensors, and the mix measured slower
+            than channels-first throughout.
+        channels_last_twice: channels-last there too (for GPUs, where tensor cores want it;
+            ``benchmarks/gpu_step.py``'s ``bf16-cl`` variant measures it).
+        lean_steps: fewer autograd nodes per inner step (see :func:`_inner_loop`).
+
+    ``benchmarks/meta_step.py`` measures each against the one before, in one run.
+    """
+
+    head_features: bool = True
+    channels_last: bool = True
+    lean_steps: bool = True
+    channels_last_twice: bool = False
+
+
+#: Every shortcut on: what the trainer uses.
+FAST = Speedups()
+#: Every shortcut off: the reference computation the shortcuts are measured and tested against.
+PLAIN = Speedups(head_features=False, channels_last=False, lean_steps=False)
+
+# Prefixes of piaa_dist.model.AestheticModel's two halves in named_parameters().
+_BACKBONE, _HEAD = "backbone.", "head."
+# Modules that draw random numbers in train mode: a backbone holding one cannot be run once for
+# several inner steps without changing the random stream the head's dropout sees.
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout)
+
+
+def adapts_head_only(model: nn.Module, adapt_names: Sequence[str] | set[str] | None) -> bool:
+    """Whether an inner loop over `adapt_names` can run on backbone features computed once.
+
+    True when `model` computes ``head(backbone(x))`` (a :class:`piaa_dist.model.AestheticModel`
+    whose forward is not overridden), only head parameters adapt, and the backbone draws no
+    random numbers (no dropout), so running it once per batch changes nothing but the cost.
+    """
+    from piaa_dist.model import AestheticModel
+
+    if adapt_names is None or not isinstance(model, AestheticModel):
+        return False
+    if type(model).forward is not AestheticModel.forward:
+        return False
+    if not all(n.startswith(_HEAD) for n in adapt_names):
+        return False
+    return not any(isinstance(m, _RANDOM_MODULES) and m.p > 0 for m in model.backbone.modules())
+
+
+def _part(tensors: Mapping[str, Tensor], prefix: str) -> Params:
+    """The entries of one submodule, renamed relative to it (the very same tensor objects, so a
+    BatchNorm update through the part lands in ``tensors`` too)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def backbone_features(model: nn.Module, params: Mapping[str, Tensor],
+                      buffers: Mapping[str, Tensor], images: Tensor) -> Tensor:
+    """The backbone half of an :class:`piaa_dist.model.AestheticModel`, run functionally.
+
+    Args:
+        model: the model (its own tensors are not used).
+        params, buffers: name → tensor over the whole model (``backbone.*`` ones are used);
+            train-mode BatchNorm updates land in ``buffers``.
+        images: ``[N,3,S,S]``.
+
+    Returns:
+        ``[N, feature_dim]``: what the model's forward feeds its head.
+    """
+    return functional_call(model.backbone, (_part(params, _BACKBONE), _part(buffers, _BACKBONE)),
+                           (images,))
+
+
+def _head_precision(device_type: str) -> tuple[bool, contextlib.AbstractContextManager]:
+    """How :class:`piaa_dist.model.AestheticModel`'s forward runs its head: under autocast, on
+    float32 features with autocast off. Returns (convert the features to float32, context)."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return True, torch.autocast(device_type=device_type, enabled=False)
+    return False, contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +235,13 @@ def _fresh(buffers: Mapping[str, Tensor]) -> Params:
     return {k: v.clone() for k, v in buffers.items()}
 
 
-def _to_device(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
+def _to_device(batch: Batch, device: torch.device, dtype: torch.dtype,
+               channels_last: bool = False) -> Batch:
     images, targets = batch
-    return (
-        images.to(device=device, dtype=dtype, non_blocking=True),
-        targets.to(device=device, dtype=dtype, non_blocking=True),
-    )
+    images = images.to(device=device, dtype=dtype, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _lr_of(inner_lr: float | Mapping[str, float], name: str) -> float:
@@ -233,23 +336,34 @@ def _inner_loop(
     names: Sequence[str],
     create_graph: bool,
     adam: _AdamState | None,
+    lean: bool = False,
 ) -> tuple[Params, Tensor | None]:
-    """``steps`` functional optimizer steps on `batch`; returns (params, loss at the start)."""
+    """``steps`` functional optimizer steps on `batch`; returns (params, loss at the start).
+
+    ``lean`` (:attr:`Speedups.lean_steps`): every step's forward writes its (discarded)
+    BatchNorm statistics into one scratch copy of ``buffers`` instead of a fresh copy each (a
+    train-mode forward reads none of them), and an SGD step is one fused ``p + (-lr)·g`` node
+    instead of a multiply and a subtract (fewer nodes to build and to differentiate through).
+    """
     # Tensors to differentiate must be in the graph: a detached one becomes a new leaf.
     current: Params = {
         n: (p.detach().requires_grad_(True) if n in names and not p.requires_grad else p)
         for n, p in params.items()
     }
     first_loss: Tensor | None = None
+    scratch = _fresh(buffers) if lean else None
     for _ in range(steps):
-        loss = loss_fn(model, current, _fresh(buffers), batch)
+        loss = loss_fn(model, current, scratch if lean else _fresh(buffers), batch)
         if first_loss is None:
             first_loss = loss.detach()
         inputs = [current[n] for n in names]
         grads = torch.autograd.grad(
             loss, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
         )
-        if optimizer == "sgd":
+        if optimizer == "sgd" and lean:
+            for n, p, g in zip(names, inputs, grads):
+                current[n] = torch.add(p, g, alpha=-_lr_of(inner_lr, n))
+        elif optimizer == "sgd":
             for n, p, g in zip(names, inputs, grads):
                 current[n] = p - _lr_of(inner_lr, n) * g
         else:
@@ -348,6 +462,7 @@ def meta_gradient(
     optimizer: str = "sgd",
     adapt_names: Sequence[str] | set[str] | None = None,
     seeds: Sequence[int] | None = None,
+    speedups: Speedups = FAST,
 ) -> MetaGradient:
     """Meta-gradient of this call's tasks, summed (see the module docstring for flavours).
 
@@ -364,6 +479,7 @@ def meta_gradient(
         adapt_names: parameters adapted in the inner loop (None: all). For ``reptile`` the
             others get a zero "gradient".
         seeds: one RNG seed per task for dropout (None: use the global RNG as is).
+        speedups: exact shortcuts to take (:class:`Speedups`; :data:`PLAIN` for none).
 
     Returns:
         :class:`MetaGradient` with summed grads, losses and BatchNorm buffers.
@@ -379,6 +495,10 @@ def meta_gradient(
     names = _check_names(params, adapt_names)
     ref = next(iter(params.values()))
     device, dtype = ref.device, ref.dtype
+    task_fn = (_head_only_task if speedups.head_features and adapts_head_only(model, adapt_names)
+               else _plain_task)
+    backbone_twice = flavour == "second_order" and not all(n.startswith(_HEAD) for n in names)
+    channels_last = speedups.channels_last and (speedups.channels_last_twice or not backbone_twice)
 
     # Leaves owned by this call: the caller's tensors are neither differentiated into (no
     # .grad side effects) nor kept alive by our graphs.
@@ -389,43 +509,25 @@ def meta_gradient(
     query_sum = torch.zeros((), device=device, dtype=torch.float64)
     support_sum = torch.zeros((), device=device, dtype=torch.float64)
 
+    inner_s = outer_s = 0.0
     with _mode(model, True):
         for i, task in enumerate(tasks):
-            support = _to_device(task.support, device, dtype)
-            query = _to_device(task.query, device, dtype)
+            t0 = time.perf_counter()
+            support = _to_device(task.support, device, dtype, channels_last)
+            query = _to_device(task.query, device, dtype, channels_last)
             with _seeded(None if seeds is None else int(seeds[i])):
-                adam = _AdamState() if optimizer == "adam" else None
-                adapted, first = _inner_loop(
-                    model, meta, buffers, support, steps=steps, inner_lr=inner_lr,
-                    optimizer=optimizer, names=names,
-                    create_graph=(flavour == "second_order"), adam=adam,
+                res = task_fn(
+                    model, meta, buffers, support, query, flavour=flavour, steps=steps,
+                    inner_lr=inner_lr, optimizer=optimizer, names=names, lean=speedups.lean_steps,
                 )
-                if first is None:  # steps == 0: still report the support loss
-                    with torch.no_grad():
-                        first = loss_fn(model, meta, _fresh(buffers), support)
-                task_buffers = _fresh(buffers)  # receives r_task = (1-m) r + m stats(query|θ')
-                if flavour == "reptile":
-                    with torch.no_grad():
-                        q_loss = loss_fn(model, adapted, task_buffers, query)
-                    final, _ = _inner_loop(
-                        model, {n: t.detach() for n, t in adapted.items()}, buffers, query,
-                        steps=steps, inner_lr=inner_lr, optimizer=optimizer,
-                        names=names, create_graph=False, adam=adam,
-                    )
-                    for n in names:
-                        grad_sum[n] += meta[n].detach() - final[n].detach()
-                else:
-                    q_loss = loss_fn(model, adapted, task_buffers, query)
-                    # first_order: `adapted` = θ − Σ lr·g with constant g, so d/dθ is
-                    # ∇L_q(θ'); second_order: the full unrolled derivative.
-                    grads = torch.autograd.grad(q_loss, list(meta.values()), allow_unused=True,
-                                                materialize_grads=True)
-                    for n, g in zip(meta, grads):
-                        grad_sum[n] += g.detach()
-            query_sum += q_loss.detach().to(torch.float64)
-            support_sum += first.detach().to(torch.float64)
+            for n, g in res.grads.items():
+                grad_sum[n] += g
+            query_sum += res.query_loss.to(torch.float64)
+            support_sum += res.support_loss.to(torch.float64)
             for n in float_buffers:
-                buffer_sum[n] += task_buffers[n]
+                buffer_sum[n] += res.buffers[n]
+            inner_s += res.inner_end - t0
+            outer_s += time.perf_counter() - res.inner_end
 
     return MetaGradient(
         grads=grad_sum,
@@ -433,7 +535,107 @@ def meta_gradient(
         query_loss=float(query_sum),
         support_loss=float(support_sum),
         buffers=buffer_sum,
+        inner_s=inner_s,
+        outer_s=outer_s,
     )
+
+
+class _TaskResult(NamedTuple):
+    """One task's part of :func:`meta_gradient`, all detached."""
+
+    grads: dict[str, Tensor]  # contributions by name
+    query_loss: Tensor  # at the adapted parameters
+    support_loss: Tensor  # at the meta parameters
+    buffers: Params  # the task's updated buffers
+    inner_end: float  # time.perf_counter() when the inner loop was done
+
+
+def _plain_task(model: nn.Module, meta: Params, buffers: Mapping[str, Tensor], support: Batch,
+                query: Batch, *, flavour: str, steps: int, inner_lr: float | Mapping[str, float],
+                optimizer: str, names: Sequence[str], lean: bool) -> _TaskResult:
+    """One task through the whole model at every inner step."""
+    adam = _AdamState() if optimizer == "adam" else None
+    adapted, first = _inner_loop(
+        model, meta, buffers, support, steps=steps, inner_lr=inner_lr, optimizer=optimizer,
+        names=names, create_graph=(flavour == "second_order"), adam=adam, lean=lean,
+    )
+    if first is None:  # steps == 0: still report the support loss
+        with torch.no_grad():
+            first = loss_fn(model, meta, _fresh(buffers), support)
+    inner_end = time.perf_counter()
+    task_buffers = _fresh(buffers)  # receives r_task = (1-m) r + m stats(query|θ')
+    if flavour == "reptile":
+        with torch.no_grad():
+            q_loss = loss_fn(model, adapted, task_buffers, query)
+        final, _ = _inner_loop(
+            model, {n: t.detach() for n, t in adapted.items()}, buffers, query,
+            steps=steps, inner_lr=inner_lr, optimizer=optimizer,
+            names=names, create_graph=False, adam=adam, lean=lean,
+        )
+        grads = {n: meta[n].detach() - final[n].detach() for n in names}
+    else:
+        q_loss = loss_fn(model, adapted, task_buffers, query)
+        # first_order: `adapted` = θ − Σ lr·g with constant g, so d/dθ is ∇L_q(θ');
+        # second_order: the full unrolled derivative.
+        raw = torch.autograd.grad(q_loss, list(meta.values()), allow_unused=True,
+                                  materialize_grads=True)
+        grads = {n: g.detach() for n, g in zip(meta, raw)}
+    return _TaskResult(grads, q_loss.detach(), first.detach(), task_buffers, inner_end)
+
+
+def _head_only_task(model: nn.Module, meta: Params, buffers: Mapping[str, Tensor],
+                    support: Batch, query: Batch, *, flavour: str, steps: int,
+                    inner_lr: float | Mapping[str, float], optimizer: str,
+                    names: Sequence[str], lean: bool) -> _TaskResult:
+    """:func:`_plain_task` when only the head adapts (:attr:`Speedups.head_features`).
+
+    The backbone runs once on the support set and once on the query set; the inner loop, the
+    query loss and (reptile) the query steps run on the head over those features. Random
+    numbers are drawn in the plain path's order (the backbone draws none), BatchNorm statistics
+    of the query forward land in the task's buffers as in the plain path.
+    """
+    second = flavour == "second_order"
+    (xs, ys), (xq, yq) = support, query
+    head_meta, head_buffers = _part(meta, _HEAD), _part(buffers, _HEAD)
+    local = [n[len(_HEAD):] for n in names]
+    lr = _part(inner_lr, _HEAD) if isinstance(inner_lr, Mapping) else inner_lr
+    adam = _AdamState() if optimizer == "adam" else None
+    # Support features with grad only where the outer gradient goes through the inner loop.
+    with torch.set_grad_enabled(second):
+        fs = backbone_features(model, meta, _fresh(buffers), xs)
+    to_float, head_ctx = _head_precision(fs.device.type)
+    fs = fs.float() if to_float else fs
+    with head_ctx:
+        adapted, first = _inner_loop(
+            model.head, head_meta, head_buffers, (fs, ys), steps=steps, inner_lr=lr,
+            optimizer=optimizer, names=local, create_graph=second, adam=adam, lean=lean,
+        )
+        if first is None:
+            with torch.no_grad():
+                first = loss_fn(model.head, head_meta, _fresh(head_buffers), (fs, ys))
+    inner_end = time.perf_counter()
+    task_buffers = _fresh(buffers)
+    # The query features at the meta backbone (it does not adapt); this forward updates the
+    # backbone's running statistics in the task's buffers, the head's query forward the head's.
+    with torch.set_grad_enabled(flavour != "reptile"):
+        fq = backbone_features(model, meta, task_buffers, xq)
+    fq = fq.float() if to_float else fq
+    with head_ctx:
+        if flavour == "reptile":
+            with torch.no_grad():
+                q_loss = loss_fn(model.head, adapted, _part(task_buffers, _HEAD), (fq, yq))
+            final, _ = _inner_loop(
+                model.head, {n: t.detach() for n, t in adapted.items()}, head_buffers, (fq, yq),
+                steps=steps, inner_lr=lr, optimizer=optimizer, names=local,
+                create_graph=False, adam=adam, lean=lean,
+            )
+            moves = {n: meta[n].detach() - final[m].detach() for n, m in zip(names, local)}
+            return _TaskResult(moves, q_loss.detach(), first.detach(), task_buffers, inner_end)
+        q_loss = loss_fn(model.head, adapted, _part(task_buffers, _HEAD), (fq, yq))
+    raw = torch.autograd.grad(q_loss, list(meta.values()), allow_unused=True,
+                              materialize_grads=True)
+    grads = {n: g.detach() for n, g in zip(meta, raw)}
+    return _TaskResult(grads, q_loss.detach(), first.detach(), task_buffers, inner_end)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from piaa_dist.config import JobConfig
-from piaa_dist.meta import FLAVOURS
+from piaa_dist.meta import FAST, FLAVOURS
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,16 @@ class MetaTrainer:
             )
         self.optimizer = self._make_optimizer()
         self.last_grad: torch.Tensor | None = None  #: averaged flat meta-gradient of the last step
+        #: Shortcuts of piaa_dist.meta.meta_gradient (all exact; meta.PLAIN to compare without).
+        self.speedups = FAST
+        #: Wall seconds of the last step's phases: ``inner_s`` (inner loops), ``outer_s``
+        #: (query losses and outer gradients), ``allreduce_s``, ``update_s`` (meta-optimizer
+        #: step). Kept out of :meth:`step`'s metrics, which are identical on every rank.
+        self.last_phases: dict[str, float] = {}
+        #: How this trainer's ranks talk (set by :func:`meta_train`): the SUM ``reduce`` (None
+        #: for one rank), this rank and the world size. The step hook spreads validation with it.
+        self.reduce: Reduce | None = None
+        self.rank, self.world_size = 0, 1
         from piaa_dist.schedule import EarlyStopping
 
         #: validation-plateau rule and state (best score/step); part of :meth:`state_dict`
@@ -171,6 +181,7 @@ class MetaTrainer:
         total = torch.zeros(self.flat_size, dtype=torch.float64, device=self.device)
         params = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
+        inner_s = outer_s = 0.0
         for task in tasks:
             # A task seed from (seed, step, user): dropout masks do not depend on which rank
             # the task landed on, so 1 and N ranks compute the same meta-gradient.
@@ -178,8 +189,11 @@ class MetaTrainer:
             with autocast(self.device, enabled=self.amp):
                 mg = meta_gradient(
                     self.model, params, buffers, [_task_to(task, self.device)],
-                    flavour=self.cfg.meta.flavour, seeds=[seed], **self._meta_kwargs,
+                    flavour=self.cfg.meta.flavour, seeds=[seed], speedups=self.speedups,
+                    **self._meta_kwargs,
                 )
+            inner_s += mg.inner_s
+            outer_s += mg.outer_s
             parts = []
             for name, p in zip(self._names, self._params):
                 g = mg.grads.get(name)
@@ -194,6 +208,7 @@ class MetaTrainer:
                 [float(mg.n_tasks), float(mg.query_loss), float(mg.support_loss)],
                 dtype=torch.float64, device=self.device,
             )
+        self.last_phases = {"inner_s": inner_s, "outer_s": outer_s}
         return total
 
     def apply_flat(self, total: torch.Tensor) -> dict[str, float]:
@@ -261,9 +276,14 @@ class MetaTrainer:
             metrics of the step (see :meth:`apply_flat`); identical on every rank.
         """
         flat = self.local_flat(tasks)
+        phases = self.last_phases
+        t0 = time.perf_counter()
         if reduce is not None:
             flat = self.reduce_flat(flat, reduce)
-        return self.apply_flat(flat)
+        t1 = time.perf_counter()
+        metrics = self.apply_flat(flat)
+        self.last_phases = {**phases, "allreduce_s": t1 - t0, "update_s": time.perf_counter() - t1}
+        return metrics
 
     def reduce_flat(self, flat: torch.Tensor, reduce: Reduce) -> torch.Tensor:
         """SUM over ranks of this rank's float64 :meth:`local_flat`, in ``run.allreduce_dtype``.
@@ -393,9 +413,10 @@ def meta_train(
             ``piaa_dist.checkpoint.save_training_state``) to continue from.
         on_step: called as ``on_step(step_count, metrics, trainer)`` after every update, on
             every rank (checkpointing, reporting). ``metrics`` adds ``data_s`` (time waiting
-            for this rank's tasks), ``step_s`` (wall time of the whole step) and ``cpu_s``
-            (this process's CPU time in the step, all threads) to
-            :meth:`MetaTrainer.apply_flat`'s.
+            for this rank's tasks), ``step_s`` (wall time of the whole step), ``cpu_s`` (this
+            process's CPU time in the step, all threads) and the step's phases
+            (:attr:`MetaTrainer.last_phases`: ``inner_s``, ``outer_s``, ``allreduce_s``,
+            ``update_s``) to :meth:`MetaTrainer.apply_flat`'s.
         device: compute device (default from ``cfg.run.use_gpu``).
 
     Returns:
@@ -407,6 +428,7 @@ def meta_train(
     # Same seed on every rank -> same initial weights; sync_from_rank0 below makes it exact.
     torch.manual_seed(cfg.run.seed)
     trainer = MetaTrainer(cfg, build_model(cfg.model), device)
+    trainer.reduce, trainer.rank, trainer.world_size = reduce, rank, world_size
     if resume is not None:
         if isinstance(resume, (str, Path)):
             from piaa_dist.checkpoint import load_training_state
@@ -452,6 +474,7 @@ def meta_train(
         if step != trainer.step_count:
             raise RuntimeError(f"task stream at step {step}, trainer at {trainer.step_count}")
         metrics = trainer.step(tasks, reduce)
+        metrics.update(trainer.last_phases)
         metrics["data_s"] = t1 - t0
         metrics["step_s"] = time.perf_counter() - t0
         metrics["cpu_s"] = time.process_time() - c0

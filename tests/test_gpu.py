@@ -111,6 +111,7 @@ def test_personalize_and_giaa_on_an_unusable_gpu_fail_with_the_driver(cfg, tiny_
     from piaa_dist.giaa import train_giaa
     from piaa_dist.model import build_model
     from piaa_dist.personalize import Ratings, personalize
+    from piaa_dist.train import meta_training_users
 
     model = build_model(cfg.model)
     ratings = Ratings([], torch.zeros(0).numpy(), {})
@@ -118,7 +119,7 @@ def test_personalize_and_giaa_on_an_unusable_gpu_fail_with_the_driver(cfg, tiny_
         personalize(model, cfg, ratings, [], device="cuda")
     dataset = Dataset.open(tiny_dataset_url)
     with pytest.raises(GpuUnavailable, match="^GIAA training: .*driver"):
-        train_giaa(cfg, dataset, dataset.users("train"), device=torch.device("cuda"))
+        train_giaa(cfg, dataset, meta_training_users(cfg, dataset), device=torch.device("cuda"))
 
 
 # ---------------------------------------------------------------------------------------------

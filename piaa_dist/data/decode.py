@@ -94,3 +94,22 @@ def decode_batch(
     if len(jpegs) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.float32)
     return torch.stack([decode(j, size, augment, generator) for j in jpegs])
+
+
+def decode_pixels(jpegs: Sequence[bytes], size: int) -> torch.Tensor:
+    """Decode and resize without augmentation, stopping before normalization: uint8
+    ``[N, 3, size, size]`` (a quarter of the float32 bytes, for caching).
+
+    ``normalize(decode_pixels(j, S))`` equals ``decode_batch(j, S)`` bit for bit.
+    """
+    if len(jpegs) == 0:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    arrs = [np.asarray(load_rgb(j).resize((size, size), Image.BILINEAR), dtype=np.uint8) for j in jpegs]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]`` pixels to the model's float input, ImageNet-normalized: the same
+    element-wise operations as :func:`to_tensor`, so the same bits."""
+    x = pixels.to(torch.float32).div_(255.0)
+    return (x - _MEAN) / _STD

@@ -179,11 +179,13 @@ def process_image(src: str | Path | bytes, max_side: int, quality: int, max_pixe
 
 
 class ByteLRU:
-    """A thread-safe LRU of bytes values bounded by their total size (re-encoded images that
-    several raters share, so an image is usually decoded once per partition, not per rater)."""
+    """A thread-safe LRU of bytes values bounded by their total size and, optionally, by their
+    number (re-encoded images that several raters share, so an image is usually decoded once
+    per partition, not per rater)."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, max_items: int | None = None):
         self.max_bytes = max(0, int(max_bytes))
+        self.max_items = None if max_items is None else max(0, int(max_items))
         self._data: OrderedDict[Any, bytes] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
@@ -198,7 +200,7 @@ class ByteLRU:
             return value
 
     def put(self, key: Any, value: bytes) -> None:
-        if len(value) > self.max_bytes:
+        if len(value) > self.max_bytes or self.max_items == 0:
             return
         with self._lock:
             old = self._data.pop(key, None)
@@ -206,6 +208,6 @@ class ByteLRU:
                 self._size -= len(old)
             self._data[key] = value
             self._size += len(value)
-            while self._size > self.max_bytes:
+            while self._size > self.max_bytes or (self.max_items is not None and len(self._data) > self.max_items):
                 _, dropped = self._data.popitem(last=False)
                 self._size -= len(dropped)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +64,9 @@ SCHEMA = pa.schema(
     ]
 )
 _LISTS = ("shards", "offsets", "lengths", "samples", "sha256")
+#: Smallest valid entry of each numeric list column, and the attribute it is kept in.
+_LOW = {"shards": 0, "offsets": 0, "lengths": 1, "samples": 1}
+_PART_ATTR = {"shards": "part_shard", "offsets": "part_offset", "lengths": "part_length", "samples": "part_samples"}
 
 
 def user_key(user: str) -> int:
@@ -140,30 +143,18 @@ class Manifest:
     """
 
     def __init__(self, table: pa.Table, url: str):
-        self.url = url
-        self.metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        table = _validated(table, url)
-        self._users: pa.StringArray = table.column("user").combine_chunks()
-        self.n = len(self._users)
-        keys = table.column("user_key").combine_chunks().to_numpy()
-        self._key_order = np.argsort(keys, kind="stable")
-        self._sorted_keys = keys[self._key_order]
-        self.is_test = pc.equal(table.column("split"), "test").combine_chunks().to_numpy(zero_copy_only=False)
-        self.n_ratings = table.column("n_ratings").combine_chunks().to_numpy()
-        self.has_truth = table.column("has_truth").combine_chunks().to_numpy(zero_copy_only=False)
-        lists = {name: table.column(name).combine_chunks() for name in _LISTS}
-        self._part_start = lists["shards"].offsets.to_numpy().astype(np.int64)
-        self.part_shard = lists["shards"].flatten().to_numpy()
-        self.part_offset = lists["offsets"].flatten().to_numpy()
-        self.part_length = lists["lengths"].flatten().to_numpy()
-        self.part_samples = lists["samples"].flatten().to_numpy()
-        sha = lists["sha256"].flatten()
-        self._part_sha = np.frombuffer(sha.buffers()[1], dtype="S32", count=len(sha), offset=sha.offset * 32)
-        self._split_index: dict[str, np.ndarray] = {}
+        missing = [c for c in SCHEMA.names if c not in table.column_names]
+        if missing:
+            raise DataError(f"{url}: manifest lacks column(s) {', '.join(missing)}")
+        self._load(url, table.schema.metadata, table.column, lambda: None)
 
     @classmethod
     def from_bytes(cls, data: bytes, url: str) -> "Manifest":
         """Parse and validate manifest bytes.
+
+        Columns are decoded one at a time, each validated and turned into its final array
+        before the next is read (and the allocator's freed memory handed back in between):
+        at a million users the transient peak is one column, not the whole decoded table.
 
         Raises:
             DataError: not Parquet, a layout version this code cannot read, a missing column,
@@ -171,23 +162,135 @@ class Manifest:
         """
         pool = pa.default_memory_pool()
         try:
-            # ParquetFile.read keeps one chunk per row group (read_table cuts 128k-row chunks
-            # that combine_chunks would copy): less peak memory at a million users.
-            table = pq.ParquetFile(io.BytesIO(data)).read()
+            pf = pq.ParquetFile(pa.BufferReader(data))  # zero-copy over the bytes
+            schema = pf.schema_arrow
         except Exception as err:  # noqa: BLE001 - pyarrow.ArrowInvalid and friends
             raise DataError(f"{url}: not a readable Parquet file: {err}") from None
-        version = (table.schema.metadata or {}).get(b"version", b"").decode()
+        version = (schema.metadata or {}).get(b"version", b"").decode()
         if version == "1":
             raise DataError(f"{url}: this dataset was written in layout version 1 (per-user shards, no "
                             "versions); re-ingest it with `piaa-dist ingest` to read it with this version")
         if version != str(FORMAT_VERSION):
             raise DataError(f"{url}: manifest version {version!r} is not supported (expected {FORMAT_VERSION})")
-        manifest = cls(table, url)
-        del table
-        # Validating leaves freed Arrow buffers that the allocator keeps; hand them back so
-        # every worker's RSS holds only the columns a Manifest keeps (~100 bytes per user).
+        missing = [c for c in SCHEMA.names if c not in schema.names]
+        if missing:
+            raise DataError(f"{url}: manifest lacks column(s) {', '.join(missing)}")
+
+        def column(name: str) -> pa.ChunkedArray:
+            try:
+                # ParquetFile.read keeps one chunk per row group (read_table cuts 128k-row
+                # chunks that combining would copy).
+                return pf.read(columns=[name]).column(0)
+            except Exception as err:  # noqa: BLE001 - pyarrow.ArrowInvalid and friends
+                raise DataError(f"{url}: not a readable Parquet file (column {name!r}): {err}") from None
+
+        manifest = cls.__new__(cls)
+        # Hand freed Arrow buffers back after each column, so every worker's RSS holds only
+        # the arrays a Manifest keeps (~100 bytes per user).
+        manifest._load(url, schema.metadata, column, pool.release_unused)
         pool.release_unused()
         return manifest
+
+    def _load(self, url: str, metadata: Any, column: Callable[[str], Any], release: Callable[[], None]) -> None:
+        """Read, validate and keep each column in turn (``column(name)`` gives its Arrow data).
+
+        Raises:
+            DataError: the first problem, naming the column and row (see :meth:`from_bytes`).
+        """
+        self.url = url
+        self.metadata = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+        users: pa.StringArray | None = None
+
+        def get(name: str) -> pa.Array:
+            fld = SCHEMA.field(name)
+            col = column(name)
+            if col.type != fld.type:
+                try:
+                    col = col.cast(fld.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    raise DataError(f"{url}: manifest column {name!r} has type {col.type}, "
+                                    f"expected {fld.type}") from None
+            if isinstance(col, pa.ChunkedArray):
+                col = col.combine_chunks()
+            if col.null_count:
+                i = _first_true(pc.is_null(col))
+                who = "" if users is None else f" (user {users[i].as_py()!r})"
+                raise DataError(f"{url}: manifest column {name!r} is null at row {i}{who}")
+            if users is not None and len(col) != len(users):
+                raise DataError(f"{url}: manifest column {name!r} has {len(col)} rows, column 'user' {len(users)}")
+            return col
+
+        def user_of(i: int) -> str:
+            return f"user {users[int(i)].as_py()!r}"
+
+        users = get("user")
+        n = len(users)
+        if n > 1:
+            i = _first_true(pc.invert(pc.less(users[:-1], users[1:])))
+            if i >= 0:
+                raise DataError(f"{url}: manifest users are not sorted and unique at row {i + 1} "
+                                f"({users[i].as_py()!r} then {users[i + 1].as_py()!r})")
+        self._users = users
+        self.n = n
+        release()
+
+        split = get("split")
+        bad = _first_true(pc.invert(pc.is_in(split, value_set=pa.array(list(SPLIT_CODES)))))
+        if bad >= 0:
+            raise DataError(f"{url}: manifest row {bad} ({user_of(bad)}) has split "
+                            f"{split[bad].as_py()!r}, expected train or test")
+        self.is_test = pc.equal(split, "test").to_numpy(zero_copy_only=False)
+        del split
+        keys = get("user_key").to_numpy()
+        self._key_order = np.argsort(keys)  # ties (hash collisions) are resolved by comparing IDs
+        self._sorted_keys = keys[self._key_order]
+        del keys
+        self.n_ratings = get("n_ratings").to_numpy()
+        self.has_truth = get("has_truth").to_numpy(zero_copy_only=False)
+        release()
+
+        offsets = None
+        for name in _LISTS:
+            arr = get(name)
+            own = arr.offsets.to_numpy()
+            values = arr.flatten()
+            if values.null_count:
+                k = _first_true(pc.is_null(values))
+                owner = int(np.searchsorted(own, k, "right") - 1)
+                raise DataError(f"{url}: manifest column {name!r} has a null entry for {user_of(owner)} "
+                                f"(row {owner})")
+            if offsets is None:
+                offsets = own
+                counts = np.diff(offsets)
+                if n and (counts < 1).any():
+                    i = int(np.flatnonzero(counts < 1)[0])
+                    raise DataError(f"{url}: manifest row {i} ({user_of(i)}) has no parts")
+                self._part_start = offsets.astype(np.int64)
+            elif not np.array_equal(own, offsets):
+                i = _first_true(own[1:] != offsets[1:])
+                raise DataError(f"{url}: manifest row {i} ({user_of(i)}) has lists of different lengths "
+                                f"in shards/{name}")
+            if name == "sha256":
+                # Raw bytes, [parts, 32]: a numpy "S32" would strip a digest's trailing zero
+                # bytes when read back (1 part in 256), failing that user's checksum.
+                self._part_sha = np.frombuffer(values.buffers()[1], dtype=np.uint8, count=32 * len(values),
+                                               offset=values.offset * 32).reshape(-1, 32)
+                continue
+            flat = values.to_numpy()
+            low = _LOW[name]
+            if len(flat) and (flat < low).any():
+                i = int(np.searchsorted(offsets, int(np.flatnonzero(flat < low)[0]), "right") - 1)
+                raise DataError(f"{url}: manifest row {i} ({user_of(i)}) has a {name} entry below {low}")
+            if name == "samples":
+                per_user = np.add.reduceat(flat, offsets[:-1]) if n else np.zeros(0, np.int64)
+                if n and (per_user != self.n_ratings).any():
+                    i = int(np.flatnonzero(per_user != self.n_ratings)[0])
+                    raise DataError(f"{url}: manifest row {i} ({user_of(i)}) says n_ratings "
+                                    f"{int(self.n_ratings[i])} but its parts hold {int(per_user[i])} samples")
+            setattr(self, _PART_ATTR[name], flat)
+            del arr, values
+            release()
+        self._split_index: dict[str, np.ndarray] = {}
 
     # -- users ---------------------------------------------------------------------------------
 
@@ -227,7 +330,7 @@ class Manifest:
         a, b = self._part_start[i], self._part_start[i + 1]
         return [
             Part(int(self.part_shard[k]), int(self.part_offset[k]), int(self.part_length[k]),
-                 int(self.part_samples[k]), bytes(self._part_sha[k]))
+                 int(self.part_samples[k]), self._part_sha[k].tobytes())
             for k in range(a, b)
         ]
 
@@ -237,7 +340,7 @@ class Manifest:
 
     def part_sha(self, k: int) -> bytes:
         """sha256 of part ``k`` (flattened part index)."""
-        return bytes(self._part_sha[k])
+        return self._part_sha[k].tobytes()
 
     def keys_match(self) -> int:
         """First row whose ``user_key`` is not the hash of its user, or -1 (costs a hash per user)."""
@@ -247,70 +350,3 @@ class Manifest:
             if int(keys[i]) != user_key(self.user_at(i)):
                 return i
         return -1
-
-
-def _validated(table: pa.Table, url: str) -> pa.Table:
-    """The table cast to :data:`SCHEMA`, or a DataError naming the first problem."""
-    missing = [c for c in SCHEMA.names if c not in table.column_names]
-    if missing:
-        raise DataError(f"{url}: manifest lacks column(s) {', '.join(missing)}")
-    table = table.select(SCHEMA.names)
-    cols = []
-    users = table.column("user")
-    for fld in SCHEMA:
-        col = table.column(fld.name)
-        if col.type != fld.type:
-            try:
-                col = col.cast(fld.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-                raise DataError(f"{url}: manifest column {fld.name!r} has type {col.type}, "
-                                f"expected {fld.type}") from None
-        if col.null_count:
-            i = _first_true(pc.is_null(col).combine_chunks())
-            who = "" if fld.name == "user" else f" (user {users[i].as_py()!r})"
-            raise DataError(f"{url}: manifest column {fld.name!r} is null at row {i}{who}")
-        cols.append(col)
-    table = pa.Table.from_arrays(cols, schema=SCHEMA)
-    n = table.num_rows
-    combined = {name: table.column(name).combine_chunks() for name in _LISTS}
-    offsets = combined["shards"].offsets.to_numpy()
-    for name in _LISTS:
-        arr = combined[name]
-        if arr.flatten().null_count:
-            owner = np.repeat(np.arange(n), np.diff(arr.offsets.to_numpy()))
-            k = _first_true(pc.is_null(arr.flatten()))
-            raise DataError(f"{url}: manifest column {name!r} has a null entry for user "
-                            f"{table.column('user')[int(owner[k])].as_py()!r} (row {int(owner[k])})")
-        if not np.array_equal(arr.offsets.to_numpy(), offsets):
-            i = _first_true(arr.offsets.to_numpy()[1:] != offsets[1:])
-            raise DataError(f"{url}: manifest row {i} (user {table.column('user')[i].as_py()!r}) has "
-                            f"lists of different lengths in shards/{name}")
-    counts = np.diff(offsets)
-    if n and (counts < 1).any():
-        i = int(np.flatnonzero(counts < 1)[0])
-        raise DataError(f"{url}: manifest row {i} (user {table.column('user')[i].as_py()!r}) has no parts")
-    user = table.column("user").combine_chunks()
-    if n > 1:
-        i = _first_true(pc.invert(pc.less(user[:-1], user[1:])))
-        if i >= 0:
-            raise DataError(f"{url}: manifest users are not sorted and unique at row {i + 1} "
-                            f"({user[i].as_py()!r} then {user[i + 1].as_py()!r})")
-    bad_split = _first_true(pc.invert(pc.is_in(table.column("split").combine_chunks(),
-                                               value_set=pa.array(list(SPLIT_CODES)))))
-    if bad_split >= 0:
-        raise DataError(f"{url}: manifest row {bad_split} (user {user[bad_split].as_py()!r}) has split "
-                        f"{table.column('split')[bad_split].as_py()!r}, expected train or test")
-    for name, low in (("shards", 0), ("offsets", 0), ("lengths", 1), ("samples", 1)):
-        values = combined[name].flatten().to_numpy()
-        if len(values) and (values < low).any():
-            owner = np.repeat(np.arange(n), counts)
-            i = int(owner[np.flatnonzero(values < low)[0]])
-            raise DataError(f"{url}: manifest row {i} (user {user[i].as_py()!r}) has a {name} entry below {low}")
-    samples = combined["samples"].flatten().to_numpy()
-    per_user = np.add.reduceat(samples, offsets[:-1]) if n else np.zeros(0, np.int64)
-    n_ratings = table.column("n_ratings").combine_chunks().to_numpy()
-    if n and (per_user != n_ratings).any():
-        i = int(np.flatnonzero(per_user != n_ratings)[0])
-        raise DataError(f"{url}: manifest row {i} (user {user[i].as_py()!r}) says n_ratings {int(n_ratings[i])} "
-                        f"but its parts hold {int(per_user[i])} samples")
-    return table

@@ -21,6 +21,7 @@ the users that fall under the 80% rule once, when it is built.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,12 +30,12 @@ import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from piaa_dist.data.decode import decode_batch
+from piaa_dist.data.decode import decode_batch, decode_pixels, normalize
 from piaa_dist.data.layout import resolve
 from piaa_dist.data.manifest import MANIFEST, Manifest, Part
 from piaa_dist.data.tarfmt import TarFormatError, group_samples, parse_members
@@ -94,6 +95,18 @@ class UserRatings:
         return len(self.images)
 
 
+@dataclass
+class _Pixels:
+    """One user's entry in :meth:`Dataset.pixels`'s cache: decoded images and which are there."""
+
+    data: torch.Tensor  # uint8 [n, 3, S, S]
+    have: np.ndarray  # bool [n]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
 @dataclass(frozen=True)
 class Task:
     """One user's task: support and query sets as ``(images [k,3,S,S], targets [k] = score/5)``."""
@@ -101,6 +114,11 @@ class Task:
     user: str
     support: tuple[torch.Tensor, torch.Tensor]
     query: tuple[torch.Tensor, torch.Tensor]
+
+
+#: Default bound of a :class:`Dataset`'s decoded-pixel cache, MiB (uint8 pixels: ~3 KB per
+#: image at 32 px, ~150 KB at 224 px; the default holds ~85k images at 32 px, ~1.7k at 224 px).
+DEFAULT_PIXEL_CACHE_MB = 256.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +195,7 @@ class Dataset:
     """
 
     def __init__(self, store: Store, manifest: Manifest, *, url: str | None = None, version_id: str = "",
-                 cache_users: int = 4096):
+                 cache_users: int = 4096, cache_pixels_mb: float = DEFAULT_PIXEL_CACHE_MB):
         self.store = store
         self.manifest = manifest
         self.url = url or store.url
@@ -190,10 +208,16 @@ class Dataset:
         self.cache_users = max(0, int(cache_users))
         self._cache: OrderedDict[str, UserRatings] = OrderedDict()
         self._lock = threading.Lock()
+        self.cache_pixels_bytes = max(0, int(cache_pixels_mb * 2**20))
+        self._pixels: OrderedDict[tuple[str, int], _Pixels] = OrderedDict()
+        self._pixel_bytes = 0
+        #: Decoded-pixel cache counters: ``hits`` and ``misses`` (images), ``evicted`` (users).
+        self.pixel_stats = {"hits": 0, "misses": 0, "evicted": 0}
 
     @classmethod
     def open(cls, url: str, endpoint_url: str | None = None, *, cache_users: int = 4096,
-             version: str | None = None) -> "Dataset":
+             version: str | None = None,
+             cache_pixels_mb: float = DEFAULT_PIXEL_CACHE_MB) -> "Dataset":
         """Open the published version at ``url`` (or a given ``version``).
 
         Args:
@@ -202,6 +226,7 @@ class Dataset:
             endpoint_url: S3 endpoint (default ``$AWS_ENDPOINT_URL``).
             cache_users: users kept in memory (least recently used are evicted).
             version: a version ID to read instead of the published one.
+            cache_pixels_mb: bound of the decoded-pixel cache (:meth:`pixels`; 0 = none).
 
         Raises:
             DataError: nothing published, an unknown version, the old layout, or a manifest
@@ -217,12 +242,16 @@ class Dataset:
             raise DataError(f"{murl} not found: version {vid} of {root.url} is incomplete or was removed "
                             f"(list the versions with `piaa-dist datasets {root.url}`)") from None
         manifest = Manifest.from_bytes(data, murl)
-        return cls(store, manifest, url=root.url, version_id=vid, cache_users=cache_users)
+        return cls(store, manifest, url=root.url, version_id=vid, cache_users=cache_users,
+                   cache_pixels_mb=cache_pixels_mb)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
         state["_lock"] = None
+        state["_pixels"] = OrderedDict()
+        state["_pixel_bytes"] = 0
+        state["pixel_stats"] = {k: 0 for k in self.pixel_stats}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -317,6 +346,52 @@ class Dataset:
                 while len(self._cache) > self.cache_users:
                     self._cache.popitem(last=False)
         return ratings
+
+    def pixels(self, user: str, size: int, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Some of a user's images decoded and resized to ``size`` without augmentation: uint8
+        ``[len(indices), 3, size, size]`` (:func:`piaa_dist.data.decode.decode_pixels`).
+
+        Cached per image (users in LRU order, at most ``cache_pixels_mb`` of pixels; a user
+        larger than that is decoded and not kept): an image met again, in a later meta-batch,
+        is not decoded again, and only the images asked for are ever decoded.
+        ``decode.normalize`` of the result equals decoding those images, bit for bit.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        key = (user, int(size))
+        with self._lock:
+            entry = self._pixels.get(key)
+            if entry is not None:
+                self._pixels.move_to_end(key)
+        if entry is None:
+            ratings = self.load_user(user)
+            nbytes = len(ratings) * 3 * int(size) ** 2
+            if nbytes > self.cache_pixels_bytes:
+                with self._lock:
+                    self.pixel_stats["misses"] += len(idx)
+                return decode_pixels([ratings.jpegs[i] for i in idx], size)
+            fresh = _Pixels(torch.empty((len(ratings), 3, size, size), dtype=torch.uint8),
+                            np.zeros(len(ratings), dtype=bool))
+            with self._lock:
+                entry = self._pixels.get(key)  # another thread may have made it meanwhile
+                if entry is None:
+                    entry = self._pixels[key] = fresh
+                    self._pixel_bytes += fresh.nbytes
+                    # The newest entry fits on its own, so this never evicts it.
+                    while self._pixel_bytes > self.cache_pixels_bytes:
+                        _, old = self._pixels.popitem(last=False)
+                        self._pixel_bytes -= old.nbytes
+                        self.pixel_stats["evicted"] += 1
+        missing = np.unique(idx[~entry.have[idx]])
+        if len(missing):
+            jpegs = self.load_user(user).jpegs  # (the encoded-user cache: no second fetch)
+            decoded = decode_pixels([jpegs[i] for i in missing], size)
+            with self._lock:
+                entry.data[torch.from_numpy(missing)] = decoded
+                entry.have[missing] = True
+        with self._lock:
+            self.pixel_stats["misses"] += len(missing)
+            self.pixel_stats["hits"] += len(idx) - len(missing)
+            return entry.data[torch.from_numpy(idx)]
 
     def read_part(self, part: Part, user: str) -> list[dict[str, Any]]:
         """Read, verify and parse one part of a user (one ranged GET)."""
@@ -499,11 +574,17 @@ def make_task(
     step: int,
     image_size: int,
     augment: bool,
+    pixels: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> Task:
     """Cut one task from a user's ratings: a seeded support/query split, decoded.
 
     Support images are augmented (resize, random crop, flip) when ``augment``; query images
     never are (as the reference code). Targets are ``score / 5``.
+
+    Args:
+        pixels: ``indices -> uint8 images`` of this user decoded without augmentation at
+            ``image_size`` (e.g. :meth:`Dataset.pixels`, cached): un-augmented images come from
+            it instead of being decoded here (the same bits either way).
 
     Raises:
         DataError: the user has fewer than 2 ratings.
@@ -516,8 +597,14 @@ def make_task(
     perm = _rng(seed, step, useed, _PURPOSE_SPLIT).permutation(len(ratings))
     sup, qry = perm[:k], perm[k : k + q]
     gen = _torch_generator(seed, step, useed, _PURPOSE_AUGMENT)
-    xs = decode_batch([ratings.jpegs[i] for i in sup], image_size, augment, gen)
-    xq = decode_batch([ratings.jpegs[i] for i in qry], image_size, False)
+    if augment or pixels is None:
+        xs = decode_batch([ratings.jpegs[i] for i in sup], image_size, augment, gen)
+    else:
+        xs = normalize(pixels(sup))
+    if pixels is None:
+        xq = decode_batch([ratings.jpegs[i] for i in qry], image_size, False)
+    else:
+        xq = normalize(pixels(qry))
     return Task(
         user=ratings.user,
         support=(xs, _targets(ratings.scores[sup])),
@@ -571,6 +658,8 @@ class TaskStream:
         prefetch: steps fetched and decoded ahead, each in a background thread (0 = none).
             One is the default: it overlaps fetching and decoding with the trainer's compute
             (torch releases the GIL); more threads only contend for the GIL on small CPUs.
+        cache_pixels: cut un-augmented images from the dataset's decoded-pixel cache
+            (:meth:`Dataset.pixels`) instead of decoding them at every visit.
     """
 
     def __init__(
@@ -589,6 +678,7 @@ class TaskStream:
         start_step: int = 0,
         num_steps: int | None = None,
         prefetch: int = 1,
+        cache_pixels: bool = True,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
@@ -613,6 +703,7 @@ class TaskStream:
         self.meta_batch, self.shots, self.query_size = meta_batch, shots, query_size
         self.image_size, self.augment, self.seed = image_size, augment, seed
         self.start_step, self.num_steps, self.prefetch = start_step, num_steps, max(0, prefetch)
+        self.cache_pixels = bool(cache_pixels)
         n = dataset.n_ratings_at(rows)
         few, too_few = rows[n <= shots], rows[n < 2]
         if len(too_few):
@@ -637,7 +728,11 @@ class TaskStream:
         return self.global_batch(step)[self.rank :: self.world_size]
 
     def tasks(self, step: int) -> list[Task]:
-        """This rank's decoded tasks at ``step`` (pure in ``(seed, step, user)``)."""
+        """This rank's decoded tasks at ``step`` (pure in ``(seed, step, user)``).
+
+        Un-augmented images (every query image; support images too without augmentation) come
+        from the dataset's decoded-pixel cache (:meth:`Dataset.pixels`) when ``cache_pixels``.
+        """
         return [
             make_task(
                 self.dataset.load_user(u),
@@ -647,6 +742,8 @@ class TaskStream:
                 step=step,
                 image_size=self.image_size,
                 augment=self.augment,
+                pixels=(functools.partial(self.dataset.pixels, u, self.image_size)
+                        if self.cache_pixels else None),
             )
             for u in self.rank_users(step)
         ]

@@ -357,13 +357,6 @@ def _trial_run(cfg: JobConfig, config: Mapping[str, Any], trial_id: str, mlflow_
     return run, RunMetricsCallback(run.uri, run.run_id)
 
 
-def _end_trial_run(mlflow_uri: str, metrics_callback: Any, status: str) -> None:
-    if metrics_callback is not None:
-        from piaa_dist.orchestration.tracking import RunLogger
-
-        RunLogger(uri=mlflow_uri, run_id=metrics_callback.run_id, rank=0).start().end(status)
-
-
 def _report_to_tune(step: int, metrics: dict) -> None:
     """A metrics callback that hands a report to Tune (ASHA reads ``step`` and ``val_srocc``).
 
@@ -445,6 +438,20 @@ def _trial(config: dict, connections: Mapping[str, str] | None = None) -> None:
         _end_trial_run(mlflow_uri, metrics_callback, "FAILED")
         raise
     _end_trial_run(mlflow_uri, metrics_callback, "FINISHED")
+
+
+def _end_trial_run(uri: str, metrics_callback: Any, status: str) -> None:
+    """Terminate a trial's MLflow run without reopening it first.
+
+    Reopening (``RunLogger(run_id=...).start()``) marks the run RUNNING again; when Tune has
+    already seen the trial's last report, its driver callback may have closed the run and may
+    kill this actor at any moment, which would leave the run RUNNING forever.
+    """
+    if metrics_callback is None:
+        return
+    from piaa_dist.orchestration.tracking import client
+
+    client(uri).set_terminated(metrics_callback.run_id, status=status)
 
 
 def _best_checkpoint(result: Any) -> str | None:

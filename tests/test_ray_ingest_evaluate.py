@@ -1,0 +1,164 @@
+"""Ingestion and meta-testing on a real local Ray: the same bytes and the same numbers as in
+one process, whatever the number of workers.
+
+One Ray session (2 CPUs, no dashboard) serves the module: starting Ray, and each worker's
+torch import, cost tens of seconds on a busy 2-core machine. The world is the shared tiny one
+(10 users, ~290 ratings), cut into shards of 50 samples so that partitions have whole shards
+to share out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from piaa_dist.config import load_config, with_overrides
+from piaa_dist.data.ingest import ingest
+from piaa_dist.data.layout import POINTER, resolve
+from piaa_dist.data.stream import Dataset
+from piaa_dist.errors import DataError
+from piaa_dist.evaluate import evaluate, evaluate_users, merge_outcomes
+from piaa_dist.model import build_model
+from piaa_dist.storage import open_store
+
+TINY = "jobs/configs/tiny.yaml"
+SHARD = 50  # samples per shard: ~6 shards in the tiny world
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_endpoint):
+    # After the S3 fixture: Ray's workers inherit its credentials from this environment.
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _version_files(url: str, endpoint: str | None) -> dict[str, bytes]:
+    """Every object of the published version but the report (which records timings and the
+    version ID): relative path -> bytes."""
+    _, vstore = resolve(open_store(url, endpoint))
+    return {rel: vstore.read_bytes(rel) for rel in sorted(vstore.list("")) if rel != "ingest_report.json"}
+
+
+@pytest.mark.parametrize("target", ["folder", "s3"])
+def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
+        ray_session, tiny_world, tmp_path, target, request):
+    from piaa_dist.orchestration.ray_ingest import ingest_distributed
+
+    if target == "s3":
+        endpoint, bucket = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
+
+        def url(name: str) -> str:
+            return f"s3://{bucket}/{name}"
+    else:
+        endpoint = None
+
+        def url(name: str) -> str:
+            return str(tmp_path / name)
+
+    ingest("flickr-aes", tiny_world, url("inproc"), endpoint_url=endpoint, shard_size=SHARD, workers=2)
+    expected = _version_files(url("inproc"), endpoint)
+    assert sum(rel.startswith("shards/") for rel in expected) >= 4, "the world must span several shards"
+    for workers in (1, 2):
+        rep = ingest_distributed("flickr-aes", tiny_world, url(f"ray{workers}"), workers=workers,
+                                 endpoint_url=endpoint, shard_size=SHARD)
+        got = _version_files(url(f"ray{workers}"), endpoint)
+        assert got.keys() == expected.keys()
+        for rel in expected:
+            assert got[rel] == expected[rel], f"{rel} differs with {workers} Ray worker(s)"
+        ex = rep["execution"]
+        assert ex["workers"] == workers and ex["partitions"] >= 2  # the work really was cut up
+        assert sum(t["samples"] for t in ex["tasks"]) == rep["samples"] == rep["ratings"]["ingested"]
+        # And the result reads back as a dataset.
+        assert Dataset.open(url(f"ray{workers}"), endpoint).num_users() == 10
+
+
+def test_bad_input_in_a_ray_task_is_the_workers_one_line_error_and_nothing_is_published(
+        ray_session, tiny_world, tmp_path):
+    from piaa_dist.orchestration.ray_ingest import ingest_distributed
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    victim = sorted((world / "images").iterdir())[7]
+    victim.write_bytes(b"not a jpeg at all")  # found only when a worker decodes it
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        ingest_distributed("flickr-aes", world, str(out), workers=2, shard_size=SHARD, strict=True)
+    msg = str(err.value)
+    assert type(err.value) is DataError and "\n" not in msg and "Traceback" not in msg
+    assert "FLICKR-AES_image_labeled_by_each_worker.csv:" in msg and victim.name in msg
+    assert not (out / POINTER).exists()
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tiny_dataset_url):
+    cfg = with_overrides(load_config(TINY), {"eval.shots": [4, 10], "eval.repeats": 2})
+    torch.manual_seed(0)
+    meta = build_model(cfg.model)
+    torch.manual_seed(1)
+    giaa = build_model(cfg.model)
+    models = {"blg-piaa": meta, "meta-no-adapt": meta, "giaa-finetune": giaa}
+    dataset = Dataset.open(tiny_dataset_url)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray worker runs (run.threads_per_worker)
+    try:
+        yield cfg, models, dataset, evaluate(cfg, dataset, models, users=dataset.users("all"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _numbers(result) -> dict:
+    d = result.to_dict()
+    d.pop("seconds")
+    return d
+
+
+def test_per_user_outcomes_merge_to_the_same_result_in_any_order(eval_setup):
+    cfg, models, dataset, expected = eval_setup
+    users = dataset.users("all")
+    halves = [users[1::2], users[::2]]  # evaluated apart, in another order
+    outcomes = [o for part in halves for o in evaluate_users(cfg, dataset, models, part, shots=[4, 10],
+                                                             repeats=2, seed=cfg.run.seed)]
+    merged = merge_outcomes(cfg, outcomes[::-1], methods=list(models), users=users, shots=[4, 10], repeats=2,
+                            seed=cfg.run.seed)
+    assert _numbers(merged) == _numbers(expected)
+    assert merged.ceilings is not None and merged.ceilings == expected.ceilings
+
+
+def test_evaluate_on_ray_gives_the_in_process_numbers(ray_session, eval_setup):
+    from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
+
+    cfg, models, dataset, expected = eval_setup
+    stats: list[dict] = []
+    # One user per chunk: chunks finish out of order and the two workers share them.
+    got = evaluate_distributed(cfg, dataset, models, workers=2, users=dataset.users("all"), chunk_users=1,
+                               stats=stats)
+    assert _numbers(got) == _numbers(expected)
+    assert len(stats) == 2 and sum(s["users"] for s in stats) == 10 and all(s["users"] for s in stats)
+    assert len({s["pid"] for s in stats}) == 2 and os.getpid() not in {s["pid"] for s in stats}
+    # workers = 0: in this process, no Ray worker.
+    assert _numbers(evaluate_distributed(cfg, dataset, models, workers=0, users=dataset.users("all"))) \
+        == _numbers(expected)
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_a_clear_error(ray_session, eval_setup, tiny_world,
+                                                                 tmp_path):
+    from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
+    from piaa_dist.orchestration.ray_ingest import ingest_distributed
+    from piaa_dist.orchestration.ray_workers import NotEnoughCPUs
+
+    cfg, models, dataset, _ = eval_setup
+    with pytest.raises(NotEnoughCPUs, match="3 Ray worker.*need 3 CPUs.*has 2"):
+        evaluate_distributed(cfg, dataset, models, workers=3, users=dataset.users("all"))
+    with pytest.raises(NotEnoughCPUs, match="3 Ray worker"):
+        ingest_distributed("flickr-aes", tiny_world, str(tmp_path / "x"), workers=3)
+    assert not Path(tmp_path / "x" / POINTER).exists()
