@@ -45,6 +45,74 @@ def readme_block(result: EvaluationResult, world_users: int | str = "?") -> str:
             "generated, not typed):\n\n" + markdown_table(result))
 
 
+def plot_training_curve(metrics_jsonl: str | Path, *, title: str = "held-out training users") -> Any:
+    """The meta-training curve to its plateau, from the ``metrics.jsonl`` a training run writes.
+
+    Left: query and support loss against the meta-step. Right: validation SROCC (held-out
+    training users, never test users) against the meta-step, with the best validation
+    checkpoint (the model the run registers) starred, its score as a dashed line, and the step
+    where early stopping saw the plateau marked. An absent file gives empty axes.
+
+    Args:
+        metrics_jsonl: the run's ``metrics.jsonl`` (``step``, ``query_loss``, ``val_srocc``,
+            ``best_step``, ``stopped_early``, ...; a resumed run's repeated steps count once,
+            the last report of a step wins).
+        title: the right panel's title.
+
+    Returns:
+        A matplotlib ``Figure`` (:func:`piaa_dist.presentation.save_figure` writes it).
+    """
+    import json
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows: dict[int, dict] = {}
+    path = Path(metrics_jsonl)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+    ordered = [rows[s] for s in sorted(rows)]
+    fig = Figure(figsize=(8.0, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    losses = [r for r in ordered if "query_loss" in r]
+    ax.plot([r["step"] for r in losses], [r["query_loss"] for r in losses], label="query loss")
+    ax.plot([r["step"] for r in losses], [r.get("support_loss", math.nan) for r in losses], label="support loss")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("MSE on score/5")
+    ax.legend()
+    ax.set_title("meta-training")
+    ax2 = fig.add_subplot(1, 2, 2)
+    val = [(r["step"], r["val_srocc"]) for r in ordered if r.get("val_srocc") is not None]
+    if val:
+        ax2.plot([s for s, _ in val], [v for _, v in val], marker="o", label="validation SROCC")
+        # The run's own choice (EarlyStopping's best_step) when it reported one; else the first
+        # highest score (what the rule picks with min_delta 0).
+        best_step, best = max(val, key=lambda sv: (sv[1], -sv[0]))
+        chosen = [r["best_step"] for r in ordered if r.get("best_step") is not None]
+        if chosen and int(chosen[-1]) in dict(val):
+            best_step = int(chosen[-1])
+            best = dict(val)[best_step]
+        ax2.axhline(best, linestyle="--", linewidth=0.8, color="grey")
+        ax2.plot([best_step], [best], marker="*", markersize=14, linestyle="none",
+                 label=f"best: {best:.3f} at step {best_step} (registered)")
+        stopped = [r["step"] for r in ordered if r.get("stopped_early")]
+        if stopped:
+            ax2.axvline(stopped[-1], linestyle=":", color="grey")
+            ax2.text(stopped[-1], ax2.get_ylim()[0], f" plateau: stopped at {stopped[-1]}", fontsize=7,
+                     rotation=90, va="bottom", ha="right")
+        ax2.legend(fontsize=7, loc="lower right")
+    ax2.set_xlabel("meta-step")
+    ax2.set_ylabel("validation SROCC")
+    ax2.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def readme_instructions(block_file: str | Path) -> list[str]:
     """The report's lines saying where the README block is and how to copy it in."""
     block_file = Path(block_file)
