@@ -92,15 +92,17 @@ class ReferenceTrainer:
         return self.settings.epoch_decay ** (self.step_count // self.steps_per_epoch)
 
     def _adam_steps(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
+        """``steps`` Adam steps on one batch; returns the loss before the first of them."""
         images, targets = batch
-        loss_value = 0.0
-        for _ in range(steps):
+        first = float("nan")
+        for i in range(steps):
             loss = F.mse_loss(self.model(images), targets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_value = float(loss.detach())
-        return loss_value
+            if i == 0:
+                first = float(loss.detach())
+        return first
 
     def step(self, tasks: Sequence[Any]) -> dict[str, float]:
         """One meta-batch: each task in turn adapts from the current weights and moves them
@@ -119,12 +121,10 @@ class ReferenceTrainer:
         support_loss = query_loss = 0.0
         for task in tasks:
             meta = {k: state[k].detach().clone() for k in floating}
-            with torch.no_grad():
-                support_loss += float(F.mse_loss(self.model(task.support[0]), task.support[1]))
-            self._adam_steps(task.support, self.settings.support_steps)
-            with torch.no_grad():
-                query_loss += float(F.mse_loss(self.model(task.query[0]), task.query[1]))
-            self._adam_steps(task.query, self.settings.query_steps)
+            # The losses are those of the first Adam step of each phase: no extra forward pass
+            # (in train mode one would also move BatchNorm's running statistics).
+            support_loss += self._adam_steps(task.support, self.settings.support_steps)
+            query_loss += self._adam_steps(task.query, self.settings.query_steps)
             with torch.no_grad():
                 # meta + (adapted - meta) / n, written into the model's own tensors.
                 for k in floating:
