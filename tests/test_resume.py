@@ -99,7 +99,7 @@ def test_blg_piaa_beats_meta_no_adapt_after_a_few_hundred_steps(tmp_path_factory
     ingest("flickr-aes", root / "world", str(root / "ds"), workers=1)
     data = Dataset.open(str(root / "ds"))
     cfg = load_config(REPO / "jobs" / "configs" / "cpu.yaml", [
-        "meta.meta_steps=300", "data.validation_users=0", "run.validate_every=0",
+        "meta.meta_steps=300", "data.validation_users=0", "run.validate_every=0", "run.patience=0",
         "run.workers=0", "run.log_every=100", "eval.shots=[10]", "eval.repeats=5"])
     assert len(data.users("test")) == 12
     model = meta_train(cfg, data).model.cpu()
