@@ -173,7 +173,10 @@ def _run_piaa(config: str, data: str, out: str, seed: int, every: int, steps: in
     under = "checkpoints/meta-train" + ("" if workers else "/local")
     points = []
     for folder in sorted((Path(out) / under).glob("checkpoint_*")):
-        step = int(folder.name.split("_")[1])
+        # checkpoint_<step> folders only (Ray keeps checkpoint_manager_snapshot.json beside them)
+        if not (folder.is_dir() and folder.name.split("_", 1)[1].isdigit()):
+            continue
+        step = int(folder.name.split("_", 1)[1])
         if step in stamp:
             points.append({"step": step, "wall_s": stamp[step] - t0, "cpu_s": cpu.at(stamp[step]), "path": str(folder)})
     return {"points": points, "steps": result.step, "wall_s": t_end - t0, "cpu_s": cpu.at(t_end)}
