@@ -239,9 +239,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             )
             train_val = trained.val_srocc
             summary["train"] = {"model": str(trained.model_dir), "step": trained.step,
+                                "best_step": trained.best_step, "stopped_early": trained.stopped_early,
                                 "val_srocc": train_val, "mlflow_run_id": trained.mlflow_run_id,
                                 "registered": trained.registered}
-            print(f"    meta-learner at step {trained.step}, validation SROCC {train_val}")
+            # The registered model is the best validation checkpoint, not the last step's.
+            ended = "stopped on its validation plateau" if trained.stopped_early else "ran all its meta-steps"
+            print(f"    meta-training {ended} at step {trained.step}; best validation checkpoint "
+                  f"(written, registered) at step {trained.best_step}, validation SROCC {train_val:.3f}")
             print(f"    {trained.promotion.message}")
             promotion, best_from = trained.promotion, "train"
 
@@ -308,7 +312,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 f"Data: `{data_url}`" + (f" (S3 endpoint `{endpoint}`)" if endpoint else ""),
                 f"Meta-learner: `{cfg.model.backbone}` backbone, {cfg.meta.flavour.replace('_', '-')} "
                 f"meta-gradients, {settings.workers} Ray Train workers, "
-                f"{summary['train']['step']} meta-steps.",
+                f"{summary['train']['step']} meta-steps"
+                + (" (stopped on its validation plateau)" if summary["train"]["stopped_early"] else "")
+                + f"; the best validation checkpoint, step {summary['train']['best_step']}, is the model.",
                 f"Champion: `{champion}` (version {version}, from the {best_from} run): "
                 f"{summary['registry']['message']}.",
             ]
