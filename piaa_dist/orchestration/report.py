@@ -103,8 +103,8 @@ def plot_training_curve(metrics_jsonl: str | Path, *, title: str = "held-out tra
         stopped = [r["step"] for r in ordered if r.get("stopped_early")]
         if stopped:
             ax2.axvline(stopped[-1], linestyle=":", color="grey")
-            ax2.text(stopped[-1], ax2.get_ylim()[0], f" plateau: stopped at {stopped[-1]}", fontsize=7,
-                     rotation=90, va="bottom", ha="right")
+            ax2.text(stopped[-1], ax2.get_ylim()[1], f"plateau: stopped at {stopped[-1]} ", fontsize=7,
+                     rotation=90, va="top", ha="right")
         ax2.legend(fontsize=7, loc="lower right")
     ax2.set_xlabel("meta-step")
     ax2.set_ylabel("validation SROCC")
