@@ -244,8 +244,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                                 "registered": trained.registered}
             # The registered model is the best validation checkpoint, not the last step's.
             ended = "stopped on its validation plateau" if trained.stopped_early else "ran all its meta-steps"
-            print(f"    meta-training {ended} at step {trained.step}; best validation checkpoint "
-                  f"(written, registered) at step {trained.best_step}, validation SROCC {train_val:.3f}")
+            if train_val is None:  # no validation configured: the last step is the model
+                print(f"    meta-learner at step {trained.step} (no validation users: the last step)")
+            else:
+                print(f"    meta-training {ended} at step {trained.step}; best validation checkpoint "
+                      f"(written, registered) at step {trained.best_step}, validation SROCC {train_val:.3f}")
             print(f"    {trained.promotion.message}")
             promotion, best_from = trained.promotion, "train"
 
