@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from piaa_dist.config import load_config
-from piaa_dist.orchestration.checkpoint_store import BEST, BEST_DIR, IN_PROCESS_DIR, RunStorage
+from piaa_dist.orchestration.checkpoint_store import (
+    BEST,
+    BEST_DIR,
+    IN_PROCESS_DIR,
+    RunStorage,
+)
 from piaa_dist.orchestration.in_process import run_in_process
 
 TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
