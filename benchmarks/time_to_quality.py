@@ -210,7 +210,7 @@ def _run_reference(config: str, data: str, out: str, seed: int, every: int, budg
     return {"points": points, "steps": trainer.step_count, "wall_s": t_end - t0, "cpu_s": cpu.at(t_end)}
 
 
-def _score(config: str, data: str, seed: int, every: int, paths: list[str]) -> dict:
+def _score(config: str, data: str, seed: int, every: int, paths: list[str], repeats: int | None = None) -> dict:
     """Validation SROCC of every checkpoint (off the clock), and the validation users' ceilings."""
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -224,6 +224,11 @@ def _score(config: str, data: str, seed: int, every: int, paths: list[str]) -> d
 
     torch.set_num_threads(2)
     cfg = _pd_config(config, seed, every, None)
+    if repeats:
+        # fewer random splits per user (--quick): the same for every method and checkpoint
+        from piaa_dist.config import with_overrides
+
+        cfg = with_overrides(cfg, {"eval.repeats": int(repeats)})
     dataset = Dataset.open(data)
     scores = {}
     for path in paths:
@@ -302,7 +307,8 @@ def run_seed(args, data: str, tmp: Path, seed: int) -> dict:
         print(f"  seed {seed}: in-process {runs['piaa-dist in-process']['steps']} steps in "
               f"{runs['piaa-dist in-process']['wall_s']:.0f} s", flush=True)
     paths = [p["path"] for r in runs.values() for p in r["points"]]
-    scored = in_child(_score, config=args.config, data=data, seed=seed, every=every, paths=paths)
+    scored = in_child(_score, config=args.config, data=data, seed=seed, every=every, paths=paths,
+                      repeats=5 if args.quick else None)
     curves = {}
     for name, r in runs.items():
         pts = [{**p, "val_srocc": scored["scores"][p["path"]]} for p in r["points"]]
@@ -338,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.steps = args.steps or (cfg.meta.meta_steps if not args.quick else min(cfg.meta.meta_steps, 600))
-    args.every = args.every or max(10, args.steps // (15 if args.quick else 30))
+    args.every = args.every or max(10, args.steps // (20 if args.quick else 30))
     args.ref_every = args.ref_every or (10 if args.quick else 20)
-    args.ref_budget = args.ref_budget or (150.0 if args.quick else 900.0)
+    args.ref_budget = args.ref_budget or (240.0 if args.quick else 900.0)
 
     from piaa_dist.data.ingest import ingest
     from piaa_dist.data.synth import TEST_WORKERS_FILE, WorldSpec, make_world

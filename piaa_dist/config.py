@@ -498,8 +498,10 @@ class MetaConfig(_Section):
     meta_steps: int = setting(300, at_least(1))  #: number of meta-updates
     lr_decay: float = setting(1.0, in_range(0.0, 1.0, lo_open=True))  #: multiplicative meta-lr decay per `decay_every` steps
     decay_every: int = setting(100, at_least(1))
-    lr_schedule: str = setting("step", one_of(*LR_SCHEDULES))  #: "step" (× lr_decay every decay_every steps) or "cosine" (meta_lr → lr_floor × meta_lr over meta_steps)
-    warmup_steps: int = setting(0, at_least(0))  #: linear meta-lr warm-up from meta_lr / warmup_steps over the first steps (0 = none)
+    #: "step" (× lr_decay every decay_every steps) or "cosine" (meta_lr → lr_floor × meta_lr over meta_steps)
+    lr_schedule: str = setting("step", one_of(*LR_SCHEDULES))
+    #: linear meta-lr warm-up from meta_lr / warmup_steps over the first steps (0 = none)
+    warmup_steps: int = setting(0, at_least(0))
     lr_floor: float = setting(0.0, in_range(0.0, 1.0))  #: cosine schedule: the final meta-lr as a fraction of meta_lr
     grad_clip: float = setting(10.0, at_least(0.0))  #: clip the meta-gradient norm (0 = off)
 
@@ -548,13 +550,18 @@ class RunConfig(_Section):
     tf32: bool = False  #: allow TF32 tensor cores for float32 convolutions/matmuls on CUDA (faster; off keeps float32 exact)
     allreduce_dtype: str = setting("float64", one_of(*ALLREDUCE_DTYPES))  #: per-step all-reduce: "float64" (exact sums) or "float32" (half the bytes)
     checkpoint_every: int = setting(50, at_least(0))  #: meta-steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = setting(2, at_least(0))  #: checkpoints kept in storage: the newest N (>= 2 keeps one behind a torn newest); 0 keeps all (a learning curve scored afterwards). The best validation checkpoint is kept apart, always
+    #: checkpoints kept in storage: the newest N (>= 2 keeps one behind a torn newest); 0 keeps all
+    #: (a learning curve scored afterwards). The best validation checkpoint is kept apart, always
+    keep_checkpoints: int = setting(2, at_least(0))
     storage_path: str = setting("", storage_url)  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
     max_failures: int = setting(2, at_least(-1))  #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)
     log_every: int = setting(10, at_least(0))  #: meta-steps between loss reports (0 = only at checkpoints/validation/end)
     validate_every: int = setting(100, at_least(0))  #: meta-steps between validation SROCC measurements (0 = off)
-    patience: int = setting(0, at_least(0))  #: early stopping: validations in a row without an improvement of more than run.min_delta before meta-training stops (0 = run all meta.meta_steps)
-    min_delta: float = setting(0.0, at_least(0.0))  #: early stopping: the rise of validation SROCC over the best so far that counts as an improvement
+    #: early stopping: validations in a row without an improvement of more than run.min_delta
+    #: before meta-training stops (0 = run all meta.meta_steps)
+    patience: int = setting(0, at_least(0))
+    #: early stopping: the rise of validation SROCC over the best so far that counts as an improvement
+    min_delta: float = setting(0.0, at_least(0.0))
     mlflow_uri: str = ""  #: empty = $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db in the cwd
     experiment: str = setting("piaa-dist", not_blank)
     register_name: str = setting("blg-piaa", model_name)  #: registered model name ("" = do not register)
@@ -577,7 +584,9 @@ class TuneConfig(_Section):
     reduction_factor: int = setting(2, at_least(2))  #: ASHA keeps 1/reduction_factor of the trials per rung
     trial_steps: int = setting(0, at_least(0))  #: meta-steps of each trial (0 = meta.meta_steps); the winner is refit to meta.meta_steps
     start_from_config: bool = setting(True)  #: the first trial runs the config's own values of the searched hyperparameters
-    trial_runner: str = setting("auto", one_of(*TRIAL_RUNNERS))  #: "in-trial" runs a 1-worker trial's loop inside the trial (no Train worker group to start), "ray-train" a TorchTrainer per trial; "auto": in-trial for 1-worker CPU trials
+    #: "in-trial" runs a 1-worker trial's loop inside the trial (no Train worker group to start),
+    #: "ray-train" a TorchTrainer per trial; "auto": in-trial for 1-worker CPU trials
+    trial_runner: str = setting("auto", one_of(*TRIAL_RUNNERS))
 
 
 # Cross-field rules: (keys the message names, check returning a problem or None). Cheap and

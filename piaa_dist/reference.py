@@ -83,7 +83,8 @@ class ReferenceTrainer:
         heads = head_names(model)  # type: ignore[arg-type]
         named = list(model.named_parameters())
         self.optimizer = torch.optim.Adam([
-            {"params": [p for n, p in named if n not in heads], "lr": settings.backbone_lr, "base_lr": settings.backbone_lr},
+            {"params": [p for n, p in named if n not in heads], "lr": settings.backbone_lr,
+             "base_lr": settings.backbone_lr},
             {"params": [p for n, p in named if n in heads], "lr": settings.head_lr, "base_lr": settings.head_lr},
         ])
 

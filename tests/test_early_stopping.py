@@ -196,7 +196,8 @@ def test_train_writes_and_registers_the_best_checkpoint_not_the_last(tiny_datase
     best_step, stop = _expected(series, 4)
     assert out.step == stop and out.stopped_early and out.best_step == best_step
     assert out.best_val_srocc == dict(series)[best_step] == out.val_srocc
-    assert "best validation SROCC" in out.summary_lines()[0] and f"early stopping at step {stop}" in out.summary_lines()[0]
+    first_line = out.summary_lines()[0]
+    assert "best validation SROCC" in first_line and f"early stopping at step {stop}" in first_line
     written, _, info = load_model(out.model_dir)
     assert info["step"] == best_step and info["last_step"] == stop and info["stopped_early"] is True
     # the registered version's weights are the best checkpoint's, not the last step's

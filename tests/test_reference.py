@@ -33,7 +33,10 @@ def _cfg(*over: str):
 
 def _task(seed: int) -> SimpleNamespace:
     g = torch.Generator().manual_seed(seed)
-    batch = lambda n: (torch.rand(n, 3, 32, 32, generator=g), torch.rand(n, generator=g))
+
+    def batch(n):
+        return torch.rand(n, 3, 32, 32, generator=g), torch.rand(n, generator=g)
+
     return SimpleNamespace(support=batch(4), query=batch(4))
 
 

@@ -503,7 +503,8 @@ def _trial_model(cfg: JobConfig, trial_id: str, runner: str, result: Any, storag
     if runner == IN_TRIAL:
         point = newest_loadable(run_storage, *under)
         if point.state is None:
-            raise RuntimeError(f"best trial {trial_id} left no checkpoint in {run_storage.url_of(run_storage.run_path())}")
+            where = run_storage.url_of(run_storage.run_path())
+            raise RuntimeError(f"best trial {trial_id} left no checkpoint in {where}")
         return model_from_state(cfg, point.state), str(point.url), point.step, last_step
     ckpt = _best_checkpoint(result)
     if ckpt is None:
