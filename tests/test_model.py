@@ -18,7 +18,6 @@ from piaa_dist.model import (
     select_device,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

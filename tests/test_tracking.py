@@ -122,7 +122,7 @@ def test_failed_block_marks_run_failed_and_reraises(store):
     with pytest.raises(ZeroDivisionError):
         with RunLogger("exp-a", uri=store) as run:
             run.log_metric("x", 1.0, step=0)
-            1 / 0
+            1 / 0  # noqa: B018 -- raises inside the block on purpose
     got = _client(store).get_run(run.run_id)
     assert got.info.status == "FAILED"
     assert "ZeroDivisionError" in got.data.tags["error"]

@@ -627,10 +627,10 @@ def require_store(uri: str = "") -> str:
 
 def _download(mlflow_client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
     """Download exactly the model files from an artifact URI into ``dst``."""
-    from piaa_dist import checkpoint
-
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
+
+    from piaa_dist import checkpoint
 
     for fname in checkpoint.MODEL_FILES:
         try:

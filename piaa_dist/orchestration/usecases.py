@@ -418,8 +418,15 @@ def _register(run: RunLogger, model_dir: Path, cfg: JobConfig, *, name: str, ali
     version is tagged as a challenger.
     """
     from piaa_dist.orchestration import tracking
-    from piaa_dist.orchestration.promotion import (ROLE_CHALLENGER, ROLE_CHAMPION, TAG_ROLE, TAG_ROLE_ALIAS,
-                                                   Promotion, decide, description)
+    from piaa_dist.orchestration.promotion import (
+        ROLE_CHALLENGER,
+        ROLE_CHAMPION,
+        TAG_ROLE,
+        TAG_ROLE_ALIAS,
+        Promotion,
+        decide,
+        description,
+    )
 
     if not name:
         return _Registered()
