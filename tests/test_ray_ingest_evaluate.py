@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,28 @@ def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
         assert Dataset.open(url(f"ray{workers}"), endpoint).num_users() == 10
 
 
+def test_cli_ingest_workers_are_ray_workers_and_zero_is_in_process(ray_session, tiny_world, tmp_path, capsys,
+                                                                    caplog):
+    """``piaa-dist ingest --workers N`` means N Ray workers, as for train and evaluate (it used
+    to count threads); ``--workers 0`` ingests in this process; the bytes are the same."""
+    from piaa_dist.cli import main as cli_main
+
+    def run(name: str, *extra: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="piaa_dist"):
+            assert cli_main(["ingest", "--format", "flickr-aes", "--root", str(tiny_world), "--out",
+                             str(tmp_path / name), "--shard-size", str(SHARD), *extra]) == 0
+        assert "published version" in capsys.readouterr().out
+        return [r.getMessage() for r in caplog.records]
+
+    on_ray = run("ray", "--workers", "2", "--threads", "1")
+    assert any(re.search(r"in \d+ partitions on 2 Ray workers", m) for m in on_ray), on_ray
+    local = run("local", "--workers", "0")
+    assert not any("Ray worker" in m for m in local), local
+    expected = _version_files(str(tmp_path / "local"), None)
+    assert _version_files(str(tmp_path / "ray"), None) == expected
+
+
 def test_bad_input_in_a_ray_task_is_the_workers_one_line_error_and_nothing_is_published(
         ray_session, tiny_world, tmp_path):
     from piaa_dist.orchestration.ray_ingest import ingest_distributed
@@ -134,15 +157,18 @@ def test_per_user_outcomes_merge_to_the_same_result_in_any_order(eval_setup):
     assert merged.ceilings is not None and merged.ceilings == expected.ceilings
 
 
-def test_evaluate_on_ray_gives_the_in_process_numbers(ray_session, eval_setup):
+def test_evaluate_on_ray_gives_the_in_process_numbers(ray_session, eval_setup, capsys):
     from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
 
     cfg, models, dataset, expected = eval_setup
     stats: list[dict] = []
     # One user per chunk: chunks finish out of order and the two workers share them.
     got = evaluate_distributed(cfg, dataset, models, workers=2, users=dataset.users("all"), chunk_users=1,
-                               stats=stats)
+                               stats=stats, progress=True)
     assert _numbers(got) == _numbers(expected)
+    # A progress bar over the test users, advanced as the workers' chunks come back.
+    bar = capsys.readouterr().err
+    assert "evaluate (2 Ray workers)" in bar and "10/10" in bar, bar
     assert len(stats) == 2 and sum(s["users"] for s in stats) == 10 and all(s["users"] for s in stats)
     assert len({s["pid"] for s in stats}) == 2 and os.getpid() not in {s["pid"] for s in stats}
     # workers = 0: in this process, no Ray worker.

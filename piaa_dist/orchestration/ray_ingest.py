@@ -57,8 +57,10 @@ from piaa_dist.orchestration.ray_workers import ray_workers, user_error_of
 
 log = logging.getLogger(__name__)
 
-#: Default threads per worker for image work and uploads (overlaps I/O with decoding).
+#: Default threads per Ray worker for image work and uploads (overlaps I/O with decoding).
 DEFAULT_THREADS = 2
+#: Default threads when ingesting in this process (the machine's CPUs, at most 8).
+DEFAULT_LOCAL_THREADS = min(8, os.cpu_count() or 1)
 #: Default largest partition, in shards: a task's memory (its spec, tens of bytes per sample,
 #: and its manifest rows) follows its partition's size, so partitions are capped rather than
 #: a fixed number, and a worker's memory does not grow with the dataset.
@@ -110,7 +112,7 @@ def ingest_distributed(
     workers: int,
     ray_address: str | None = None,
     partitions: int | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     test_workers: str | Path | None = None,
     test_users: str | Path | None = None,
     test_fraction: float | None = None,
@@ -136,7 +138,8 @@ def ingest_distributed(
         ray_address: Ray cluster to connect to (default ``$RAY_ADDRESS``, else a local Ray).
         partitions: partitions of whole shards (default: at least ``2 * workers``, and at
             most :data:`PARTITION_SHARDS` shards each); the output bytes do not depend on it.
-        threads: threads per worker for image work and uploads.
+        threads: threads per worker for image work and uploads (default
+            :data:`DEFAULT_THREADS` per Ray worker, :data:`DEFAULT_LOCAL_THREADS` in process).
         test_workers ... image_cache_mb: as :func:`piaa_dist.data.ingest.ingest`.
         progress: a tqdm bar over samples (advanced as partitions finish).
 
@@ -156,6 +159,8 @@ def ingest_distributed(
         "split_seed": split_seed, "fold": fold, "ratings_file": ratings_file, "images_dir": images_dir,
         "score_range": score_range, "endpoint_url": endpoint_url,
     }
+    if threads is None:
+        threads = DEFAULT_THREADS if workers > 0 else DEFAULT_LOCAL_THREADS
     settings = IngestSettings(max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels,
                               image_cache_mb=image_cache_mb, workers=threads, strict=strict)
     if workers <= 0:
@@ -222,4 +227,4 @@ def ingest_distributed(
     return report
 
 
-__all__ = ["DEFAULT_THREADS", "PARTITION_SHARDS", "ingest_distributed", "run_partition"]
+__all__ = ["DEFAULT_LOCAL_THREADS", "DEFAULT_THREADS", "PARTITION_SHARDS", "ingest_distributed", "run_partition"]
