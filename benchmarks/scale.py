@@ -177,6 +177,16 @@ def _warm_ray_workers(n: int) -> None:
         print(f"  (only {len(pids)} of {n} Ray workers warmed up)", flush=True)
 
 
+def _cpu_ticks() -> tuple[float, float]:
+    """The machine's (busy, total) CPU-seconds since boot, all CPUs, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (total - idle) / hz, total / hz
+
+
 def _same_output(a: str, b: str) -> bool:
     """Whether two ingests wrote byte-identical shards and manifests (reports differ)."""
     from piaa_dist.data.layout import resolve
@@ -220,19 +230,27 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None,
         for workers in (1, 2):
             out = str(tmp / f"data-{users}-w{workers}-{rep_i}")
             load0 = os.getloadavg()[0]
+            busy0, total0 = _cpu_ticks()
             t0 = time.perf_counter()
             rep = ingest_distributed("ratings", None, out, workers=workers, partitions=partitions,
                                      threads=threads, ratings_file=world / summary.ratings_file,
                                      images_dir=world / "images", score_range=spec.scale, shard_size=shard_size)
             total_s = time.perf_counter() - t0
+            busy1, total1 = _cpu_ticks()
             ex = rep["execution"]
             cpu = sum(t["cpu_s"] for t in ex["tasks"])
+            # What the run got of the machine: the workers' CPU over the write phase's wall
+            # ("cores": at most the worker count), and how busy the whole machine was meanwhile
+            # (the rest is the driver, Ray's own processes and everyone else's load).
+            machine_busy_s = busy1 - busy0
             n = rep["ratings"]["ingested"]
             run = {
                 "seconds": total_s, "write_s": ex["write_seconds"], "ratings_per_s": n / total_s,
                 "write_ratings_per_s": n / ex["write_seconds"], "cpu_s": cpu, "ratings_per_cpu_s": n / cpu,
                 "partitions": ex["partitions"], "worker_peak_rss_mb": ex["worker_peak_rss_mb"],
                 "load_before": load0, "load_after": os.getloadavg()[0],
+                "cores": cpu / ex["write_seconds"], "machine_busy": machine_busy_s / max(1e-9, total1 - total0),
+                "others_cpu_s": machine_busy_s - cpu, "task_wall_s": sum(t["seconds"] for t in ex["tasks"]),
             }
             key = f"ingest{workers}"
             row.setdefault(f"{key}_runs", []).append(run)
@@ -242,7 +260,8 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None,
                 shutil.rmtree(outs[workers], ignore_errors=True)
             outs[workers] = out
             print(f"  ingest, {workers} Ray worker(s): {n:,} ratings in {total_s:.1f}s ({n / total_s:,.0f}/s; "
-                  f"{n / cpu:,.0f} per worker CPU-second; load {load0:.1f})", flush=True)
+                  f"{n / cpu:,.0f} per worker CPU-second; workers got {run['cores']:.2f} cores; machine "
+                  f"{100 * run['machine_busy']:.0f}% busy; load {load0:.1f})", flush=True)
     row.update(
         ratings=rep["ratings"]["ingested"], skipped=sum(rep["ratings"]["skipped"].values()),
         objects=rep["objects"], shards=rep["shards"], bytes=rep["bytes"],
@@ -373,6 +392,24 @@ def report(data: dict, plot: Path | None) -> None:
             ("step_s", "s/meta-step", ".3f"), ("_wait", "data wait %", ".1f"),
             ("train_peak_rss_mb", "train RSS MB", ".0f"), ("eval_users", "eval users", ",d"),
             ("_eval_ms", "eval ms/user", ".0f")]))
+        nan = float("nan")
+        for r in full:
+            a, b = r["ingest1"], r["ingest2"]
+            r["_serial1"] = a["seconds"] - a["write_s"]
+            r["_cores1"] = a.get("cores", a["cpu_s"] / a["write_s"])
+            r["_cores2"] = b.get("cores", b["cpu_s"] / b["write_s"])
+            r["_cores_ratio"] = r["_cores2"] / r["_cores1"]
+            r["_eff"] = b["ratings_per_cpu_s"] / a["ratings_per_cpu_s"]
+            r["_busy1"], r["_busy2"] = 100 * a.get("machine_busy", nan), 100 * b.get("machine_busy", nan)
+            r["_amdahl"] = a["seconds"] / (r["_serial1"] + a["write_s"] / 2)
+        print("ingest speed-up, taken apart: write-phase 2w/1w = (cores the workers got, 2w/1w) x (ratings per "
+              "worker CPU-second, 2w/1w); the driver's plan + publish is serial (Amdahl = the bound it alone sets)")
+        print(table(full, [
+            ("users", "users", ",d"), ("speedup_total", "2w/1w", ".2f"), ("_load", "load avg", ".1f"),
+            ("_cores1", "cores 1w", ".2f"), ("_cores2", "cores 2w", ".2f"), ("_cores_ratio", "cores 2w/1w", ".2f"),
+            ("_eff", "per CPU-s 2w/1w", ".2f"), ("_busy1", "machine busy % 1w", ".0f"),
+            ("_busy2", "machine busy % 2w", ".0f"), ("_serial1", "plan+publish s", ".2f"),
+            ("_amdahl", "Amdahl bound", ".2f")]))
         print("cost per rating (µs): ingest = wall of the 1-worker ingest (plan + write + publish); "
               "CPU = the workers' CPU time; path = ingest + open")
         print(table(full, [("users", "users", ",d"), ("_ingest1_us", "ingest 1w", ".1f"),
