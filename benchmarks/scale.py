@@ -402,13 +402,17 @@ def report(data: dict, plot: Path | None) -> None:
             r["_eff"] = b["ratings_per_cpu_s"] / a["ratings_per_cpu_s"]
             r["_busy1"], r["_busy2"] = 100 * a.get("machine_busy", nan), 100 * b.get("machine_busy", nan)
             r["_amdahl"] = a["seconds"] / (r["_serial1"] + a["write_s"] / 2)
+            # Workers idle between their tasks (waiting for the driver's next partition).
+            r["_idle1"] = 100 * (1 - a["task_wall_s"] / a["write_s"]) if "task_wall_s" in a else nan
+            r["_idle2"] = 100 * (1 - b["task_wall_s"] / (2 * b["write_s"])) if "task_wall_s" in b else nan
         print("ingest speed-up, taken apart: write-phase 2w/1w = (cores the workers got, 2w/1w) x (ratings per "
               "worker CPU-second, 2w/1w); the driver's plan + publish is serial (Amdahl = the bound it alone sets)")
         print(table(full, [
             ("users", "users", ",d"), ("speedup_total", "2w/1w", ".2f"), ("_load", "load avg", ".1f"),
             ("_cores1", "cores 1w", ".2f"), ("_cores2", "cores 2w", ".2f"), ("_cores_ratio", "cores 2w/1w", ".2f"),
             ("_eff", "per CPU-s 2w/1w", ".2f"), ("_busy1", "machine busy % 1w", ".0f"),
-            ("_busy2", "machine busy % 2w", ".0f"), ("_serial1", "plan+publish s", ".2f"),
+            ("_busy2", "machine busy % 2w", ".0f"), ("_idle1", "idle % 1w", ".1f"), ("_idle2", "idle % 2w", ".1f"),
+            ("_serial1", "plan+publish s", ".2f"),
             ("_amdahl", "Amdahl bound", ".2f")]))
         print("cost per rating (µs): ingest = wall of the 1-worker ingest (plan + write + publish); "
               "CPU = the workers' CPU time; path = ingest + open")
