@@ -50,6 +50,17 @@ def _version_files(url: str, endpoint: str | None) -> dict[str, bytes]:
     return {rel: vstore.read_bytes(rel) for rel in sorted(vstore.list("")) if rel != "ingest_report.json"}
 
 
+def _most_at_once(tasks: list[dict]) -> int:
+    """Most tasks running at the same moment, from each task's start time and wall seconds."""
+    edges = sorted([(t["started"], 1) for t in tasks] + [(t["started"] + t["seconds"], -1) for t in tasks],
+                   key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
 @pytest.mark.parametrize("target", ["folder", "s3"])
 def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
         ray_session, tiny_world, tmp_path, target, request):
@@ -78,6 +89,8 @@ def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
             assert got[rel] == expected[rel], f"{rel} differs with {workers} Ray worker(s)"
         ex = rep["execution"]
         assert ex["workers"] == workers and ex["partitions"] >= 2  # the work really was cut up
+        # The session has 2 CPUs: 1 worker must still mean one task at a time.
+        assert _most_at_once(ex["tasks"]) <= workers
         assert sum(t["samples"] for t in ex["tasks"]) == rep["samples"] == rep["ratings"]["ingested"]
         # And the result reads back as a dataset.
         assert Dataset.open(url(f"ray{workers}"), endpoint).num_users() == 10
