@@ -97,3 +97,26 @@ def test_a_corrupted_byte_range_in_a_folder_names_the_shard_and_the_user(tiny_wo
         ds.load_user(victim)
     for u in neighbours:  # the same shard's other users still read
         assert len(ds.load_user(u).images) == ds.n_ratings(u)
+
+
+def test_a_ratings_log_takes_its_test_users_from_a_file_and_counts_unknown_ones(tmp_path):
+    """``--format ratings --test-users FILE``: the listed users are the test split, whatever
+    their place in the log; a listed user the log does not have is a counted skip."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 16), (60 * i, 30, 30)).save(images / f"i{i}.jpg", "JPEG")
+    rows = [("zed", "i0.jpg", 4), ("amy", "i1.jpg", 2), ("bob", "i2.jpg", 5), ("amy", "i3.jpg", 1),
+            ("zed", "i2.jpg", 3)]
+    with open(tmp_path / "log.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("user", "image", "score"), *rows])
+    (tmp_path / "test.txt").write_text("zed\nnobody\n")
+    report = ingest("ratings", None, str(tmp_path / "out"), ratings_file=tmp_path / "log.csv", images_dir=images,
+                    test_users=tmp_path / "test.txt")
+    ds = Dataset.open(str(tmp_path / "out"))
+    assert ds.users("test") == ["zed"] and ds.users("train") == ["amy", "bob"]
+    t = report["test_workers"]
+    assert t["read"] == 2 and t["ingested"] == 1 and t["skipped"]["unknown_test_worker"] == 1
+    assert report["ratings"]["ingested"] == len(rows)
