@@ -21,7 +21,10 @@ image pool of N/5, at least 2,000 and at most 20,000 images), in this order:
    Reports ratings/s, the speed-up of 2 workers over 1 with the load average beside it
    (the machine is shared; ``--ingest-repeats R`` alternates R runs of each and keeps the
    fastest), ratings per CPU-second of the workers (what a busy machine distorts least), objects and bytes written, the image amplification and the workers' peak
-   RSS; and checks that both runs wrote byte-identical shards and manifests.
+   RSS; and checks that both runs wrote byte-identical shards and manifests. A third table
+   takes the speed-up apart: the cores the workers got (their CPU time over the write
+   phase's wall), how busy the whole machine was (``/proc/stat``), the workers' idle share
+   between tasks, and the driver's serial plan + publish with the bound it alone sets.
 2. *open*: ``Dataset.open`` in a fresh process: seconds, RSS added, manifest bytes.
 3. *meta-steps*: ``meta_train`` with the CPU config (``jobs/configs/cpu.yaml``: 32 px convnet,
    4 tasks of 10 + 30 images, head-only second-order inner loop) for ``--steps`` steps in a
