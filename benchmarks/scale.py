@@ -20,9 +20,10 @@ image pool of N/5, at least 2,000 and at most 20,000 images), in this order:
    most 4 shards for both, so both do the same work; one local Ray of 2 CPUs, its workers warmed up first).
    Reports ratings/s, the speed-up of 2 workers over 1 with the load average beside it
    (the machine is shared; ``--ingest-repeats R`` alternates R runs of each and keeps the
-   fastest), ratings per CPU-second of the workers (what a busy machine distorts least), objects and bytes written, the image amplification and the workers' peak
-   RSS; and checks that both runs wrote byte-identical shards and manifests. A third table
-   takes the speed-up apart: the cores the workers got (their CPU time over the write
+   fastest), ratings per CPU-second of the workers (what a busy machine distorts least),
+   objects and bytes written, the image amplification and the workers' peak RSS; and checks
+   that both runs wrote byte-identical shards and manifests. A third table takes the speed-up
+   apart: the cores the workers got (their CPU time over the write
    phase's wall), how busy the whole machine was (``/proc/stat``), the workers' idle share
    between tasks, and the driver's serial plan + publish with the bound it alone sets.
 2. *open*: ``Dataset.open`` in a fresh process: seconds, RSS added, manifest bytes.
@@ -147,7 +148,8 @@ def measure_meta_steps(url: str, steps: int) -> dict:
         {"step_s": m["step_s"], "data_s": m["data_s"], "cpu_s": m["cpu_s"]}))
     steady = rows[3:] if len(rows) > 5 else rows
     step_s = statistics.median(r["step_s"] for r in steady)
-    return {"steps": len(rows), "trainable_users": len(ds.user_indices("train")), "step_s": step_s, "step_s_mean": statistics.fmean(r["step_s"] for r in steady),
+    return {"steps": len(rows), "trainable_users": len(ds.user_indices("train")), "step_s": step_s,
+            "step_s_mean": statistics.fmean(r["step_s"] for r in steady),
             "step_cpu_s": statistics.median(r["cpu_s"] for r in steady),
             "data_wait_share": sum(r["data_s"] for r in steady) / max(1e-9, sum(r["step_s"] for r in steady))}
 
@@ -477,7 +479,8 @@ def _plot(full: list[dict], meta: list[dict], path: Path) -> None:
         ax.loglog(u, [r["_cpu_us"] for r in full], "^--", label="ingest, worker CPU time")
         ax.loglog(u, [r["_open_us"] for r in full], "d-", label="open dataset (full path)")
     if meta:
-        ax.loglog([r["users"] for r in meta], [r["_open_us"] for r in meta], "x:", label="open manifest (metadata path)")
+        ax.loglog([r["users"] for r in meta], [r["_open_us"] for r in meta], "x:",
+                  label="open manifest (metadata path)")
     ax.set_xlabel("users")
     ax.set_ylabel("µs per rating")
     ax.set_title("Cost per rating against users (flat = linear scaling)")
