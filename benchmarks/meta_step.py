@@ -236,7 +236,7 @@ def _versus(args: argparse.Namespace) -> dict:
             if inner == "all" and sp.head_features and not chain[-2][1].head_features:
                 name = "+ head features (n/a: all adapt)"
 
-            def ours(sp=sp):
+            def ours(sp=sp, kw=kw):
                 mg = meta_gradient(model, params, buffers, tasks, flavour="second_order",
                                    speedups=sp, **kw)
                 return [mg.grads[n] for n in params]

@@ -121,7 +121,7 @@ def measure_versions(code: Path, work: Path, data: str, env: dict, name: str = "
         model, model_cfg, info = load_model(folder)
         # one protocol for every version: cpu.yaml's eval budget and seed, each model's own
         # architecture and adaptation parameters
-        from piaa_dist.config import config_to_dict, config_from_dict
+        from piaa_dist.config import config_from_dict, config_to_dict
 
         d = config_to_dict(model_cfg)
         d["eval"] = config_to_dict(protocol)["eval"]

@@ -20,8 +20,12 @@ image pool of N/5, at least 2,000 and at most 20,000 images), in this order:
    most 4 shards for both, so both do the same work; one local Ray of 2 CPUs, its workers warmed up first).
    Reports ratings/s, the speed-up of 2 workers over 1 with the load average beside it
    (the machine is shared; ``--ingest-repeats R`` alternates R runs of each and keeps the
-   fastest), ratings per CPU-second of the workers (what a busy machine distorts least), objects and bytes written, the image amplification and the workers' peak
-   RSS; and checks that both runs wrote byte-identical shards and manifests.
+   fastest), ratings per CPU-second of the workers (what a busy machine distorts least),
+   objects and bytes written, the image amplification and the workers' peak RSS; and checks
+   that both runs wrote byte-identical shards and manifests. A third table takes the speed-up
+   apart: the cores the workers got (their CPU time over the write
+   phase's wall), how busy the whole machine was (``/proc/stat``), the workers' idle share
+   between tasks, and the driver's serial plan + publish with the bound it alone sets.
 2. *open*: ``Dataset.open`` in a fresh process: seconds, RSS added, manifest bytes.
 3. *meta-steps*: ``meta_train`` with the CPU config (``jobs/configs/cpu.yaml``: 32 px convnet,
    4 tasks of 10 + 30 images, head-only second-order inner loop) for ``--steps`` steps in a
@@ -144,7 +148,8 @@ def measure_meta_steps(url: str, steps: int) -> dict:
         {"step_s": m["step_s"], "data_s": m["data_s"], "cpu_s": m["cpu_s"]}))
     steady = rows[3:] if len(rows) > 5 else rows
     step_s = statistics.median(r["step_s"] for r in steady)
-    return {"steps": len(rows), "trainable_users": len(ds.user_indices("train")), "step_s": step_s, "step_s_mean": statistics.fmean(r["step_s"] for r in steady),
+    return {"steps": len(rows), "trainable_users": len(ds.user_indices("train")), "step_s": step_s,
+            "step_s_mean": statistics.fmean(r["step_s"] for r in steady),
             "step_cpu_s": statistics.median(r["cpu_s"] for r in steady),
             "data_wait_share": sum(r["data_s"] for r in steady) / max(1e-9, sum(r["step_s"] for r in steady))}
 
@@ -175,6 +180,16 @@ def _warm_ray_workers(n: int) -> None:
     pids = set(ray.get([warm.remote() for _ in range(n)]))
     if len(pids) < n:
         print(f"  (only {len(pids)} of {n} Ray workers warmed up)", flush=True)
+
+
+def _cpu_ticks() -> tuple[float, float]:
+    """The machine's (busy, total) CPU-seconds since boot, all CPUs, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (total - idle) / hz, total / hz
 
 
 def _same_output(a: str, b: str) -> bool:
@@ -220,19 +235,27 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None,
         for workers in (1, 2):
             out = str(tmp / f"data-{users}-w{workers}-{rep_i}")
             load0 = os.getloadavg()[0]
+            busy0, total0 = _cpu_ticks()
             t0 = time.perf_counter()
             rep = ingest_distributed("ratings", None, out, workers=workers, partitions=partitions,
                                      threads=threads, ratings_file=world / summary.ratings_file,
                                      images_dir=world / "images", score_range=spec.scale, shard_size=shard_size)
             total_s = time.perf_counter() - t0
+            busy1, total1 = _cpu_ticks()
             ex = rep["execution"]
             cpu = sum(t["cpu_s"] for t in ex["tasks"])
+            # What the run got of the machine: the workers' CPU over the write phase's wall
+            # ("cores": at most the worker count), and how busy the whole machine was meanwhile
+            # (the rest is the driver, Ray's own processes and everyone else's load).
+            machine_busy_s = busy1 - busy0
             n = rep["ratings"]["ingested"]
             run = {
                 "seconds": total_s, "write_s": ex["write_seconds"], "ratings_per_s": n / total_s,
                 "write_ratings_per_s": n / ex["write_seconds"], "cpu_s": cpu, "ratings_per_cpu_s": n / cpu,
                 "partitions": ex["partitions"], "worker_peak_rss_mb": ex["worker_peak_rss_mb"],
                 "load_before": load0, "load_after": os.getloadavg()[0],
+                "cores": cpu / ex["write_seconds"], "machine_busy": machine_busy_s / max(1e-9, total1 - total0),
+                "others_cpu_s": machine_busy_s - cpu, "task_wall_s": sum(t["seconds"] for t in ex["tasks"]),
             }
             key = f"ingest{workers}"
             row.setdefault(f"{key}_runs", []).append(run)
@@ -242,7 +265,8 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None,
                 shutil.rmtree(outs[workers], ignore_errors=True)
             outs[workers] = out
             print(f"  ingest, {workers} Ray worker(s): {n:,} ratings in {total_s:.1f}s ({n / total_s:,.0f}/s; "
-                  f"{n / cpu:,.0f} per worker CPU-second; load {load0:.1f})", flush=True)
+                  f"{n / cpu:,.0f} per worker CPU-second; workers got {run['cores']:.2f} cores; machine "
+                  f"{100 * run['machine_busy']:.0f}% busy; load {load0:.1f})", flush=True)
     row.update(
         ratings=rep["ratings"]["ingested"], skipped=sum(rep["ratings"]["skipped"].values()),
         objects=rep["objects"], shards=rep["shards"], bytes=rep["bytes"],
@@ -373,6 +397,28 @@ def report(data: dict, plot: Path | None) -> None:
             ("step_s", "s/meta-step", ".3f"), ("_wait", "data wait %", ".1f"),
             ("train_peak_rss_mb", "train RSS MB", ".0f"), ("eval_users", "eval users", ",d"),
             ("_eval_ms", "eval ms/user", ".0f")]))
+        nan = float("nan")
+        for r in full:
+            a, b = r["ingest1"], r["ingest2"]
+            r["_serial1"] = a["seconds"] - a["write_s"]
+            r["_cores1"] = a.get("cores", a["cpu_s"] / a["write_s"])
+            r["_cores2"] = b.get("cores", b["cpu_s"] / b["write_s"])
+            r["_cores_ratio"] = r["_cores2"] / r["_cores1"]
+            r["_eff"] = b["ratings_per_cpu_s"] / a["ratings_per_cpu_s"]
+            r["_busy1"], r["_busy2"] = 100 * a.get("machine_busy", nan), 100 * b.get("machine_busy", nan)
+            r["_amdahl"] = a["seconds"] / (r["_serial1"] + a["write_s"] / 2)
+            # Workers idle between their tasks (waiting for the driver's next partition).
+            r["_idle1"] = 100 * (1 - a["task_wall_s"] / a["write_s"]) if "task_wall_s" in a else nan
+            r["_idle2"] = 100 * (1 - b["task_wall_s"] / (2 * b["write_s"])) if "task_wall_s" in b else nan
+        print("ingest speed-up, taken apart: write-phase 2w/1w = (cores the workers got, 2w/1w) x (ratings per "
+              "worker CPU-second, 2w/1w); the driver's plan + publish is serial (Amdahl = the bound it alone sets)")
+        print(table(full, [
+            ("users", "users", ",d"), ("speedup_total", "2w/1w", ".2f"), ("_load", "load avg", ".1f"),
+            ("_cores1", "cores 1w", ".2f"), ("_cores2", "cores 2w", ".2f"), ("_cores_ratio", "cores 2w/1w", ".2f"),
+            ("_eff", "per CPU-s 2w/1w", ".2f"), ("_busy1", "machine busy % 1w", ".0f"),
+            ("_busy2", "machine busy % 2w", ".0f"), ("_idle1", "idle % 1w", ".1f"), ("_idle2", "idle % 2w", ".1f"),
+            ("_serial1", "plan+publish s", ".2f"),
+            ("_amdahl", "Amdahl bound", ".2f")]))
         print("cost per rating (µs): ingest = wall of the 1-worker ingest (plan + write + publish); "
               "CPU = the workers' CPU time; path = ingest + open")
         print(table(full, [("users", "users", ",d"), ("_ingest1_us", "ingest 1w", ".1f"),
@@ -433,7 +479,8 @@ def _plot(full: list[dict], meta: list[dict], path: Path) -> None:
         ax.loglog(u, [r["_cpu_us"] for r in full], "^--", label="ingest, worker CPU time")
         ax.loglog(u, [r["_open_us"] for r in full], "d-", label="open dataset (full path)")
     if meta:
-        ax.loglog([r["users"] for r in meta], [r["_open_us"] for r in meta], "x:", label="open manifest (metadata path)")
+        ax.loglog([r["users"] for r in meta], [r["_open_us"] for r in meta], "x:",
+                  label="open manifest (metadata path)")
     ax.set_xlabel("users")
     ax.set_ylabel("µs per rating")
     ax.set_title("Cost per rating against users (flat = linear scaling)")

@@ -14,7 +14,8 @@ test users, a long tail of 30-300 ratings per user (median 60, so every user mak
 5,000 images of 32 px. It is generated and ingested once (2 Ray workers) into ``--work``
 and reused by later invocations.
 
-Each point (``--seeds``: one run per training seed, averaged) meta-trains the CPU config (``jobs/configs/cpu.yaml``: 32 px convnet, meta-batch 4,
+Each point (``--seeds``: one run per training seed, averaged) meta-trains the CPU config
+(``jobs/configs/cpu.yaml``: 32 px convnet, meta-batch 4,
 head-only second-order inner loop; ``data.validation_users`` 0, no validation) on the first N
 training users of one seeded shuffle (so the 50 are among the 500, and those among the 5,000),
 then evaluates the meta-learner on every test user with the CPU config's protocol
@@ -121,7 +122,8 @@ def point(url: str, n: int, steps: int, repeats: int, seed: int = 0) -> dict:
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = evaluate_distributed(cfg, ds, {"blg-piaa": model, "meta-no-adapt": model}, workers=2, seed=0)
-    row = {"train_users": n, "seed": seed, "steps": steps if n else 0, "train_s": train_s, "eval_s": time.perf_counter() - t0,
+    row = {"train_users": n, "seed": seed, "steps": steps if n else 0, "train_s": train_s,
+           "eval_s": time.perf_counter() - t0,
            "test_users": len(res.users), "repeats": repeats,
            "oracle": res.ceilings.oracle if res.ceilings else None,
            "average_user": res.ceilings.average_user if res.ceilings else None}

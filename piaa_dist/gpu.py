@@ -168,7 +168,8 @@ class CudaReport:
         if self.driver_too_old:
             cause = "; the driver is too old: use a machine image or node with a newer driver"
         elif self.driver and self.torch_cuda:
-            cause = "; the driver is new enough, so check that the container runs with the GPU exposed (--gpus all / nvidia.com/gpu)"
+            cause = ("; the driver is new enough, so check that the container runs with the GPU exposed"
+                     " (--gpus all / nvidia.com/gpu)")
         visible = "unset" if self.visible_devices is None else repr(self.visible_devices)
         return f"on {self.hostname}: {found}; {need}{cause} (CUDA_VISIBLE_DEVICES={visible})"
 

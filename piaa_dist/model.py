@@ -29,7 +29,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -228,14 +228,24 @@ def build_model(cfg: ModelConfig) -> AestheticModel:
         raise ValueError("model.feature_dim and model.head_hidden must be positive")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.backbone == "convnet":
-        if cfg.pretrained not in ("auto", "none"):  # "required" too: a convnet has none
-            raise ValueError("model.pretrained: the convnet backbone has no pretrained weights")
-        backbone: nn.Module = ConvNet(cfg.width, cfg.feature_dim, cfg.conv_blocks)
-    else:
-        backbone = _build_resnet18(cfg)
+    backbone = BACKBONE_BUILDERS[cfg.backbone](cfg)
     head = AestheticHead(cfg.feature_dim, tuple(cfg.head_hidden), cfg.dropout)
     return AestheticModel(backbone, head)
+
+
+def _build_convnet(cfg: ModelConfig) -> nn.Module:
+    if cfg.pretrained not in ("auto", "none"):  # "required" too: a convnet has none
+        raise ValueError("model.pretrained: the convnet backbone has no pretrained weights")
+    return ConvNet(cfg.width, cfg.feature_dim, cfg.conv_blocks)
+
+
+#: The backbone registry: name -> builder of an ``nn.Module`` mapping images to
+#: ``cfg.feature_dim`` features. Its keys are ``config.BACKBONES`` (checked by
+#: tests/test_configs.py); tests/test_model.py parametrizes over it.
+BACKBONE_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "convnet": _build_convnet,
+    "resnet18": _build_resnet18,
+}
 
 
 def head_names(model: AestheticModel) -> set[str]:

@@ -763,7 +763,7 @@ class S3Store(Store):
         keys = [self._key(r) for r in rels]
         for i in range(0, len(keys), 1000):  # S3's limit per DeleteObjects request
             batch = [{"Key": k} for k in keys[i : i + 1000]]
-            resp = self._call("delete", self.url, lambda: self.client.delete_objects(
+            resp = self._call("delete", self.url, lambda batch=batch: self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
             errors = resp.get("Errors") or []
             if errors:

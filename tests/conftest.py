@@ -225,3 +225,22 @@ def faulty_proxy(s3_endpoint: str) -> Iterator[FaultyProxy]:
     p = FaultyProxy(s3_endpoint)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray of 2 CPUs for one test module, with Ray Train V2 and quiet workers (the
+    Ray Train tests' shared session; modules that need Ray started otherwise define their own)."""
+    import logging
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    ray.init(
+        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -10,8 +10,6 @@ hanging, restart from the step-2 checkpoint, redo steps 3-4 and end where an uni
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -26,21 +24,6 @@ TINY = "jobs/configs/tiny.yaml"
 @pytest.fixture(scope="module")
 def cfg():
     return with_overrides(load_config(TINY), {"meta.meta_steps": 4, "run.checkpoint_every": 2})
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray
-
-    ray.init(
-        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"},
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

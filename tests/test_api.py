@@ -225,7 +225,8 @@ def test_train_alias_flag_registers_and_moves_the_alias(tiny_dataset_url, tmp_pa
     # the validation users, and without --force-alias a tie keeps the champion, see test_registry)
     assert versions == [1, 2]
     folder = resolve_model("models:/blg-piaa-alias@champion", uri=uri, dst=tmp_path / "dl")
-    assert (folder / "model.safetensors").read_bytes() == (tmp_path / "run1" / "model" / "model.safetensors").read_bytes()
+    trained = tmp_path / "run1" / "model" / "model.safetensors"
+    assert (folder / "model.safetensors").read_bytes() == trained.read_bytes()
 
 
 def test_an_alias_that_cannot_move_is_an_error_not_ignored(tiny_dataset_url, tmp_path, caplog):

@@ -233,7 +233,7 @@ def test_enum_names_match_the_registries_they_stand_for():
     assert tuple(config_mod.FLAVOURS) == tuple(meta.FLAVOURS) == tuple(train.FLAVOURS)
     assert tuple(config_mod.OPTIMIZERS) == tuple(meta.OPTIMIZERS)
     assert tuple(config_mod.BN_MODES) == tuple(protocol.BN_MODES)
-    assert tuple(config_mod.BACKBONES) == tuple(model.BACKBONES)
+    assert tuple(config_mod.BACKBONES) == tuple(model.BACKBONES) == tuple(model.BACKBONE_BUILDERS)
     # ...and every name the config accepts loads.
     for name in config_mod.METHOD_NAMES:
         assert load_config(None, [f"eval.methods=[{name}]"]).eval.methods == (name,)

@@ -16,11 +16,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import tomllib
 import yaml
 
 from piaa_dist.config import load_config
@@ -31,6 +31,7 @@ DOCKER = REPO / "docker"
 
 # The ports every deployment must agree on.
 GCS, DASHBOARD, CLIENT, MLFLOW, MINIO = 6379, 8265, 10001, 5000, 9000
+RAY_PORTS = {"--port": GCS, "--dashboard-port": DASHBOARD, "--ray-client-server-port": CLIENT}
 # The environment variables the package reads (checked below to be read somewhere in piaa_dist).
 ENV_NAMES = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI")
 # Ray job entry points of issue 4 (jobs/ is written alongside; the specs and docs name these).
@@ -278,7 +279,7 @@ def test_aws_cluster_has_gpu_workers_sized_for_the_gpu_job(aws):
 
 def test_aws_cluster_ports_env_image_and_setup(aws):
     head_cmds = " ".join(aws["head_start_ray_commands"])
-    assert _ray_start_ports(head_cmds) == {"--port": GCS, "--dashboard-port": DASHBOARD, "--ray-client-server-port": CLIENT}
+    assert _ray_start_ports(head_cmds) == RAY_PORTS
     assert "--dashboard-host=0.0.0.0" in head_cmds
     assert any(f"$RAY_HEAD_IP:{GCS}" in c for c in aws["worker_start_ray_commands"])
     env = {}
@@ -402,7 +403,7 @@ def test_compose_services_ports_and_env(compose):
     assert MLFLOW in _service_ports(services["mlflow"])
 
     head_cmd = " ".join(services["ray-head"]["command"])
-    assert _ray_start_ports(head_cmd) == {"--port": GCS, "--dashboard-port": DASHBOARD, "--ray-client-server-port": CLIENT}
+    assert _ray_start_ports(head_cmd) == RAY_PORTS
     worker_cmd = " ".join(services["ray-worker"]["command"])
     assert f"--address=ray-head:{GCS}" in worker_cmd
 
@@ -437,7 +438,8 @@ def test_compose_mlflow_server_and_buckets(compose):
     uri = urlparse(_compose_env(services["ray-head"])["MLFLOW_TRACKING_URI"])
     assert uri.netloc in _flag_value(cmd, "--allowed-hosts").split(",")
     # the init job creates the artifact bucket and the bucket the job examples read from
-    init = " ".join(_all_strings(services["minio-init"].get("entrypoint", [])) + _all_strings(services["minio-init"].get("command", [])))
+    minio_init = services["minio-init"]
+    init = " ".join(_all_strings(minio_init.get("entrypoint", [])) + _all_strings(minio_init.get("command", [])))
     assert "mc mb" in init
     art = urlparse(_flag_value(cmd, "--artifacts-destination") or "s3://none")
     buckets = set(re.findall(r"mc mb (?:--ignore-existing )?local/([\w.-]+)", init))
@@ -476,7 +478,8 @@ def _ignored(rel: str, patterns: list[str]) -> bool:
         neg = pat.startswith("!")
         p = pat[1:] if neg else pat
         p = p.strip("/")
-        if any(fnmatch.fnmatchcase(pre, p) or (p.startswith("**/") and fnmatch.fnmatchcase(pre.split("/")[-1], p[3:])) for pre in prefixes):
+        if any(fnmatch.fnmatchcase(pre, p) or (p.startswith("**/") and fnmatch.fnmatchcase(pre.split("/")[-1], p[3:]))
+               for pre in prefixes):
             ignored = not neg
     return ignored
 

@@ -14,8 +14,8 @@ import torch
 from piaa_dist.config import load_config, with_overrides
 from piaa_dist.data.stream import Dataset
 from piaa_dist.giaa import train_giaa
-from piaa_dist.train import meta_training_users
 from piaa_dist.model import AestheticModel
+from piaa_dist.train import meta_training_users
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

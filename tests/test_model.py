@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from piaa_dist.config import ModelConfig
 from piaa_dist.model import (
+    BACKBONE_BUILDERS,
     PAPER_MODEL,
     RESNET18_WEIGHTS_FILE,
     autocast,
@@ -17,7 +19,6 @@ from piaa_dist.model import (
     head_names,
     select_device,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,6 +41,31 @@ def test_convnet_forward_shape_range_and_head_structure():
     heads = head_names(model)
     assert heads < names and all(n.startswith("head.") for n in heads)
     assert all(n.startswith("backbone.") for n in names - heads)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_BUILDERS))
+def test_every_registered_backbone_makes_a_model_the_meta_learner_can_adapt(backbone):
+    """The contract a new backbone must meet: ``feature_dim`` features per image, a score in
+    (0, 1) per image, its parameters under ``backbone.`` apart from the head's, and a
+    meta-gradient that reaches every parameter through ``functional_call``."""
+    from piaa_dist.meta import meta_gradient
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, pretrained="none", feature_dim=16, head_hidden=(8,), width=8)
+    model = build_model(cfg)
+    x = torch.randn(6, 3, 32, 32)
+    assert model.backbone(x).shape == (6, 16)
+    out = model(x)
+    assert out.shape == (6,) and torch.all((out > 0) & (out < 1))
+    names = {n for n, _ in model.named_parameters()}
+    assert all(n.startswith("backbone.") for n in names - head_names(model))
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    task = SimpleNamespace(support=(x[:3], torch.rand(3)), query=(x[3:], torch.rand(3)))
+    mg = meta_gradient(model, params, buffers, [task], flavour="second_order", steps=1, inner_lr=0.1)
+    assert set(mg.grads) == set(params)
+    assert all(torch.isfinite(g).all() for g in mg.grads.values())
+    assert any(g.abs().sum() > 0 for n, g in mg.grads.items() if n.startswith("backbone."))
 
 
 def test_dropout_is_configurable():

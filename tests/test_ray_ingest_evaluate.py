@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def _version_files(url: str, endpoint: str | None) -> dict[str, bytes]:
     return {rel: vstore.read_bytes(rel) for rel in sorted(vstore.list("")) if rel != "ingest_report.json"}
 
 
+def _most_at_once(tasks: list[dict]) -> int:
+    """Most tasks running at the same moment, from each task's start time and wall seconds."""
+    edges = sorted([(t["started"], 1) for t in tasks] + [(t["started"] + t["seconds"], -1) for t in tasks],
+                   key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
 @pytest.mark.parametrize("target", ["folder", "s3"])
 def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
         ray_session, tiny_world, tmp_path, target, request):
@@ -77,9 +89,33 @@ def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
             assert got[rel] == expected[rel], f"{rel} differs with {workers} Ray worker(s)"
         ex = rep["execution"]
         assert ex["workers"] == workers and ex["partitions"] >= 2  # the work really was cut up
+        # The session has 2 CPUs: 1 worker must still mean one task at a time.
+        assert _most_at_once(ex["tasks"]) <= workers
         assert sum(t["samples"] for t in ex["tasks"]) == rep["samples"] == rep["ratings"]["ingested"]
         # And the result reads back as a dataset.
         assert Dataset.open(url(f"ray{workers}"), endpoint).num_users() == 10
+
+
+def test_cli_ingest_workers_are_ray_workers_and_zero_is_in_process(ray_session, tiny_world, tmp_path, capsys,
+                                                                    caplog):
+    """``piaa-dist ingest --workers N`` means N Ray workers, as for train and evaluate (it used
+    to count threads); ``--workers 0`` ingests in this process; the bytes are the same."""
+    from piaa_dist.cli import main as cli_main
+
+    def run(name: str, *extra: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="piaa_dist"):
+            assert cli_main(["ingest", "--format", "flickr-aes", "--root", str(tiny_world), "--out",
+                             str(tmp_path / name), "--shard-size", str(SHARD), *extra]) == 0
+        assert "published version" in capsys.readouterr().out
+        return [r.getMessage() for r in caplog.records]
+
+    on_ray = run("ray", "--workers", "2", "--threads", "1")
+    assert any(re.search(r"in \d+ partitions on 2 Ray workers", m) for m in on_ray), on_ray
+    local = run("local", "--workers", "0")
+    assert not any("Ray worker" in m for m in local), local
+    expected = _version_files(str(tmp_path / "local"), None)
+    assert _version_files(str(tmp_path / "ray"), None) == expected
 
 
 def test_bad_input_in_a_ray_task_is_the_workers_one_line_error_and_nothing_is_published(
@@ -134,15 +170,18 @@ def test_per_user_outcomes_merge_to_the_same_result_in_any_order(eval_setup):
     assert merged.ceilings is not None and merged.ceilings == expected.ceilings
 
 
-def test_evaluate_on_ray_gives_the_in_process_numbers(ray_session, eval_setup):
+def test_evaluate_on_ray_gives_the_in_process_numbers(ray_session, eval_setup, capsys):
     from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
 
     cfg, models, dataset, expected = eval_setup
     stats: list[dict] = []
     # One user per chunk: chunks finish out of order and the two workers share them.
     got = evaluate_distributed(cfg, dataset, models, workers=2, users=dataset.users("all"), chunk_users=1,
-                               stats=stats)
+                               stats=stats, progress=True)
     assert _numbers(got) == _numbers(expected)
+    # A progress bar over the test users, advanced as the workers' chunks come back.
+    bar = capsys.readouterr().err
+    assert "evaluate (2 Ray workers)" in bar and "10/10" in bar, bar
     assert len(stats) == 2 and sum(s["users"] for s in stats) == 10 and all(s["users"] for s in stats)
     assert len({s["pid"] for s in stats}) == 2 and os.getpid() not in {s["pid"] for s in stats}
     # workers = 0: in this process, no Ray worker.

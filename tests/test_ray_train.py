@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -24,21 +23,6 @@ def cfg():
     # 4 steps, a checkpoint every 2, a report every step; dropout stays on (the per-task RNG
     # seeds must make it rank-independent).
     return with_overrides(load_config(TINY), {"meta.meta_steps": 4, "run.checkpoint_every": 2})
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray
-
-    ray.init(
-        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"},
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def _steps(out: Path) -> list[dict]:

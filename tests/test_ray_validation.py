@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 
 import pytest
 
@@ -14,21 +12,6 @@ from piaa_dist.orchestration.ray_train import run_distributed
 TINY = "jobs/configs/tiny.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray
-
-    ray.init(
-        num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": "piaa_dist.orchestration.ray_train.quiet_ray_logs"},
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def test_two_workers_validate_like_one_process(ray_session, tiny_dataset_url, tmp_path):

@@ -65,7 +65,7 @@ def _layout(root: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("a.jpg", "b.jpg"):
             (folder / name).write_bytes(_jpeg())
-    for name, (_, rel, content, _) in TARGETS.items():
+    for _name, (_, rel, content, _) in TARGETS.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)

@@ -118,7 +118,8 @@ def test_schema_1_interval_of_one_user_reads_as_none():
      r"methods\.blg-piaa\.10\.srocc_mean: expected a number, got 'high'"),
     (lambda d: d["methods"]["blg-piaa"].update(ten=d["methods"]["blg-piaa"]["10"]),
      r"methods\.blg-piaa: expected a shot count, got 'ten'"),
-    (lambda d: d["paired"].update({"giaa-finetune": {}}), r"paired\.giaa-finetune: expected a key 'REFERENCE vs OTHER'"),
+    (lambda d: d["paired"].update({"giaa-finetune": {}}),
+     r"paired\.giaa-finetune: expected a key 'REFERENCE vs OTHER'"),
     (lambda d: d.update(reference="other"), r"not the result's reference 'other'"),
     (lambda d: d["ceilings"].update(users=None), r"ceilings\.users: expected an integer, got None"),
 ])

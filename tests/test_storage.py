@@ -16,7 +16,6 @@ import pytest
 from piaa_dist.errors import StorageError
 from piaa_dist.storage import LocalStore, ObjectNotFound, S3Store, open_store
 
-
 # ---------------------------------------------------------------------------------------------
 # local
 
@@ -72,7 +71,8 @@ def test_s3_round_trip(s3_endpoint, s3_bucket):
     # Really stored under the prefix, as another client sees it.
     import boto3
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    listing = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket)
+    keys = [o["Key"] for o in listing["Contents"]]
     assert sorted(keys) == ["pre/fix/manifest.parquet", "pre/fix/shards/train/u-0000.tar"]
 
 

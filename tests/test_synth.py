@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import TINY_SPEC
 from PIL import Image
 
 from piaa_dist.data import synth
@@ -23,8 +24,6 @@ from piaa_dist.data.synth import (
     sample_world,
 )
 from piaa_dist.metrics import srocc
-
-from conftest import TINY_SPEC
 
 
 def _rows(world):

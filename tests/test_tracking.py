@@ -122,7 +122,7 @@ def test_failed_block_marks_run_failed_and_reraises(store):
     with pytest.raises(ZeroDivisionError):
         with RunLogger("exp-a", uri=store) as run:
             run.log_metric("x", 1.0, step=0)
-            1 / 0
+            1 / 0  # noqa: B018 -- raises inside the block on purpose
     got = _client(store).get_run(run.run_id)
     assert got.info.status == "FAILED"
     assert "ZeroDivisionError" in got.data.tags["error"]
@@ -339,3 +339,62 @@ def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
         assert p.returncode == 0, err[-2000:]
     exp = _client(uri).get_experiment_by_name("race")
     assert len(_client(uri).search_runs([exp.experiment_id])) == 3
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_mlflow_server_is_named_in_seconds_not_reported_as_a_missing_model(
+        tmp_path, monkeypatch, caplog):
+    """A server that is down was reported as "models:/x@champion: not found in the registry" after
+    minutes of MLflow's retries; now every entry that talks to a server says it is unreachable."""
+    from piaa_dist.cli import main as cli_main
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # if the probe were missing: fail fast
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # tracking_uri sets them
+        monkeypatch.delenv(var, raising=False)
+    down = f"http://alice:s3cr3t-pass-word@127.0.0.1:{_closed_port()}"
+    with pytest.raises(TrackingError, match=r"MLflow server at http://127\.0\.0\.1:\d+ is unreachable"):
+        resolve_model("models:/piaa@champion", uri=down)
+    with pytest.raises(TrackingError, match="is unreachable") as err:
+        RunLogger("exp", uri=tracking_uri(down), rank=0).start()
+    assert "not found" not in str(err.value) and "s3cr3t" not in str(err.value)
+    # Through the CLI: one line, exit code 2.
+    caplog.clear()
+    code = cli_main(["evaluate", "--model", "models:/piaa@champion", "--mlflow-uri", down,
+                     "--data", str(tmp_path / "none")])
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("is unreachable" in e for e in errors), errors
+    assert not any("s3cr3t" in e for e in errors)
+
+
+def test_any_http_answer_counts_as_a_reachable_server(tmp_path):
+    """The probe only asks whether something answers: a server that wants credentials or has no
+    /health route is there, and the API call that follows says what it thinks."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_server(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    with pytest.raises(TrackingError, match="unreachable"):
+        tracking.check_server(f"http://127.0.0.1:{_closed_port()}", timeout=2)
+    tracking.check_server("sqlite:///nowhere.db")  # not a server: not probed

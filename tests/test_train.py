@@ -105,8 +105,8 @@ def test_two_ranks_equal_one_rank(cfg, dataset):
         m_one = one.step(full)
         # Emulated all-reduce: each rank adds the other's contribution to its own.
         flat0, flat1 = r0.local_flat(half0), r1.local_flat(half1)
-        m0 = r0.step(half0, reduce=lambda f: f + flat1)
-        m1 = r1.step(half1, reduce=lambda f: flat0 + f)
+        m0 = r0.step(half0, reduce=lambda f, other=flat1: f + other)
+        m1 = r1.step(half1, reduce=lambda f, other=flat0: other + f)
         assert m0 == m1
         assert m0["tasks"] == m_one["tasks"] == cfg.meta.meta_batch
         assert m0["query_loss"] == pytest.approx(m_one["query_loss"], rel=1e-12)

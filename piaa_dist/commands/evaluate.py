@@ -1,4 +1,7 @@
-"""``piaa-dist evaluate`` (and ``jobs/evaluate.py``): flags → :func:`piaa_dist.orchestration.usecases.evaluate` → table."""
+"""``piaa-dist evaluate`` (and ``jobs/evaluate.py``).
+
+Flags → :func:`piaa_dist.orchestration.usecases.evaluate` → table.
+"""
 
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if result.giaa:
         key = f" (key {result.giaa_key[:12]})" if result.giaa_key else ""
-        registered = f", registered as {result.giaa_model}" if result.giaa_model and result.giaa_model != result.giaa else ""
+        registered = (f", registered as {result.giaa_model}"
+                      if result.giaa_model and result.giaa_model != result.giaa else "")
         print(f"GIAA baseline: {result.giaa}{registered}{key}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 HELP = "Ingest FLICKR-AES / AADB / PARA / a ratings log into a new, atomically published dataset version."
 
@@ -17,7 +16,9 @@ only by 'piaa-dist datasets --prune'). Every rating is ingested or counted under
 examples:
   piaa-dist ingest --format flickr-aes --root /data/FLICKR-AES --out s3://my-bucket/flickr-aes
   piaa-dist ingest --format ratings --ratings log.parquet --images s3://photos/ --score-range 1 10 \\
-      --test-fraction 0.1 --out s3://my-bucket/product"""
+      --test-fraction 0.1 --out s3://my-bucket/product
+  piaa-dist ingest --format ratings --ratings log.csv --images photos/ --out s3://my-bucket/big \\
+      --workers 8 --ray-address auto      # users partitioned over 8 Ray workers"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-cache-mb", type=float, default=DEFAULT_IMAGE_CACHE_MB,
                         help=f"re-encoded images kept so shared images are decoded once (default "
                              f"{DEFAULT_IMAGE_CACHE_MB} MB)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads for image work and uploads")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Ray workers (1 CPU each) that write the shards, as for train and evaluate; "
+                             "0 ingests in this process (default 0). The output is the same bytes either way")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per worker for image work and uploads (default 2 per Ray worker, "
+                             "min(8, CPUs) in this process)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster for --workers (default $RAY_ADDRESS, else a local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         score_range=args.score_range, s3_endpoint=args.s3_endpoint, strict=args.strict,
         progress=True, split_seed=args.split_seed, fold=args.fold, max_side=args.max_side,
         quality=args.quality, shard_size=args.shard_size, max_pixels=args.max_pixels,
-        image_cache_mb=args.image_cache_mb, workers=args.workers,
+        image_cache_mb=args.image_cache_mb, workers=args.workers, threads=args.threads,
+        ray_address=args.ray_address,
     )
     print(format_report(report))
     print(f"published version {report['dataset_version']} at {report['out']}")

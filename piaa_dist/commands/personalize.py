@@ -1,4 +1,7 @@
-"""``piaa-dist personalize`` (and ``jobs/personalize.py``): flags → :func:`piaa_dist.orchestration.usecases.personalize` → print."""
+"""``piaa-dist personalize`` (and ``jobs/personalize.py``).
+
+Flags → :func:`piaa_dist.orchestration.usecases.personalize` → print.
+"""
 
 from __future__ import annotations
 

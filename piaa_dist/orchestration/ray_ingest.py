@@ -20,6 +20,10 @@ undo; tasks keep the decode-and-write pipeline inside one process, as in-process
   samples' indices and scores, tens of bytes per rating) and the partition's bounded working
   set (a window of images in flight, the image cache, one upload part). The driver submits
   at most ``workers`` tasks at a time and builds each spec only when it submits it.
+* **At most ``workers`` at once**: that in-flight limit is also what holds the run to
+  ``workers`` Ray workers on a cluster with more CPUs (a task reserves 1 CPU, and Ray runs
+  every submitted task it has CPUs for); queueing a second task per worker to hide the
+  driver's hand-over (1.8-2.1% of the write phase at 10k users) ran 2 workers for ``--workers 1``.
 * **Failures**: a task that raises bad input (``--strict``) or a storage error stops the
   ingest and nothing is published (the error is the worker's own one-line message); a task
   whose worker process died is retried by Ray (rewriting a shard gives the same bytes).
@@ -57,8 +61,10 @@ from piaa_dist.orchestration.ray_workers import ray_workers, user_error_of
 
 log = logging.getLogger(__name__)
 
-#: Default threads per worker for image work and uploads (overlaps I/O with decoding).
+#: Default threads per Ray worker for image work and uploads (overlaps I/O with decoding).
 DEFAULT_THREADS = 2
+#: Default threads when ingesting in this process (the machine's CPUs, at most 8).
+DEFAULT_LOCAL_THREADS = min(8, os.cpu_count() or 1)
 #: Default largest partition, in shards: a task's memory (its spec, tens of bytes per sample,
 #: and its manifest rows) follows its partition's size, so partitions are capped rather than
 #: a fixed number, and a worker's memory does not grow with the dataset.
@@ -70,8 +76,10 @@ def run_partition(spec: PartitionSpec) -> tuple[PartitionResult, dict[str, float
 
     The cost: ``seconds`` (wall), ``cpu_s`` (CPU time of the worker process, all threads),
     ``peak_rss_mb`` (the worker process's peak RSS so far), ``rss_anon_mb`` and
-    ``rss_shmem_mb`` at the end (see :func:`_status_mb`), ``samples`` and ``pid``.
+    ``rss_shmem_mb`` at the end (see :func:`_status_mb`), ``samples``, ``pid`` and ``started``
+    (wall-clock time the task began, ``time.time()``: when tasks ran, and on which worker).
     """
+    started = time.time()
     wall, cpu = time.perf_counter(), time.process_time()
     result = ingest_partition(spec)
     status = _status_mb()
@@ -79,7 +87,7 @@ def run_partition(spec: PartitionSpec) -> tuple[PartitionResult, dict[str, float
                     "peak_rss_mb": status.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
                     "rss_anon_mb": status.get("RssAnon", float("nan")),
                     "rss_shmem_mb": status.get("RssShmem", float("nan")),
-                    "samples": float(result.samples), "pid": float(os.getpid())}
+                    "samples": float(result.samples), "pid": float(os.getpid()), "started": started}
 
 
 def _status_mb() -> dict[str, float]:
@@ -110,7 +118,7 @@ def ingest_distributed(
     workers: int,
     ray_address: str | None = None,
     partitions: int | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     test_workers: str | Path | None = None,
     test_users: str | Path | None = None,
     test_fraction: float | None = None,
@@ -136,7 +144,8 @@ def ingest_distributed(
         ray_address: Ray cluster to connect to (default ``$RAY_ADDRESS``, else a local Ray).
         partitions: partitions of whole shards (default: at least ``2 * workers``, and at
             most :data:`PARTITION_SHARDS` shards each); the output bytes do not depend on it.
-        threads: threads per worker for image work and uploads.
+        threads: threads per worker for image work and uploads (default
+            :data:`DEFAULT_THREADS` per Ray worker, :data:`DEFAULT_LOCAL_THREADS` in process).
         test_workers ... image_cache_mb: as :func:`piaa_dist.data.ingest.ingest`.
         progress: a tqdm bar over samples (advanced as partitions finish).
 
@@ -156,6 +165,8 @@ def ingest_distributed(
         "split_seed": split_seed, "fold": fold, "ratings_file": ratings_file, "images_dir": images_dir,
         "score_range": score_range, "endpoint_url": endpoint_url,
     }
+    if threads is None:
+        threads = DEFAULT_THREADS if workers > 0 else DEFAULT_LOCAL_THREADS
     settings = IngestSettings(max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels,
                               image_cache_mb=image_cache_mb, workers=threads, strict=strict)
     if workers <= 0:
@@ -189,7 +200,7 @@ def ingest_distributed(
         queue = list(enumerate(bounds))
         try:
             while queue or pending:
-                while queue and len(pending) < workers:
+                while queue and len(pending) < workers:  # also what caps the run at `workers` workers
                     i, (u0, u1) = queue.pop(0)
                     # Built only now: the driver never holds every partition's spec at once.
                     pending.append(task.remote(plan.partition(i, u0, u1)))
@@ -222,4 +233,4 @@ def ingest_distributed(
     return report
 
 
-__all__ = ["DEFAULT_THREADS", "PARTITION_SHARDS", "ingest_distributed", "run_partition"]
+__all__ = ["DEFAULT_LOCAL_THREADS", "DEFAULT_THREADS", "PARTITION_SHARDS", "ingest_distributed", "run_partition"]

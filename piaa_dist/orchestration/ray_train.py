@@ -553,6 +553,7 @@ def build_trainer(
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
     from piaa_dist.orchestration.ray_logging import train_logging_config
 
     if workers < 1:

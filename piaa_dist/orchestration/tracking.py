@@ -298,6 +298,7 @@ class RunLogger:
         """Create (or reopen) the run. Idempotent; does nothing on non-zero ranks."""
         if self.rank != 0 or self._client is not None:
             return self
+        check_server(self.uri)  # seconds, not MLflow's minutes of retries, for a server that is down
         self._client = client(self.uri)
         if self.run_id:
             # Reopening a run (resume after a failure): mark it running again.
@@ -605,13 +606,15 @@ def require_store(uri: str = "") -> str:
     SQLite URI whose file does not exist (or a ``file:`` store whose folder does not exist)
     means the user points at the wrong place, and MLflow would otherwise create an empty
     database there (``mlflow.db`` in the working folder) and then report the model as unknown.
-    Servers (``http(s)://``, ``databricks``...) are not checked here: MLflow's own error says
-    when one cannot be reached.
+    An ``http(s)://`` server is probed (:func:`check_server`), so an unreachable one is said
+    to be unreachable, not that a model is missing from it.
 
     Raises:
-        TrackingError: ``no MLflow store at ...; set --mlflow-uri or MLFLOW_TRACKING_URI``.
+        TrackingError: ``no MLflow store at ...; set --mlflow-uri or MLFLOW_TRACKING_URI``, or
+            ``the MLflow server at ... is unreachable``.
     """
     resolved = tracking_uri(uri)
+    check_server(resolved)
     path = None
     if resolved.startswith("sqlite:///"):
         path = resolved[len("sqlite:///"):]
@@ -625,12 +628,47 @@ def require_store(uri: str = "") -> str:
     return resolved
 
 
+def check_server(uri: str, timeout: float | None = None) -> None:
+    """Refuse an ``http(s)://`` tracking URI whose server does not answer, in seconds.
+
+    MLflow's client retries a refused connection for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
+    with backoff) and then reports an error about whatever it was asked (an experiment, a
+    model "not found"), so a server that is down or a mistyped port looks like a missing
+    model or a crash. One ``GET /health`` (any HTTP answer counts as reachable: the server
+    may want credentials for the API) tells the cases apart before any work starts. Other
+    schemes (SQLite, files, databricks) are not probed.
+
+    Args:
+        uri: a resolved tracking URI (no password in it: :func:`tracking_uri`).
+        timeout: seconds for the probe (default ``$PIAA_MLFLOW_PROBE_TIMEOUT`` or 10).
+
+    Raises:
+        TrackingError: names the URI, the reason and what to do.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    wait = timeout if timeout is not None else float(os.environ.get("PIAA_MLFLOW_PROBE_TIMEOUT", "10"))
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=wait):  # noqa: S310 (http(s) only)
+            return
+    except urllib.error.HTTPError:
+        return  # the server answered (401, 403, 404...): it is there
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(redact_text(
+            f"the MLflow server at {redact_uri(uri)} is unreachable ({reason}); start it, or point "
+            "--mlflow-uri / MLFLOW_TRACKING_URI at a running one")) from None
+
+
 def _download(mlflow_client: "MlflowClient", source: str, dst: Path, uri: str) -> None:
     """Download exactly the model files from an artifact URI into ``dst``."""
-    from piaa_dist import checkpoint
-
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
+
+    from piaa_dist import checkpoint
 
     for fname in checkpoint.MODEL_FILES:
         try:
@@ -687,8 +725,11 @@ def resolve_model(ref: str | Path, *, uri: str = "", dst: str | Path | None = No
                 else mlflow_client.get_model_version(name, m["version"])
             )
         except MlflowException as err:
-            raise TrackingError(redact_text(
-                f"{text}: not found in the registry at {tracking_uri(uri)}: {err.message}")) from None
+            # Only a "does not exist" answer means the model is not there; anything else (a
+            # server error, a refused request) is said as what it is.
+            missing = getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+            what = "not found in the registry at" if missing else "cannot be read from the registry at"
+            raise TrackingError(redact_text(f"{text}: {what} {tracking_uri(uri)}: {err.message}")) from None
         source = mlflow_client.get_model_version_download_uri(name, mv.version)
         expected = _registered_hashes(text, mv.tags or {})
         label = f"{name}-v{mv.version}"
@@ -769,6 +810,7 @@ __all__ = [
     "load_model_uri",
     "register_model",
     "require_store",
+    "check_server",
     "resolve_model",
     "set_alias",
     "set_version_tags",

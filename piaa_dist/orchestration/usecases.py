@@ -442,8 +442,15 @@ def _register(run: RunLogger, model_dir: Path, cfg: JobConfig, *, name: str, ali
     version is tagged as a challenger.
     """
     from piaa_dist.orchestration import tracking
-    from piaa_dist.orchestration.promotion import (ROLE_CHALLENGER, ROLE_CHAMPION, TAG_ROLE, TAG_ROLE_ALIAS,
-                                                   Promotion, decide, description)
+    from piaa_dist.orchestration.promotion import (
+        ROLE_CHALLENGER,
+        ROLE_CHAMPION,
+        TAG_ROLE,
+        TAG_ROLE_ALIAS,
+        Promotion,
+        decide,
+        description,
+    )
 
     if not name:
         return _Registered()
@@ -610,6 +617,9 @@ def ingest(
     s3_endpoint: str | None = None,
     strict: bool = False,
     progress: bool = False,
+    workers: int = 0,
+    threads: int | None = None,
+    ray_address: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Ingest rating files and images into a new, atomically published dataset version at ``out``.
@@ -627,19 +637,25 @@ def ingest(
         s3_endpoint: S3 endpoint (default ``$AWS_ENDPOINT_URL``).
         strict: fail on the first skipped record instead of counting it.
         progress: progress bars on stderr.
+        workers: Ray workers (1 CPU each; users are partitioned over Ray tasks), as for
+            ``train`` and ``evaluate``; 0 ingests in this process without Ray. The output bytes
+            are the same whatever the number.
+        threads: threads per worker (or in this process) for image work and uploads (default
+            2 per Ray worker, ``min(8, CPUs)`` in process).
+        ray_address: Ray cluster (default ``$RAY_ADDRESS``, else a local Ray).
         **options: the ingester's other knobs (``split_seed``, ``fold``, ``max_side``,
-            ``quality``, ``shard_size``, ``max_pixels``, ``image_cache_mb``, ``workers``...;
-            see :func:`piaa_dist.data.ingest.ingest`).
+            ``quality``, ``shard_size``, ``max_pixels``, ``image_cache_mb``, ``partitions``;
+            see :func:`piaa_dist.orchestration.ray_ingest.ingest_distributed`).
 
     Returns:
         The ingest report (``read == ingested + skipped``, per reason; ``dataset_version``).
     """
-    from piaa_dist.data.ingest import ingest as run_ingest
+    from piaa_dist.orchestration.ray_ingest import ingest_distributed
 
-    return run_ingest(format, root, out, test_users=test_users, test_fraction=test_fraction,
-                      ratings_file=ratings_file, images_dir=images_dir,
-                      score_range=tuple(score_range) if score_range else None,
-                      endpoint_url=s3_endpoint, strict=strict, progress=progress, **options)
+    return ingest_distributed(format, root, out, workers=workers, threads=threads, ray_address=ray_address,
+                              test_users=test_users, test_fraction=test_fraction, ratings_file=ratings_file,
+                              images_dir=images_dir, score_range=tuple(score_range) if score_range else None,
+                              endpoint_url=s3_endpoint, strict=strict, progress=progress, **options)
 
 
 def verify(url: str, *, s3_endpoint: str | None = None, version: str | None = None,
