@@ -22,8 +22,8 @@ of its processes (driver, Ray daemons and workers; sampled every 0.5 s). Afterwa
 clock, every checkpoint is scored on the validation users (training users held out of
 meta-training, never test users) with one and the same fine-tuning budget
 (:func:`piaa_dist.orchestration.step_hook.validation_score`: ``eval.finetune_*`` at
-``min(eval.shots)`` shots, ``eval.repeats`` splits). A curve's value at a checkpoint is the
-mean of the last 3 checkpoints' scores (8 validation users are noisy); a method's **plateau**
+``min(eval.shots)`` shots, ``eval.repeats`` splits, 5 with ``--quick``). A curve's value at a
+checkpoint is the mean of the last 3 checkpoints' scores (8 validation users are noisy); a method's **plateau**
 is the highest such value, and its time to a validation SROCC τ is the first checkpoint at
 which it reaches τ.
 
@@ -38,7 +38,7 @@ plateau is higher.
 Usage::
 
     python benchmarks/time_to_quality.py            # 3 seeds, the README table
-    python benchmarks/time_to_quality.py --quick    # 1 seed, fewer τ, < 10 min; last line "ratio X.XX"
+    python benchmarks/time_to_quality.py --quick    # 1 seed, fewer τ; last line "ratio X.XX"
 
 Writes ``benchmarks/results/time_to_quality[_quick].json``. The load average is recorded: other
 work on the machine slows every run (wall time more than CPU time).
@@ -296,14 +296,16 @@ def run_seed(args, data: str, tmp: Path, seed: int) -> dict:
     every = args.every
     runs["reference"] = in_child(_run_reference, config=args.config, data=data, out=str(tmp / f"ref-{seed}"),
                                  seed=seed, every=args.ref_every, budget_s=args.ref_budget, threads=args.ref_threads)
-    print(f"  seed {seed}: reference {runs['reference']['steps']} steps in {runs['reference']['wall_s']:.0f} s", flush=True)
+    ref = runs["reference"]
+    print(f"  seed {seed}: reference {ref['steps']} steps in {ref['wall_s']:.0f} s", flush=True)
     runs["piaa-dist 2 Ray workers"] = in_child(_run_piaa, config=args.config, data=data, out=str(tmp / f"ray-{seed}"),
                                                seed=seed, every=every, steps=args.steps, workers=2)
     print(f"  seed {seed}: 2 Ray workers {runs['piaa-dist 2 Ray workers']['steps']} steps in "
           f"{runs['piaa-dist 2 Ray workers']['wall_s']:.0f} s", flush=True)
     if not args.no_in_process:
-        runs["piaa-dist in-process"] = in_child(_run_piaa, config=args.config, data=data, out=str(tmp / f"local-{seed}"),
-                                                seed=seed, every=every, steps=args.steps, workers=0)
+        runs["piaa-dist in-process"] = in_child(_run_piaa, config=args.config, data=data,
+                                                out=str(tmp / f"local-{seed}"), seed=seed, every=every,
+                                                steps=args.steps, workers=0)
         print(f"  seed {seed}: in-process {runs['piaa-dist in-process']['steps']} steps in "
               f"{runs['piaa-dist in-process']['wall_s']:.0f} s", flush=True)
     paths = [p["path"] for r in runs.values() for p in r["points"]]
