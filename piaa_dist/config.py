@@ -614,10 +614,10 @@ class EvalConfig(_Section):
     finetune: tuple[str, ...] = setting((), each(finetune_setting), distinct_setting_keys)
     search_sgd_lrs: tuple[float, ...] = setting((0.05, 0.2, 0.5, 2.0), each(positive))  #: SGD rates of the search grid
     search_adam_lrs: tuple[float, ...] = setting((0.001, 0.01), each(positive))  #: Adam rates of the search grid
-    search_steps: tuple[int, ...] = setting((5, 20, 80), non_empty, each(at_least(1)), distinct)  #: step counts of the search grid
+    search_steps: tuple[int, ...] = setting((5, 20, 50), non_empty, each(at_least(1)), distinct)  #: step counts of the search grid
     search_params: tuple[str, ...] = setting(("head", "all"), non_empty, each(one_of(*FINETUNE_PARAMS)), distinct)  #: parameters adapted, searched
     search_ridge: tuple[float, ...] = setting((0.01, 0.1, 1.0, 10.0, 100.0), non_empty, each(positive))  #: relative ridge penalties of giaa-ridge, searched
-    search_repeats: int = setting(3, at_least(1))  #: random splits per validation user and k in the search
+    search_repeats: int = setting(2, at_least(1))  #: random splits per validation user and k in the search
 
 
 @dataclass(frozen=True)

@@ -287,3 +287,48 @@ def test_ceilings_ci_is_over_the_test_users(tiny_dataset_url):
     assert res.ceilings.oracle == pytest.approx(mean)
     assert res.ceilings_ci95["oracle"] == pytest.approx((lo, hi))
     assert lo < res.ceilings.oracle < hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-method settings in the config
+
+
+@pytest.mark.parametrize(("setting", "problem"), [
+    ("giaa-finetune: sgd lr=0.1 steps=5", "needs lr, steps and params"),
+    ("giaa-finetune: rmsprop lr=0.1 steps=5 params=head", "unknown optimizer 'rmsprop'"),
+    ("giaa-finetune: lr=-1 steps=5 params=head", "lr must be > 0"),
+    ("giaa-finetune: lr=0.1 steps=5 params=backbone", "params must be one of"),
+    ("giaa-ridge: lr=0.1", "giaa-ridge takes exactly 'penalty=...'"),
+    ("meta-no-adapt: lr=0.1 steps=5 params=head", "is not fine-tuned"),
+    ("maml@10: lr=0.1 steps=5 params=head", "unknown method 'maml'"),
+    ("blg-piaa@ten: lr=0.1 steps=5 params=head", "expected a shot count"),
+    ("blg-piaa lr=0.1", "expected 'METHOD[@K]: key=value ...'"),
+])
+def test_a_bad_per_method_setting_is_a_one_line_error_naming_it(setting, problem):
+    from piaa_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.finetune") as err:
+        load_config(None, [f"eval.finetune=['{setting}']"])
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_per_method_settings_give_each_method_its_budget():
+    from piaa_dist.model import build_model, head_names
+    from piaa_dist.protocol import finetune_budget
+
+    cfg = load_config(None, ["eval.finetune=['giaa-finetune@10: adam lr=0.001 steps=7 params=all', "
+                             "'giaa-finetune: sgd lr=0.2 steps=3 params=head', 'giaa-ridge: penalty=4']",
+                             "eval.finetune_lr=0.5", "eval.finetune_steps=20"])
+    model = build_model(cfg.model)
+    at10 = finetune_budget(cfg, model, "giaa-finetune", 10)
+    assert (at10.optimizer, at10.lr, at10.steps, at10.adapt_names) == ("adam", 0.001, 7, None)
+    other = finetune_budget(cfg, model, "giaa-finetune", 100)
+    assert (other.optimizer, other.lr, other.steps, other.adapt_names) == ("sgd", 0.2, 3, frozenset(head_names(model)))
+    assert finetune_budget(cfg, model, "giaa-ridge", 10).ridge == 4.0
+    # a method without a setting, and the shared protocol, get the shared budget
+    assert finetune_budget(cfg, model, "blg-piaa", 10) == finetune_budget(cfg, model)
+    shared = with_overrides(cfg, {"eval.protocol": "shared"})
+    assert finetune_budget(shared, model, "giaa-finetune", 10) == finetune_budget(cfg, model)
+    assert finetune_budget(cfg, model).steps == 20
+    with pytest.raises(Exception, match="twice"):
+        load_config(None, ["eval.finetune=['giaa-ridge: penalty=1', 'giaa-ridge: penalty=2']"])
