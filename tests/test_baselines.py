@@ -332,3 +332,15 @@ def test_per_method_settings_give_each_method_its_budget():
     assert finetune_budget(cfg, model).steps == 20
     with pytest.raises(Exception, match="twice"):
         load_config(None, ["eval.finetune=['giaa-ridge: penalty=1', 'giaa-ridge: penalty=2']"])
+
+
+def test_demo_report_and_readme_block_say_how_settings_were_chosen(tmp_path):
+    from piaa_dist.orchestration.report import readme_block, write_report
+
+    res = _result()
+    text = write_report(tmp_path, {"results": res}).read_text()
+    assert "chosen for it on validation users, never test users" in text
+    assert "`blg-piaa` − `giaa-no-adapt` = +0.060" in text and "strongest baseline" in text
+    shared = dataclasses.replace(res, finetune=dataclasses.replace(res.finetune, protocol="shared"))
+    assert "`eval.protocol: shared`, the paper's protocol" in write_report(tmp_path, {"results": shared}).read_text()
+    assert "Fine-tuning settings (protocol `per-method`; chosen on 8 validation users" in readme_block(res, 64)
