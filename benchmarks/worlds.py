@@ -27,8 +27,9 @@ number of worlds on which ``blg-piaa`` beats the strongest baseline, and the set
 A world where it loses is reported like any other.
 
 Writes ``benchmarks/results/worlds/<world>.json`` (the world's summary and full result JSON);
-``--report`` reads them all. Time on the shared 2-core machine (load 15-35 from other work):
-20-40 min per world, dominated by the full-network candidates of the search; two processes
+``--report`` reads them all. Time: about 3 CPU-minutes per world with ``--params head``
+(the full-network candidates of ``--params head all`` add about 5 more); on the shared 2-core
+machine, where other work held the load at 15-40, a process got a tenth of a core. Two processes
 (``--worlds`` subsets) share the work.
 """
 
@@ -53,13 +54,13 @@ METHODS = ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-
 #: name → (generator, spec fields, what differs). ``synth``: :class:`WorldSpec` (FLICKR-AES
 #: layout, 1-5); ``scale``: :class:`ScaleSpec` (a ratings log on its own scale).
 WORLDS: dict[str, tuple[str, dict, str]] = {
-    "base": ("synth", dict(users=64, images=1600, seed=11), "64 users, seed 11"),
-    "more-users": ("synth", dict(users=96, images=2000, seed=22), "96 users, 2,000 images"),
-    "noisy": ("synth", dict(users=64, images=1600, seed=33, noise_sd=0.8), "rating noise 0.8 (default 0.45)"),
-    "personal": ("synth", dict(users=64, images=1600, seed=44, personal_sd=0.4, archetype_strength=(0.4, 0.8)),
+    "base": ("synth", {"users": 64, "images": 1600, "seed": 11}, "64 users, seed 11"),
+    "more-users": ("synth", {"users": 96, "images": 2000, "seed": 22}, "96 users, 2,000 images"),
+    "noisy": ("synth", {"users": 64, "images": 1600, "seed": 33, "noise_sd": 0.8}, "rating noise 0.8 (default 0.45)"),
+    "personal": ("synth", {"users": 64, "images": 1600, "seed": 44, "personal_sd": 0.4, "archetype_strength": (0.4, 0.8)},
                  "weaker archetypes, stronger personal taste"),
-    "scale-1-10": ("scale", dict(users=64, images=1600, seed=55, score_range=(1, 10), test_fraction=0.2,
-                                 ratings_median=190.0, ratings_sigma=0.15, ratings_min=130, ratings_max=260),
+    "scale-1-10": ("scale", {"users": 64, "images": 1600, "seed": 55, "score_range": (1, 10), "test_fraction": 0.2,
+                                 "ratings_median": 190.0, "ratings_sigma": 0.15, "ratings_min": 130, "ratings_max": 260},
                    "ratings log on a 1-10 scale"),
 }
 
@@ -89,13 +90,19 @@ def make_data(name: str, work: Path) -> str:
     return str(data)
 
 
-def run_world(name: str, work: Path, steps: int, giaa_steps: int, repeats: int) -> dict:
+def run_world(name: str, work: Path, steps: int, giaa_steps: int, repeats: int,
+              params: tuple[str, ...] = ("head", "all")) -> dict:
     """Train, choose on validation users, evaluate every method; the world's summary row."""
     import torch
 
     from piaa_dist.config import load_config, with_overrides
     from piaa_dist.data.stream import Dataset
-    from piaa_dist.evaluate import evaluate, search_finetuning, standard_models, with_choice
+    from piaa_dist.evaluate import (
+        evaluate,
+        search_finetuning,
+        standard_models,
+        with_choice,
+    )
     from piaa_dist.giaa import train_giaa
     from piaa_dist.train import meta_train, meta_training_users, validation_users
 
@@ -106,7 +113,7 @@ def run_world(name: str, work: Path, steps: int, giaa_steps: int, repeats: int) 
     cfg = with_overrides(load_config(str(CPU_CONFIG)), {
         "meta.meta_steps": steps, "giaa.steps": giaa_steps, "run.workers": 0, "run.validate_every": 0,
         "eval.repeats": repeats, "eval.shots": [10, 100], "eval.methods": list(METHODS),
-        "eval.protocol": "per-method"})
+        "eval.protocol": "per-method", "eval.search_params": list(params)})
     ds = Dataset.open(url)
     t0 = time.perf_counter()
     meta = meta_train(cfg, ds).model
@@ -124,6 +131,7 @@ def run_world(name: str, work: Path, steps: int, giaa_steps: int, repeats: int) 
     eval_s = time.perf_counter() - t0
     shared = evaluate(with_overrides(cfg, {"eval.protocol": "shared"}), ds, models)
     row = {"world": name, "what": WORLDS[name][2], "test_users": len(res.users), "steps": steps,
+           "search_params": list(params),
            "giaa_steps": giaa_steps, "repeats": repeats, "data_s": data_s, "train_s": train_s, "giaa_s": giaa_s,
            "search_s": search_s, "eval_s": eval_s, "result": res.to_dict(),
            "shared": {m: {str(k): c.srocc_mean for k, c in by.items()} for m, by in shared.methods.items()},
@@ -163,7 +171,7 @@ def report(data: dict) -> None:
     first = data["worlds"][rows[0]["world"]]
     print(f"every method on {len(rows)} synthetic worlds: CPU config, {first['steps']} meta-steps, GIAA "
           f"{first['giaa_steps']} steps, {first['repeats']} repeats; fine-tuning chosen per method on 8 "
-          "validation users")
+          f"validation users (search params: {', '.join(first.get('search_params', ['head', 'all']))})")
     cols = [("world", "world", "s")]
     for k in (10, 100):
         cols += [(f"{m}@{k}", f"{m}@{k}", ".3f") for m in METHODS]
@@ -212,6 +220,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=400, help="meta-steps (cpu.yaml's default 400)")
     p.add_argument("--giaa-steps", type=int, default=1000, help="GIAA training steps (cpu.yaml: 3000)")
     p.add_argument("--repeats", type=int, default=3, help="random splits per test user and shot count")
+    p.add_argument("--params", nargs="+", default=["head", "all"], choices=["head", "all"],
+                   help="eval.search_params of the search (full-network candidates dominate its CPU time)")
     p.add_argument("--work", default="/tmp/piaa-worlds", help="where the worlds' datasets are kept")
     p.add_argument("--report", action="store_true", help="only print the table from saved results")
     args = p.parse_args()
@@ -223,7 +233,8 @@ def main() -> int:
         for name in args.worlds:
             t0 = time.perf_counter()
             print(f"world {name}: {WORLDS[name][2]}", flush=True)
-            data["worlds"][name] = run_world(name, work, args.steps, args.giaa_steps, args.repeats)
+            data["worlds"][name] = run_world(name, work, args.steps, args.giaa_steps, args.repeats,
+                                             tuple(args.params))
             OUT_DIR.mkdir(parents=True, exist_ok=True)
             (OUT_DIR / f"{name}.json").write_text(json.dumps(data["worlds"][name], indent=1) + "\n")
             s = summarize(data["worlds"][name])

@@ -316,8 +316,8 @@ def test_per_method_settings_give_each_method_its_budget():
     from piaa_dist.model import build_model, head_names
     from piaa_dist.protocol import finetune_budget
 
-    cfg = load_config(None, ["eval.finetune=['giaa-finetune@10: adam lr=0.001 steps=7 params=all', "
-                             "'giaa-finetune: sgd lr=0.2 steps=3 params=head', 'giaa-ridge: penalty=4']",
+    cfg = load_config(None, [("eval.finetune=['giaa-finetune@10: adam lr=0.001 steps=7 params=all', "
+                             "'giaa-finetune: sgd lr=0.2 steps=3 params=head', 'giaa-ridge: penalty=4']"),
                              "eval.finetune_lr=0.5", "eval.finetune_steps=20"])
     model = build_model(cfg.model)
     at10 = finetune_budget(cfg, model, "giaa-finetune", 10)
