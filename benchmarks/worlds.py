@@ -205,10 +205,10 @@ def report(data: dict) -> None:
             print(f"  {r['world']:<11} {m:<14} " + "; ".join(f"{k} shots: {t}" for k, t in sorted(by_k.items())))
 
 
-def _load() -> dict:
+def _load(out_dir: Path = OUT_DIR) -> dict:
     worlds = {}
     for name in WORLDS:
-        path = OUT_DIR / f"{name}.json"
+        path = out_dir / f"{name}.json"
         if path.is_file():
             worlds[name] = json.loads(path.read_text())
     return {"benchmark": "worlds", "worlds": worlds}
@@ -223,10 +223,12 @@ def main() -> int:
     p.add_argument("--params", nargs="+", default=["head", "all"], choices=["head", "all"],
                    help="eval.search_params of the search (full-network candidates dominate its CPU time)")
     p.add_argument("--work", default="/tmp/piaa-worlds", help="where the worlds' datasets are kept")
+    p.add_argument("--results", default=str(OUT_DIR), help="folder of the per-world JSON files")
     p.add_argument("--report", action="store_true", help="only print the table from saved results")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    data = _load()
+    out_dir = Path(args.results)
+    data = _load(out_dir)
     if not args.report:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
@@ -235,8 +237,8 @@ def main() -> int:
             print(f"world {name}: {WORLDS[name][2]}", flush=True)
             data["worlds"][name] = run_world(name, work, args.steps, args.giaa_steps, args.repeats,
                                              tuple(args.params))
-            OUT_DIR.mkdir(parents=True, exist_ok=True)
-            (OUT_DIR / f"{name}.json").write_text(json.dumps(data["worlds"][name], indent=1) + "\n")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{name}.json").write_text(json.dumps(data["worlds"][name], indent=1) + "\n")
             s = summarize(data["worlds"][name])
             print(f"  done in {time.perf_counter() - t0:.0f}s: blg-piaa {s['blg-piaa@10']:.3f} / "
                   f"{s['blg-piaa@100']:.3f}; strongest baseline {s.get('best@10')} {s.get('diff@10', 0):+.3f} / "
