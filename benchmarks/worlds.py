@@ -205,6 +205,90 @@ def report(data: dict) -> None:
             print(f"  {r['world']:<11} {m:<14} " + "; ".join(f"{k} shots: {t}" for k, t in sorted(by_k.items())))
 
 
+README_START = "<!-- worlds-table:start -->"
+README_END = "<!-- worlds-table:end -->"
+
+
+def markdown(data: dict) -> str:
+    """The README block: every method on every world, the strongest baseline at each shot count
+    with ``blg-piaa``'s paired margin, the ceilings, and the settings chosen on validation users."""
+    from piaa_dist.results import EvaluationResult
+
+    names = [w for w in WORLDS if w in data["worlds"]]
+    if not names:
+        return "(no worlds measured yet: run `python benchmarks/worlds.py`)"
+    first = data["worlds"][names[0]]
+    out = [(f"Measured by `benchmarks/worlds.py --params {' '.join(first.get('search_params', ['head', 'all']))}` "
+           f"(CPU config, {first['steps']} meta-steps, GIAA {first['giaa_steps']} steps, {first['repeats']} repeats "
+           "per test user; generated, not typed). Mean test SROCC at 10 / 100 shots:"), ""]
+    out.append("| world | " + " | ".join(f"`{m}`" for m in METHODS) + " | average-user ceiling (95% CI) | oracle |")
+    out.append("|---|" + "---|" * (len(METHODS) + 2))
+    results = {w: EvaluationResult.from_dict(data["worlds"][w]["result"]) for w in names}
+    for w in names:
+        res = results[w]
+        cells = []
+        for m in METHODS:
+            a, b = res.stats(m, 10), res.stats(m, 100)
+            cells.append(f"{a.srocc_mean:.3f} / {b.srocc_mean:.3f}" if a and b else "–")
+        c, ci = res.ceilings, (res.ceilings_ci95 or {}).get("average_user")
+        ceil = f"{c.average_user:.3f}" + (f" ({ci[0]:.3f} … {ci[1]:.3f})" if ci else "") if c else "–"
+        oracle = f"{c.oracle:.3f}" if c else "–"
+        out.append(f"| {w}: {WORLDS[w][2]} | " + " | ".join(cells) + f" | {ceil} | {oracle} |")
+    out += ["", ("`blg-piaa` minus the strongest baseline (highest mean test SROCC among the baselines at "
+                 "that shot count: reporting, not model selection), paired 95% CI over test users, test users won:"),
+            ""]
+    out.append("| world | 10 shots | 100 shots |")
+    out.append("|---|---|---|")
+    wins = {10: [], 100: []}
+    for w in names:
+        cells = []
+        for k in (10, 100):
+            found = results[w].strongest_baseline(k)
+            if not found:
+                cells.append("–")
+                continue
+            name, d = found
+            wins[k].append(d)
+            ci = f"{d.ci95[0]:+.3f} … {d.ci95[1]:+.3f}" if d.ci95 else "n/a"
+            cells.append(f"`{name}`: {d.diff_mean:+.3f} ({ci}; {d.users_better}/{d.n_users})")
+        out.append(f"| {w} | " + " | ".join(cells) + " |")
+    out.append("")
+    for k in (10, 100):
+        ds = wins[k]
+        if ds:
+            sig = sum(1 for d in ds if d.ci95 and d.ci95[0] > 0)
+            out.append(f"- {k} shots: `blg-piaa` beats the strongest baseline on {sum(d.diff_mean > 0 for d in ds)} of "
+                       f"{len(ds)} worlds, with the whole 95% CI above 0 on {sig}; margin "
+                       f"{min(d.diff_mean for d in ds):+.3f} … {max(d.diff_mean for d in ds):+.3f}.")
+    out += ["", ("The same models under the paper's shared budget (`eval.protocol=shared`: 20 SGD steps at lr 0.5, "
+            "head only, for every method), mean test SROCC at 10 / 100 shots:"), "",
+            "| world | `blg-piaa` | `giaa-finetune` |", "|---|---|---|"]
+    for w in names:
+        sh = data["worlds"][w]["shared"]
+        out.append(f"| {w} | " + " | ".join(
+            f"{sh[m]['10']:.3f} / {sh[m]['100']:.3f}" for m in ("blg-piaa", "giaa-finetune")) + " |")
+    out += ["", "Fine-tuning settings chosen on the 8 validation users (never test users):", "",
+            "| world | method | 10 shots | 100 shots |", "|---|---|---|---|"]
+    for w in names:
+        ch = results[w].finetune
+        for m, by_k in (ch.chosen.items() if ch else []):
+            out.append(f"| {w} | `{m}` | {by_k.get(10, '–').partition(': ')[2]} | "
+                       f"{by_k.get(100, '–').partition(': ')[2]} |")
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Put `block` between the README's worlds-table markers (False: no markers)."""
+    import re
+
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{block.strip()}\n{README_END}", text))
+    return True
+
+
 def _load(out_dir: Path = OUT_DIR) -> dict:
     worlds = {}
     for name in WORLDS:
@@ -225,6 +309,7 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/piaa-worlds", help="where the worlds' datasets are kept")
     p.add_argument("--results", default=str(OUT_DIR), help="folder of the per-world JSON files")
     p.add_argument("--report", action="store_true", help="only print the table from saved results")
+    p.add_argument("--readme", help="also write the Markdown table between this README's worlds-table markers")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out_dir = Path(args.results)
@@ -244,6 +329,11 @@ def main() -> int:
                   f"{s['blg-piaa@100']:.3f}; strongest baseline {s.get('best@10')} {s.get('diff@10', 0):+.3f} / "
                   f"{s.get('best@100')} {s.get('diff@100', 0):+.3f}", flush=True)
     report(data)
+    if args.readme:
+        if not update_readme(Path(args.readme), markdown(data)):
+            print(f"{args.readme}: no {README_START} ... {README_END} markers; nothing changed", file=sys.stderr)
+            return 2
+        print(f"{args.readme}: worlds table replaced")
     return 0
 
 
