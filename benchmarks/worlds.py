@@ -205,10 +205,6 @@ def report(data: dict) -> None:
             print(f"  {r['world']:<11} {m:<14} " + "; ".join(f"{k} shots: {t}" for k, t in sorted(by_k.items())))
 
 
-README_START = "<!-- worlds-table:start -->"
-README_END = "<!-- worlds-table:end -->"
-
-
 def markdown(data: dict) -> str:
     """The README block: every method on every world, the strongest baseline at each shot count
     with ``blg-piaa``'s paired margin, the ceilings, and the settings chosen on validation users."""
@@ -277,15 +273,17 @@ def markdown(data: dict) -> str:
     return "\n".join(out)
 
 
-def update_readme(readme: Path, block: str) -> bool:
-    """Put `block` between the README's worlds-table markers (False: no markers)."""
+def update_readme(readme: Path, block: str, name: str = "worlds") -> bool:
+    """Put `block` between the README's ``<!-- NAME-table:start/end -->`` markers (NAME: the
+    results folder's name, so each grid's table has its place); False when there are none."""
     import re
 
+    start, end = f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
     text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.DOTALL)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{block.strip()}\n{README_END}", text))
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{block.strip()}\n{end}", text))
     return True
 
 
@@ -330,8 +328,9 @@ def main() -> int:
                   f"{s.get('best@100')} {s.get('diff@100', 0):+.3f}", flush=True)
     report(data)
     if args.readme:
-        if not update_readme(Path(args.readme), markdown(data)):
-            print(f"{args.readme}: no {README_START} ... {README_END} markers; nothing changed", file=sys.stderr)
+        if not update_readme(Path(args.readme), markdown(data), out_dir.name):
+            print(f"{args.readme}: no <!-- {out_dir.name}-table:start --> ... end markers; nothing changed",
+                  file=sys.stderr)
             return 2
         print(f"{args.readme}: worlds table replaced")
     return 0
