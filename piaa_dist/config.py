@@ -103,7 +103,12 @@ OPTIMIZERS = ("sgd", "adam")
 INNER_PARAMS = ("all", "head")
 BN_MODES = ("batch", "running")
 BACKBONES = ("convnet", "resnet18")
-METHOD_NAMES = ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt")
+METHOD_NAMES = ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-ridge")
+#: How fine-tuning methods get their budget at evaluation: each its own, chosen on validation
+#: users ("per-method"), or the one ``eval.finetune_*`` budget for all (the paper's, "shared").
+EVAL_PROTOCOLS = ("per-method", "shared")
+#: Which parameters a fine-tuning setting adapts.
+FINETUNE_PARAMS = ("head", "all")
 GPU_CHOICES = ("auto", "yes", "no")
 ALLREDUCE_DTYPES = ("float64", "float32")
 LR_SCHEDULES = ("step", "cosine")
@@ -282,6 +287,89 @@ def model_alias(v: str) -> str:
             f"must be an alias of letters, digits, '_' and '-' other than 'latest' and 'v<N>' "
             f"(or empty); got {v!r}"
         )
+    return v
+
+
+#: What a fine-tuning setting may name (``eval.finetune``), and its value types.
+_SETTING_KEYS = {"lr": float, "steps": int, "params": str, "penalty": float}
+
+
+def parse_finetune_setting(text: str) -> tuple[str, int | None, dict[str, Any]]:
+    """Parse one ``eval.finetune`` entry: ``METHOD[@K]: [sgd|adam] key=value ...``.
+
+    Keys: ``lr`` (> 0), ``steps`` (>= 0), ``params`` (``head`` or ``all``) for a fine-tuned
+    method; ``penalty`` (> 0, relative: see ``piaa_dist.protocol.ridge_fit``) for ``giaa-ridge``.
+    The optimizer is a bare word (default ``sgd``).
+
+    Returns:
+        ``(method, k or None, {"optimizer", "lr", "steps", "params"} or {"penalty"})``.
+
+    Raises:
+        RuleError: anything else, saying what.
+    """
+    head, sep, rest = str(text).partition(":")
+    if not sep:
+        raise RuleError(f"expected 'METHOD[@K]: key=value ...', got {_show(text)}")
+    method, at, k_text = head.strip().partition("@")
+    if method not in METHOD_NAMES:
+        raise RuleError(f"unknown method {method!r} in {_show(text)}; known: {', '.join(METHOD_NAMES)}")
+    k = None
+    if at:
+        try:
+            k = int(k_text)
+        except ValueError:
+            raise RuleError(f"expected a shot count after '@', got {_show(k_text)} in {_show(text)}") from None
+        if k < 1:
+            raise RuleError(f"shot count must be >= 1, got {k} in {_show(text)}")
+    values: dict[str, Any] = {}
+    for word in rest.split():
+        if "=" not in word:
+            if word not in OPTIMIZERS:
+                raise RuleError(f"unknown optimizer {word!r} in {_show(text)}; use one of {OPTIMIZERS}")
+            values["optimizer"] = word
+            continue
+        key, _, raw = word.partition("=")
+        if key not in _SETTING_KEYS:
+            raise RuleError(f"unknown key {key!r} in {_show(text)}; known: {', '.join(_SETTING_KEYS)}")
+        try:
+            value = _SETTING_KEYS[key](raw)
+        except ValueError:
+            raise RuleError(f"{key}: expected a {_SETTING_KEYS[key].__name__}, got {raw!r} in {_show(text)}") from None
+        if key in ("lr", "penalty") and not (math.isfinite(value) and value > 0):
+            raise RuleError(f"{key} must be > 0, got {raw} in {_show(text)}")
+        if key == "steps" and value < 0:
+            raise RuleError(f"steps must be >= 0, got {raw} in {_show(text)}")
+        if key == "params" and value not in FINETUNE_PARAMS:
+            raise RuleError(f"params must be one of {FINETUNE_PARAMS}, got {raw!r} in {_show(text)}")
+        values[key] = value
+    if method == "giaa-ridge":
+        if set(values) != {"penalty"}:
+            raise RuleError(f"giaa-ridge takes exactly 'penalty=...', got {_show(text)}")
+    elif method.endswith("no-adapt"):
+        raise RuleError(f"{method} is not fine-tuned: it takes no setting ({_show(text)})")
+    else:
+        missing = sorted({"lr", "steps", "params"} - set(values))
+        if missing or "penalty" in values:
+            raise RuleError(f"a fine-tuning setting needs lr, steps and params (and no penalty); "
+                            f"missing {missing} in {_show(text)}")
+        values.setdefault("optimizer", "sgd")
+    return method, k, values
+
+
+def finetune_setting(v: str) -> str:
+    """An ``eval.finetune`` entry that :func:`parse_finetune_setting` reads."""
+    parse_finetune_setting(v)
+    return v
+
+
+def distinct_setting_keys(v: tuple) -> tuple:
+    """No ``METHOD[@K]`` given twice in ``eval.finetune``."""
+    seen: set = set()
+    for text in v:
+        method, k, _ = parse_finetune_setting(text)
+        if (method, k) in seen:
+            raise RuleError(f"sets {method}{'' if k is None else f'@{k}'} twice")
+        seen.add((method, k))
     return v
 
 
@@ -520,8 +608,23 @@ class EvalConfig(_Section):
     finetune_bn: str = setting("batch", one_of(*BN_MODES))  #: BatchNorm while fine-tuning: "batch" (as the inner loop) or "running"
     batch_size: int = setting(100, at_least(1))
     methods: tuple[str, ...] = setting(
-        ("blg-piaa", "meta-no-adapt", "giaa-finetune"), non_empty, each(one_of(*METHOD_NAMES)), distinct
+        ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-ridge"),
+        non_empty, each(one_of(*METHOD_NAMES)), distinct,
     )
+    #: "per-method": each fine-tuning method gets the setting chosen for it on validation users
+    #: (from the search grid below, the same grid and budget for every method) or given in
+    #: ``eval.finetune``; "shared": the paper's protocol, the ``finetune_*`` budget for every method
+    protocol: str = setting("per-method", one_of(*EVAL_PROTOCOLS))
+    #: explicit per-method settings, e.g. ``["giaa-finetune@10: adam lr=0.001 steps=20 params=all",
+    #: "giaa-ridge: penalty=10"]`` (``METHOD[@K]: ...``; see :func:`parse_finetune_setting`); a
+    #: method (and shot count) given here is not searched
+    finetune: tuple[str, ...] = setting((), each(finetune_setting), distinct_setting_keys)
+    search_sgd_lrs: tuple[float, ...] = setting((0.05, 0.2, 0.5, 2.0), each(positive))  #: SGD rates of the search grid
+    search_adam_lrs: tuple[float, ...] = setting((0.001, 0.01), each(positive))  #: Adam rates of the search grid
+    search_steps: tuple[int, ...] = setting((5, 20, 50), non_empty, each(at_least(1)), distinct)  #: step counts of the search grid
+    search_params: tuple[str, ...] = setting(("head", "all"), non_empty, each(one_of(*FINETUNE_PARAMS)), distinct)  #: parameters adapted, searched
+    search_ridge: tuple[float, ...] = setting((0.01, 0.1, 1.0, 10.0, 100.0), non_empty, each(positive))  #: relative ridge penalties of giaa-ridge, searched
+    search_repeats: int = setting(2, at_least(1))  #: random splits per validation user and k in the search
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,28 @@ Methods (all in one run, on the same splits):
 * ``blg-piaa``: the meta-learner fine-tuned on the k shots;
 * ``meta-no-adapt``: the meta-learner as is (what the prior alone knows about a new user);
 * ``giaa-finetune``: the generic model (:mod:`piaa_dist.giaa`) fine-tuned on the same k shots;
-* ``giaa-no-adapt`` (optional): the generic model as is.
+* ``giaa-no-adapt``: the generic model as is;
+* ``giaa-ridge``: a ridge regression on the k shots over the generic model's frozen backbone
+  features (:func:`piaa_dist.protocol.ridge_fit`), its penalty chosen on validation users.
 
-Every fine-tuned method gets the same budget, built by :func:`piaa_dist.protocol.finetune_budget`
-(the one function ``personalize`` and meta-training validation use too): ``eval.finetune_steps``
-steps of ``eval.finetune_optimizer`` at ``eval.finetune_lr`` on minibatches of
-``eval.batch_size``, adapting the parameters ``meta.inner_params`` names (the head's rate scaled
-by ``meta.inner_head_lr_scale``, as in the inner loop), with BatchNorm as ``eval.finetune_bn``
-says and the same random stream (minibatch order, dropout masks) per split
-(:func:`finetune_seed`). Scores come from :class:`piaa_dist.protocol.Scorer`. The only
-difference between ``blg-piaa`` and ``giaa-finetune`` is therefore the prior they start from.
+Fine-tuning budgets come from :func:`piaa_dist.protocol.finetune_budget` (the one function
+``personalize`` and meta-training validation use too), per method and shot count:
+
+* ``eval.protocol: shared`` (the paper's protocol): every fine-tuned method gets the same
+  budget, ``eval.finetune_steps`` steps of ``eval.finetune_optimizer`` at ``eval.finetune_lr``,
+  adapting the parameters ``meta.inner_params`` names (the head's rate scaled by
+  ``meta.inner_head_lr_scale``, as in the inner loop). That budget is tuned for how the
+  meta-learner adapts, and can be destructive for a prior never trained to be adapted so.
+* ``eval.protocol: per-method`` (the default): each method gets its own setting from
+  ``eval.finetune`` (``METHOD@K: OPTIMIZER lr=.. steps=.. params=head|all``). The ``evaluate``
+  command fills it by :func:`search_finetuning`: the same grid (``eval.search_*``) and the
+  same number of candidates for every fine-tuned method, each scored by mean SROCC on the
+  **validation users** (training users held out of meta-training and of the GIAA model's
+  training), never on test users. A method without a setting gets the shared budget.
+
+In both, every split runs the same random stream (minibatch order, dropout masks) for every
+method (:func:`finetune_seed`), on minibatches of ``eval.batch_size`` with BatchNorm as
+``eval.finetune_bn`` says, and scores come from :class:`piaa_dist.protocol.Scorer`.
 
 Metrics per (user, k, r): SROCC and PLCC between the predictions and the observed scores of
 the test images. Aggregates (an :class:`piaa_dist.results.EvaluationResult`): ``srocc_mean``
@@ -39,8 +51,8 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,8 +63,15 @@ from piaa_dist.config import JobConfig, config_to_dict
 from piaa_dist.data.decode import decode_batch
 from piaa_dist.data.stream import split_indices
 from piaa_dist.metrics import mean_ci95, plcc, srocc
-from piaa_dist.protocol import Scorer, finetune_budget, score_targets
-from piaa_dist.results import EvaluationResult, PairedDiff, ShotStats
+from piaa_dist.protocol import (
+    RIDGE_METHODS,
+    FinetuneBudget,
+    Scorer,
+    budget_of_setting,
+    finetune_budget,
+    score_targets,
+)
+from piaa_dist.results import EvaluationResult, FinetuneChoice, PairedDiff, ShotStats
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +90,9 @@ METHODS: dict[str, MethodSpec] = {
     "meta-no-adapt": MethodSpec("meta", False),
     "giaa-finetune": MethodSpec("giaa", True),
     "giaa-no-adapt": MethodSpec("giaa", False),
+    # A per-user ridge regression on the GIAA model's frozen backbone features (closed form,
+    # penalty chosen on validation users): the linear baseline of the PIAA literature.
+    "giaa-ridge": MethodSpec("giaa", True),
 }
 
 #: The method every other method is compared against in ``paired``.
@@ -156,6 +178,31 @@ def ceilings(dataset, users: Sequence[str]) -> metrics.Ceilings | None:
     return metrics.ceilings(triples)
 
 
+def ceilings_ci95(truths: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                  ) -> dict[str, tuple[float, float] | None]:
+    """95% t-interval over users of the oracle and average-user ceilings.
+
+    The per-user values are those :func:`piaa_dist.metrics.ceilings` averages (the same rule:
+    users whose ratings are all equal are left out), so the interval is around the reported
+    ceiling. None for a ceiling whose interval cannot be formed (fewer than two users).
+    """
+    per: dict[str, list[float]] = {"oracle": [], "average_user": []}
+    for latent, average, observed in truths:
+        obs = np.asarray(observed, dtype=np.float64)
+        if obs.size < 2 or np.ptp(obs) == 0.0:
+            continue
+        per["oracle"].append(float(srocc(np.asarray(latent, dtype=np.float64), obs)))
+        per["average_user"].append(float(srocc(np.asarray(average, dtype=np.float64), obs)))
+    out: dict[str, tuple[float, float] | None] = {}
+    for name, values in per.items():
+        if len(values) < 2:
+            out[name] = None
+            continue
+        _, lo, hi = mean_ci95(values)
+        out[name] = (float(lo), float(hi))
+    return out
+
+
 def standard_models(
     meta: nn.Module | None, giaa: nn.Module | None, methods: Iterable[str]
 ) -> dict[str, nn.Module]:
@@ -203,6 +250,16 @@ class UserOutcome:
     truth: tuple[np.ndarray, np.ndarray, np.ndarray] | None
 
 
+def method_budgets(cfg: JobConfig, models: Mapping[str, nn.Module],
+                   shots: Sequence[int]) -> dict[str, dict[int, FinetuneBudget]]:
+    """method → k → its budget (:func:`~piaa_dist.protocol.finetune_budget` of the method at k)."""
+    return {name: {int(k): finetune_budget(cfg, m, name, int(k)) for k in shots} for name, m in models.items()}
+
+
+def _budget_at(budget: FinetuneBudget | Mapping[int, FinetuneBudget], k: int) -> FinetuneBudget:
+    return budget if isinstance(budget, FinetuneBudget) else budget[int(k)]
+
+
 def _adapts(name: str) -> bool:
     return METHODS[name].adapt if name in METHODS else not name.endswith("no-adapt")
 
@@ -229,7 +286,8 @@ def evaluate_user(
         ratings: the user's ratings (``Dataset.load_user``).
         models: method name → prior (see :func:`evaluate`).
         shots, repeats, seed: the protocol.
-        budgets: method → :func:`~piaa_dist.protocol.finetune_budget` (computed when None).
+        budgets: method → k → :func:`~piaa_dist.protocol.finetune_budget` (computed by
+            :func:`method_budgets` when None; a method may map to one budget for every k).
         on_split: called with every method's :class:`SplitPrediction`.
         on_repeat: called after each repeat (progress).
 
@@ -237,7 +295,7 @@ def evaluate_user(
         The user's :class:`UserOutcome`.
     """
     user = ratings.user
-    budgets = budgets if budgets is not None else {n: finetune_budget(cfg, m) for n, m in models.items()}
+    budgets = budgets if budgets is not None else method_budgets(cfg, models, shots)
     names = list(models)
     n = len(ratings.scores)
     scores = np.asarray(ratings.scores, dtype=np.float64)
@@ -249,7 +307,10 @@ def evaluate_user(
     # One scorer per method over all of this user's images: a method that does not adapt
     # is predicted once, a head-only one computes its backbone features once; each split
     # then reads off its test images.
-    scorers = {name: Scorer(m, budgets[name], images) for name, m in models.items()}
+    # A scorer per (method, k) when the budget depends on k; they share the prior's caches.
+    base = {name: Scorer(m, _budget_at(budgets[name], shots[0] if shots else 0), images)
+            for name, m in models.items()}
+    scorers = {(name, k): base[name].with_budget(_budget_at(budgets[name], k)) for name in names for k in shots}
     for r in range(repeats):
         for k in shots:
             if n - k < _MIN_TEST:
@@ -263,7 +324,7 @@ def evaluate_user(
             support = (images[tr], targets[tr])
             ft_seed = finetune_seed(seed, user, k, r)
             for name in names:
-                pred = scorers[name].score(support if _adapts(name) else None, seed=ft_seed)[te]
+                pred = scorers[name, k].score(support if _adapts(name) else None, seed=ft_seed)[te]
                 if on_split is not None:
                     on_split(SplitPrediction(name, user, k, r, ft_seed, tr, te, pred))
                 s, p, bad = _rank_metrics(pred, scores[te])
@@ -299,7 +360,7 @@ def evaluate_users(
 
     The unit of work the orchestration layer runs remotely on a chunk of users.
     """
-    budgets = {n: finetune_budget(cfg, m) for n, m in models.items()}
+    budgets = method_budgets(cfg, models, shots)
     return [
         evaluate_user(cfg, dataset.load_user(user), models, shots=shots, repeats=repeats, seed=seed,
                       budgets=budgets, on_split=on_split, on_repeat=on_repeat)
@@ -391,11 +452,13 @@ def merge_outcomes(
 
     truths = [o.truth for o in ordered]
     ceil = None if not truths or any(t is None for t in truths) else metrics.ceilings(truths)
+    ceil_ci = None if ceil is None else ceilings_ci95(truths)
     return EvaluationResult(
         methods=methods_out,
         reference=reference,
         paired=paired,
         ceilings=ceil,
+        ceilings_ci95=ceil_ci,
         users=tuple(users),
         skipped=skipped,
         shots=tuple(shots),
@@ -468,6 +531,217 @@ def evaluate(
                           seed=seed, seconds=time.perf_counter() - t0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Choosing each method's fine-tuning on validation users
+
+
+def finetune_grid(cfg: JobConfig) -> list[dict[str, object]]:
+    """The candidates of the fine-tuning search, in a fixed order (ties go to the first):
+    ``eval.search_params`` × (SGD at ``eval.search_sgd_lrs``, Adam at ``eval.search_adam_lrs``),
+    each at every count of ``eval.search_steps`` (one run of the longest scores them all)."""
+    ev = cfg.eval
+    return [{"optimizer": opt, "lr": float(lr), "params": params}
+            for params in ev.search_params
+            for opt, lrs in (("sgd", ev.search_sgd_lrs), ("adam", ev.search_adam_lrs))
+            for lr in lrs]
+
+
+def setting_text(method: str, k: int, values: Mapping[str, object]) -> str:
+    """One ``eval.finetune`` entry (``METHOD@K: ...``) for a setting."""
+    if "penalty" in values:
+        return f"{method}@{int(k)}: penalty={float(values['penalty'])!r}"
+    return (f"{method}@{int(k)}: {values.get('optimizer', 'sgd')} lr={float(values['lr'])!r} "  # type: ignore[arg-type]
+            f"steps={int(values['steps'])} params={values['params']}")  # type: ignore[call-overload]
+
+
+def _explicit(cfg: JobConfig) -> dict[tuple[str, int | None], str]:
+    from piaa_dist.config import parse_finetune_setting
+
+    return {parse_finetune_setting(t)[:2]: t for t in cfg.eval.finetune}
+
+
+def search_plan(cfg: JobConfig, methods: Iterable[str], shots: Sequence[int]) -> dict[str, list[int]]:
+    """method → the shot counts whose setting the search chooses: every fine-tuned method under
+    ``eval.protocol: per-method`` (``giaa-ridge``'s penalty under either protocol), except
+    where ``eval.finetune`` already gives a setting (for ``METHOD@K`` or ``METHOD``)."""
+    given = _explicit(cfg)
+    plan: dict[str, list[int]] = {}
+    for name in methods:
+        if not _adapts(name) or (name not in RIDGE_METHODS and cfg.eval.protocol != "per-method"):
+            continue
+        ks = [int(k) for k in shots if (name, int(k)) not in given and (name, None) not in given]
+        if ks:
+            plan[name] = ks
+    return plan
+
+
+def search_user(cfg: JobConfig, ratings, models: Mapping[str, nn.Module], plan: Mapping[str, Sequence[int]],
+                *, repeats: int, seed: int) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """Every candidate of the search on one (validation) user: method → k → setting → SROCC of
+    each repeat. The splits and fine-tuning streams are :func:`evaluate_user`'s (functions of
+    ``(seed, user, k, repeat)``), scored through the same :class:`~piaa_dist.protocol.Scorer`."""
+    ev = cfg.eval
+    n = len(ratings.scores)
+    scores = np.asarray(ratings.scores, dtype=np.float64)
+    images = decode_user(ratings, cfg.data.image_size)
+    targets = score_targets(scores)
+    grid = finetune_grid(cfg)
+    steps = sorted({int(x) for x in ev.search_steps})
+    out: dict[str, dict[int, dict[str, list[float]]]] = {m: {} for m in plan}
+    scorers = {m: Scorer(models[m], finetune_budget(cfg, models[m]), images) for m in plan}
+    for r in range(repeats):
+        for m, ks in plan.items():
+            for k in ks:
+                if n - k < _MIN_TEST:
+                    continue
+                tr, te = split_indices(n, k, seed=seed, user=ratings.user, repeat=r)
+                support = (images[tr], targets[tr])
+                ft_seed = finetune_seed(seed, ratings.user, k, r)
+                cell = out[m].setdefault(k, {})
+                if m in RIDGE_METHODS:
+                    for penalty in ev.search_ridge:
+                        budget = FinetuneBudget(steps=0, lr=0.0, batch_size=int(ev.batch_size), bn=ev.finetune_bn,
+                                                ridge=float(penalty))
+                        pred = scorers[m].with_budget(budget).score(support, seed=ft_seed)[te]
+                        cell.setdefault(setting_text(m, k, {"penalty": penalty}), []).append(
+                            _rank_metrics(pred, scores[te])[0])
+                    continue
+                for cand in grid:
+                    budget = budget_of_setting(cfg, models[m], {**cand, "steps": steps[-1]})
+                    preds = scorers[m].with_budget(budget).score_steps(support, steps, seed=ft_seed)
+                    for st in steps:
+                        text = setting_text(m, k, {**cand, "steps": st})
+                        cell.setdefault(text, []).append(_rank_metrics(preds[st][te], scores[te])[0])
+    return out
+
+
+def search_finetuning(
+    cfg: JobConfig,
+    dataset,
+    models: Mapping[str, nn.Module],
+    users: Sequence[str],
+    *,
+    shots: Sequence[int] | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+) -> FinetuneChoice:
+    """Choose each method's fine-tuning setting per shot count on `users` (validation users).
+
+    Every method of :func:`search_plan` is scored on the same grid (:func:`finetune_grid` ×
+    ``eval.search_steps``; ``eval.search_ridge`` for ``giaa-ridge``) with the same splits and
+    ``eval.search_repeats`` repeats; a setting's score is the mean over users of each user's
+    mean SROCC over repeats, and the highest wins (ties: the first in grid order). Only
+    `users`' ratings are read: the caller passes validation users (training users held out of
+    meta-training), never test users, so no test rating can sway a choice.
+
+    Returns:
+        The :class:`~piaa_dist.results.FinetuneChoice` (``source`` ``"search"``), with the
+        ``eval.finetune`` settings given in `cfg` as well (validation score None).
+
+    Raises:
+        ValueError: no users, or no user has enough ratings for a searched shot count.
+    """
+    import hashlib
+
+    shots, _, seed = protocol_of(cfg, shots, None, seed)
+    users = list(users)
+    plan = search_plan(cfg, models, shots)
+    repeats = int(cfg.eval.search_repeats)
+    if plan and not users:
+        raise ValueError("search_finetuning: no validation users to choose the fine-tuning settings on")
+    table: dict[str, dict[int, dict[str, list[float]]]] = {m: {} for m in plan}
+    bar = None
+    if progress and plan:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(users), desc="fine-tuning search (validation users)", unit="user")
+    try:
+        for user in users if plan else []:
+            got = search_user(cfg, dataset.load_user(user), models, plan, repeats=repeats, seed=seed)
+            for m, by_k in got.items():
+                for k, cands in by_k.items():
+                    for text, vals in cands.items():
+                        table[m].setdefault(k, {}).setdefault(text, []).append(float(np.mean(vals)))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    chosen: dict[str, dict[int, str]] = {}
+    val: dict[str, dict[int, float | None]] = {}
+    grid: dict[str, dict[int, dict[str, float]]] = {}
+    for m, ks in plan.items():
+        for k in ks:
+            cands = table[m].get(k)
+            if not cands:
+                raise ValueError(f"search_finetuning: none of the {len(users)} validation users has enough "
+                                 f"ratings for {k} shots (needs {k + _MIN_TEST})")
+            means = {text: float(np.mean(v)) for text, v in cands.items()}
+            best = max(means, key=lambda t: means[t])  # max keeps the first of equal scores
+            chosen.setdefault(m, {})[k] = best
+            val.setdefault(m, {})[k] = means[best]
+            grid.setdefault(m, {})[k] = means
+            log.info("fine-tuning of %s at %d shots: %s (validation SROCC %.4f on %d users)",
+                     m, k, best, means[best], len(users))
+    for (m, k), text in _explicit(cfg).items():
+        if m in models:
+            for kk in ([k] if k is not None else shots):
+                if int(kk) in shots:
+                    chosen.setdefault(m, {})[int(kk)] = text
+                    val.setdefault(m, {})[int(kk)] = None
+    return FinetuneChoice(
+        protocol=cfg.eval.protocol, source="search" if plan else "config", chosen=chosen,
+        validation_srocc=val, grid=grid, validation_users=len(users),
+        validation_sha256=hashlib.sha256("\n".join(sorted(users)).encode("utf-8")).hexdigest(),
+        repeats=repeats if plan else 0,
+    )
+
+
+def with_choice(cfg: JobConfig, choice: FinetuneChoice) -> JobConfig:
+    """`cfg` with the searched settings of `choice` added to ``eval.finetune`` (what
+    :func:`evaluate` then uses; the result's config records them)."""
+    from piaa_dist.config import with_overrides
+
+    given = set(cfg.eval.finetune)
+    extra = [t for t in choice.settings() if t not in given]
+    return with_overrides(cfg, {"eval.finetune": [*cfg.eval.finetune, *extra]}) if extra else cfg
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, shapes, values): the model's identity in the
+    search cache key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def search_key(cfg: JobConfig, models: Mapping[str, nn.Module], users: Sequence[str], data: str,
+               shots: Sequence[int], seed: int) -> str:
+    """The identity of a fine-tuning search: the priors (by :func:`model_digest`), the data,
+    the validation users, the grid and protocol (``eval``'s search fields, explicit settings,
+    BatchNorm mode, minibatch size), the shot counts and the seed. Equal keys, equal choice."""
+    import hashlib
+    import json
+
+    ev = cfg.eval
+    ident = {
+        "models": {m: model_digest(mod) for m, mod in sorted(models.items())},
+        "data": data, "users": hashlib.sha256("\n".join(sorted(users)).encode("utf-8")).hexdigest(),
+        "grid": {"protocol": ev.protocol, "finetune": list(ev.finetune), "sgd": list(ev.search_sgd_lrs),
+                 "adam": list(ev.search_adam_lrs), "steps": list(ev.search_steps),
+                 "params": list(ev.search_params), "ridge": list(ev.search_ridge),
+                 "repeats": ev.search_repeats, "bn": ev.finetune_bn, "batch_size": ev.batch_size,
+                 "image_size": cfg.data.image_size},
+        "shots": [int(k) for k in shots], "seed": int(seed), "version": 1,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
 def protocol_of(cfg: JobConfig, shots: Sequence[int] | None = None, repeats: int | None = None,
                 seed: int | None = None) -> tuple[list[int], int, int]:
     """``(shots, repeats, seed)``: the arguments given, else ``cfg.eval.shots``,
@@ -512,13 +786,23 @@ __all__ = [
     "SplitPrediction",
     "UserOutcome",
     "ceilings",
+    "ceilings_ci95",
     "decode_user",
     "evaluate",
     "evaluate_user",
     "evaluate_users",
+    "finetune_grid",
     "finetune_seed",
     "merge_outcomes",
+    "method_budgets",
+    "model_digest",
     "protocol_of",
+    "search_finetuning",
+    "search_key",
+    "search_plan",
+    "search_user",
+    "setting_text",
     "standard_models",
     "validation_srocc",
+    "with_choice",
 ]

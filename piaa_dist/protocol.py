@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piaa_dist.config import BN_MODES, ConfigError, JobConfig  # names validated at config load
+from piaa_dist.config import (  # names validated at config load
+    BN_MODES,
+    ConfigError,
+    JobConfig,
+)
 from piaa_dist.meta import OPTIMIZERS, adaptation_lrs
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ class FinetuneBudget:
             predictions.
         bn: BatchNorm mode while fine-tuning, ``"batch"`` or ``"running"`` (see :func:`finetune`).
         adapt_names: parameter names to adapt; None adapts all.
+        ridge: when set, no gradient steps: a ridge regression on the prior's frozen
+            backbone features of the shots, with this relative penalty (:func:`ridge_fit`),
+            replaces the head (the ``giaa-ridge`` baseline).
 
     Raises:
         ConfigError: an unknown optimizer or BatchNorm mode, negative steps, a batch size < 1.
@@ -67,6 +75,7 @@ class FinetuneBudget:
     batch_size: int = 100
     bn: str = "batch"
     adapt_names: frozenset[str] | None = None
+    ridge: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -77,6 +86,8 @@ class FinetuneBudget:
             raise ConfigError(f"eval.finetune_steps must be >= 0, got {self.steps}")
         if int(self.batch_size) < 1:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.ridge is not None and not (math.isfinite(float(self.ridge)) and float(self.ridge) > 0):
+            raise ConfigError(f"ridge penalty must be > 0, got {self.ridge}")
         if self.adapt_names is not None and not isinstance(self.adapt_names, frozenset):
             object.__setattr__(self, "adapt_names", frozenset(self.adapt_names))
 
@@ -94,18 +105,49 @@ class FinetuneBudget:
         )
 
 
-def finetune_budget(cfg: JobConfig, model: nn.Module) -> FinetuneBudget:
+#: ``giaa-ridge``'s relative penalty when nothing chose one (no validation search, no setting).
+DEFAULT_RIDGE_PENALTY = 1.0
+
+#: Methods that are a ridge regression on the prior's frozen features, not fine-tuned.
+RIDGE_METHODS = frozenset({"giaa-ridge"})
+
+
+def finetune_budget(cfg: JobConfig, model: nn.Module, method: str | None = None,
+                    shots: int | None = None) -> FinetuneBudget:
     """The fine-tuning budget of a config for `model`: the one function every caller uses.
 
-    ``eval.finetune_steps`` / ``finetune_lr`` / ``finetune_optimizer`` / ``finetune_bn`` and
-    ``eval.batch_size``; the parameters adapted and their per-parameter rates follow the inner
-    loop (:func:`piaa_dist.meta.adaptation_lrs` with base rate ``eval.finetune_lr``), so
-    ``meta.inner_params`` and ``meta.inner_head_lr_scale`` apply to every method alike.
+    The shared budget (``method`` None, ``eval.protocol: shared``, or a method with no
+    ``eval.finetune`` setting): ``eval.finetune_steps`` / ``finetune_lr`` /
+    ``finetune_optimizer`` / ``finetune_bn`` and ``eval.batch_size``; the parameters adapted and
+    their per-parameter rates follow the inner loop (:func:`piaa_dist.meta.adaptation_lrs` with
+    base rate ``eval.finetune_lr``), so ``meta.inner_params`` and ``meta.inner_head_lr_scale``
+    apply to every method alike.
+
+    Under ``eval.protocol: per-method``, a setting in ``eval.finetune`` for ``method@shots``
+    (else for ``method``) gives the optimizer, rate (one rate for every adapted parameter),
+    steps and parameters (``head`` or ``all``) instead; BatchNorm mode and minibatch size stay
+    ``eval.finetune_bn`` / ``eval.batch_size``. ``giaa-ridge`` gets its ``penalty`` setting
+    under either protocol (else :data:`DEFAULT_RIDGE_PENALTY`).
 
     Raises:
         ConfigError: an invalid ``eval`` or ``meta.inner_params`` setting.
     """
+    from piaa_dist.config import parse_finetune_setting
+
     ev = cfg.eval
+    setting = None
+    if method is not None:
+        found: dict[int | None, dict] = {}
+        for text in ev.finetune:
+            name, k, values = parse_finetune_setting(text)
+            if name == method:
+                found[k] = values
+        setting = found.get(None if shots is None else int(shots), found.get(None))
+    if method in RIDGE_METHODS:
+        penalty = float(setting["penalty"]) if setting else DEFAULT_RIDGE_PENALTY
+        return FinetuneBudget(steps=0, lr=0.0, batch_size=int(ev.batch_size), bn=ev.finetune_bn, ridge=penalty)
+    if setting is not None and ev.protocol == "per-method":
+        return budget_of_setting(cfg, model, setting)
     try:
         lr, adapt_names = adaptation_lrs(model, cfg.meta, ev.finetune_lr)
     except ValueError as err:
@@ -118,6 +160,19 @@ def finetune_budget(cfg: JobConfig, model: nn.Module) -> FinetuneBudget:
         bn=ev.finetune_bn,
         adapt_names=adapt_names,
     )
+
+
+def budget_of_setting(cfg: JobConfig, model: nn.Module, setting: Mapping[str, object]) -> FinetuneBudget:
+    """The budget of one per-method setting (``{"optimizer", "lr", "steps", "params"}``, as
+    :func:`piaa_dist.config.parse_finetune_setting` returns it): one rate for every adapted
+    parameter, ``params`` ``head`` (the head's parameters) or ``all``; BatchNorm mode and
+    minibatch size from ``cfg.eval``."""
+    from piaa_dist.model import head_names
+
+    adapt = frozenset(head_names(model)) if setting["params"] == "head" else None
+    return FinetuneBudget(steps=int(setting["steps"]), lr=float(setting["lr"]),
+                          optimizer=str(setting.get("optimizer", "sgd")), batch_size=int(cfg.eval.batch_size),
+                          bn=cfg.eval.finetune_bn, adapt_names=adapt)
 
 
 def score_targets(scores: Sequence[float] | np.ndarray) -> torch.Tensor:
@@ -142,6 +197,8 @@ def finetune(
     budget: FinetuneBudget,
     *,
     seed: int = 0,
+    stops: Collection[int] = (),
+    at_stop: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Fine-tune a copy of `model` on one user's shots (MSE on ``score / 5``).
 
@@ -165,6 +222,11 @@ def finetune(
             (:func:`score_targets`).
         budget: steps, rates, optimizer, minibatch size, BatchNorm mode, parameters to adapt.
         seed: seeds the minibatch order and dropout masks, so the same call gives the same model.
+        stops: step counts (<= ``budget.steps``) after which ``at_stop`` sees the model.
+        at_stop: called as ``at_stop(steps_done, model)`` with the model in eval mode, exactly as
+            a call with ``budget.steps = steps_done`` would return it (the random stream is
+            drawn step by step, so a run's first s steps *are* the s-step run): the search
+            over step counts costs one run of the longest.
 
     Returns:
         The fine-tuned copy, in eval mode.
@@ -228,10 +290,46 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            done = _ + 1
+            if at_stop is not None and done in stops and done < int(budget.steps):
+                tuned.eval()
+                with torch.random.fork_rng(devices=[]):  # whatever at_stop draws stays out of the stream
+                    at_stop(done, tuned)
+                tuned.train()
+                _freeze_bn_stats(tuned, running=(budget.bn == "running"))
     for p in tuned.parameters():
         p.requires_grad_(True)
     tuned.eval()
+    if at_stop is not None and int(budget.steps) in stops:
+        at_stop(int(budget.steps), tuned)
     return tuned
+
+
+def ridge_fit(features: np.ndarray, targets: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
+    """Ridge regression with an unpenalized intercept, in closed form (float64).
+
+    With ``Xc = X - mean(X)`` and ``yc = y - mean(y)`` over the k rows, the penalty is relative
+    to the features' spread so that one grid fits any feature scale:
+    ``lambda = penalty * ||Xc||_F^2 / k`` (the mean squared distance of a shot's features from
+    their mean), and ``w = (Xc^T Xc + lambda I)^-1 Xc^T yc``, ``b = mean(y) - mean(X) . w``.
+
+    Args:
+        features: ``[k, d]`` the shots' features.
+        targets: ``[k]`` their targets (``score / 5``).
+        penalty: relative penalty, > 0.
+
+    Returns:
+        ``(w [d], b)``; predictions are ``features @ w + b``.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    mx, my = x.mean(axis=0), float(y.mean())
+    xc, yc = x - mx, y - my
+    lam = float(penalty) * float((xc * xc).sum()) / max(1, x.shape[0])
+    if lam <= 0.0:  # every shot has the same features: nothing to regress on
+        return np.zeros(x.shape[1]), my
+    w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ yc)
+    return w, my - float(mx @ w)
 
 
 @torch.no_grad()
@@ -289,9 +387,12 @@ class Scorer:
     split's test images out of :meth:`score`; ``personalize`` makes one over the images to
     rank. Both therefore run the very same computation on the same tensors.
 
-    When the budget adapts the head only, the backbone's eval-mode features of the images are
-    computed once (on first use) and every fine-tuned model is scored from them: the backbone
-    is the same for every split, and it holds almost all of the compute.
+    When the budget adapts the head only (or is a ridge regression on the backbone's
+    features), the backbone's eval-mode features of the images are computed once (on first
+    use) and every fine-tuned model is scored from them: the backbone is the same for every
+    split, and it holds almost all of the compute. :meth:`with_budget` gives a scorer of the
+    same prior and images under another budget that shares these caches (the search over
+    fine-tuning settings, a budget per shot count).
 
     Args:
         model: the prior (left untouched).
@@ -303,8 +404,33 @@ class Scorer:
         self.model = model
         self.budget = budget
         self.images = images
-        self._static: np.ndarray | None = None
-        self._features: torch.Tensor | None = None
+        # Shared with every with_budget() copy: predictions of the prior as is, and the
+        # backbone's features of the images (both independent of the budget).
+        self._cache: dict[str, object] = {}
+
+    def with_budget(self, budget: FinetuneBudget) -> Scorer:
+        """A scorer of the same prior and images under `budget`, sharing the cached prior
+        predictions and backbone features."""
+        other = Scorer(self.model, budget, self.images)
+        other._cache = self._cache
+        return other
+
+    def _features(self) -> torch.Tensor:
+        if "features" not in self._cache:
+            self._cache["features"] = _backbone_features(self.model, self.images, self.budget.batch_size)
+        return self._cache["features"]  # type: ignore[return-value]
+
+    def _predict_tuned(self, tuned: nn.Module) -> np.ndarray:
+        if _FIXED_FEATURES and self.budget.head_only(self.model):
+            return _predict_head(tuned, self._features())
+        return predict(tuned, self.images, self.budget.batch_size)
+
+    def _ridge(self, support: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+        # The shots' features are computed from their images (eval mode, as the features of
+        # the images scored), so the fit sees exactly what a caller with only the shots has.
+        x = _backbone_features(self.model, support[0], self.budget.batch_size).double().numpy()
+        w, b = ridge_fit(x, support[1].double().numpy(), float(self.budget.ridge))
+        return self._features().double().numpy() @ w + b
 
     def score(
         self, support: tuple[torch.Tensor, torch.Tensor] | None = None, *, seed: int = 0
@@ -320,23 +446,51 @@ class Scorer:
             float64 array ``[N]``.
         """
         if support is None:
-            if self._static is None:
-                self._static = predict(self.model, self.images, self.budget.batch_size)
-            return self._static
+            if "static" not in self._cache:
+                self._cache["static"] = predict(self.model, self.images, self.budget.batch_size)
+            return self._cache["static"]  # type: ignore[return-value]
+        if self.budget.ridge is not None:
+            return self._ridge(support)
         tuned = finetune(self.model, support, self.budget, seed=seed)
-        if _FIXED_FEATURES and self.budget.head_only(self.model):
-            if self._features is None:
-                self._features = _backbone_features(self.model, self.images, self.budget.batch_size)
-            return _predict_head(tuned, self._features)
-        return predict(tuned, self.images, self.budget.batch_size)
+        return self._predict_tuned(tuned)
+
+    def score_steps(
+        self, support: tuple[torch.Tensor, torch.Tensor], steps: Sequence[int], *, seed: int = 0
+    ) -> dict[int, np.ndarray]:
+        """:meth:`score` after each of `steps` fine-tuning steps, from one run of the longest.
+
+        Equal, bit for bit, to ``with_budget(replace(budget, steps=s)).score(support, seed=seed)``
+        for every s (see :func:`finetune`'s ``stops``).
+
+        Returns:
+            step count → float64 array ``[N]``.
+        """
+        wanted = sorted({int(s) for s in steps})
+        out: dict[int, np.ndarray] = {}
+        if wanted and wanted[0] <= 0:
+            raise ValueError(f"score_steps: step counts must be >= 1, got {wanted}")
+        run = FinetuneBudget(steps=wanted[-1], lr=self.budget.lr, optimizer=self.budget.optimizer,
+                             batch_size=self.budget.batch_size, bn=self.budget.bn,
+                             adapt_names=self.budget.adapt_names)
+        scorer = self.with_budget(run)
+
+        def keep(done: int, tuned: nn.Module) -> None:
+            out[done] = scorer._predict_tuned(tuned)
+
+        finetune(self.model, support, run, seed=seed, stops=set(wanted), at_stop=keep)
+        return out
 
 
 __all__ = [
     "BN_MODES",
+    "DEFAULT_RIDGE_PENALTY",
+    "RIDGE_METHODS",
     "FinetuneBudget",
     "Scorer",
+    "budget_of_setting",
     "finetune",
     "finetune_budget",
     "predict",
+    "ridge_fit",
     "score_targets",
 ]

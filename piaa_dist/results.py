@@ -18,10 +18,20 @@ JSON (``to_json`` / ``from_json``, ``save`` / ``load``), schema version 2::
      "users": [USER, ...], "skipped": {"K": [USER, ...]}, "shots": [K, ...],
      "repeats", "seed", "config": {section: {...}}, "seconds",
      "model": str | null, "data": str | null, "giaa": str | null,
-     "dataset_version": str | null, "giaa_key": str | null, "giaa_model": str | null}
+     "dataset_version": str | null, "giaa_key": str | null, "giaa_model": str | null,
+     "ceilings_ci95": {"oracle": [lo, hi] | null, "average_user": [lo, hi] | null} | null,
+     "finetune": {"protocol", "source", "chosen": {METHOD: {"K": SETTING}},
+                  "validation_srocc": {METHOD: {"K": score}},
+                  "grid": {METHOD: {"K": {SETTING: score}}}, "validation_users",
+                  "validation_sha256", "repeats", "key", "note"} | null}
 
-The last three keys were added to schema 2 later, as optional keys: a file without them (written
-before) reads with them as null. ``dataset_version`` is the dataset version evaluated,
+The last five keys were added to schema 2 later, as optional keys: a file without them (written
+before) reads with them as null. ``ceilings_ci95`` is the 95% t-interval over users of each
+ceiling (how sure the ceiling is on this finite sample of test users). ``finetune``
+(:class:`FinetuneChoice`) is how each method's fine-tuning setting was chosen: the setting
+(``eval.finetune`` syntax) per method and shot count, the mean validation SROCC it scored and
+that of every candidate of the grid, on which validation users (count and SHA-256: training
+users held out of meta-training, never test users). ``dataset_version`` is the dataset version evaluated,
 ``giaa_key`` the identity of the GIAA baseline (the hash of what it was trained from, see
 :mod:`piaa_dist.orchestration.baselines`) and ``giaa_model`` the registered baseline used
 (``models:/piaa-giaa/N``), so two results that name the same ``giaa_key`` compared their
@@ -110,6 +120,69 @@ class PairedDiff:
 
 
 @dataclass(frozen=True)
+class FinetuneChoice:
+    """How the fine-tuning settings of an evaluation were chosen (never on test users).
+
+    Attributes:
+        protocol: ``"per-method"`` (each method its own setting) or ``"shared"`` (the paper's:
+            the ``eval.finetune_*`` budget for every fine-tuned method).
+        source: ``"search"`` (searched on validation users now), ``"cache"`` (a search of the
+            same model, data, users and grid, reused), ``"config"`` (every setting given in
+            ``eval.finetune``) or ``"none"`` (nothing to choose, see ``note``).
+        chosen: method → k → the setting used (``eval.finetune`` syntax).
+        validation_srocc: method → k → mean validation SROCC of the chosen setting (None: given,
+            not searched).
+        grid: method → k → setting → mean validation SROCC of every candidate searched.
+        validation_users: how many validation users scored the candidates.
+        validation_sha256: SHA-256 of their sorted IDs.
+        repeats: random splits per validation user and k.
+        key: the search's identity (model, data, users, grid, protocol), or None.
+        note: why nothing was searched, when so.
+    """
+
+    protocol: str
+    source: str
+    chosen: dict[str, dict[int, str]] = field(default_factory=dict)
+    validation_srocc: dict[str, dict[int, float | None]] = field(default_factory=dict)
+    grid: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    validation_users: int = 0
+    validation_sha256: str = ""
+    repeats: int = 0
+    key: str | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chosen", {m: {int(k): str(v) for k, v in by.items()}
+                                            for m, by in self.chosen.items()})
+        object.__setattr__(self, "validation_srocc", {m: {int(k): (None if v is None else float(v))
+                                                              for k, v in by.items()}
+                                                      for m, by in self.validation_srocc.items()})
+        object.__setattr__(self, "grid", {m: {int(k): {str(t): float(v) for t, v in c.items()}
+                                              for k, c in by.items()} for m, by in self.grid.items()})
+
+    def settings(self) -> tuple[str, ...]:
+        """The chosen settings as ``eval.finetune`` entries (``METHOD@K: ...``)."""
+        return tuple(text for by_k in self.chosen.values() for text in by_k.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (shot counts as string keys)."""
+        return {
+            "protocol": self.protocol, "source": self.source,
+            "chosen": {m: {str(k): v for k, v in by.items()} for m, by in self.chosen.items()},
+            "validation_srocc": {m: {str(k): v for k, v in by.items()} for m, by in self.validation_srocc.items()},
+            "grid": {m: {str(k): dict(c) for k, c in by.items()} for m, by in self.grid.items()},
+            "validation_users": self.validation_users, "validation_sha256": self.validation_sha256,
+            "repeats": self.repeats, "key": self.key, "note": self.note,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneChoice:
+        """The inverse of :meth:`to_dict` (use :meth:`EvaluationResult.from_json` for checked
+        reading of a result file)."""
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
 class EvaluationResult:
     """What one run of the meta-testing protocol measured (see the module docstring).
 
@@ -129,6 +202,10 @@ class EvaluationResult:
         dataset_version: the dataset version evaluated (None when not known).
         giaa_key: the GIAA baseline's identity (None when it has none: a folder given by hand).
         giaa_model: the registered GIAA baseline (``models:/piaa-giaa/N``), when it is one.
+        ceilings_ci95: ceiling name (``oracle``, ``average_user``) → 95% t-interval over the
+            test users (None: not formed, e.g. one user), or None without ceilings.
+        finetune: how each method's fine-tuning setting was chosen (:class:`FinetuneChoice`),
+            or None (a result written before it was recorded, or a bare protocol run).
     """
 
     schema_version: ClassVar[int] = SCHEMA_VERSION
@@ -150,6 +227,8 @@ class EvaluationResult:
     dataset_version: str | None = None
     giaa_key: str | None = None
     giaa_model: str | None = None
+    ceilings_ci95: dict[str, tuple[float, float] | None] | None = None
+    finetune: FinetuneChoice | None = None
 
     def __post_init__(self) -> None:
         # The JSON form of the config (lists, not tuples), so that a result read back from its
@@ -158,6 +237,10 @@ class EvaluationResult:
         object.__setattr__(self, "users", tuple(self.users))
         object.__setattr__(self, "shots", tuple(int(k) for k in self.shots))
         object.__setattr__(self, "skipped", {int(k): tuple(v) for k, v in self.skipped.items()})
+        if self.ceilings_ci95 is not None:
+            object.__setattr__(self, "ceilings_ci95", {
+                str(n): (None if ci is None else (float(ci[0]), float(ci[1])))
+                for n, ci in self.ceilings_ci95.items()})
 
     # -----------------------------------------------------------------------------------------
     # Reading
@@ -169,6 +252,33 @@ class EvaluationResult:
     def paired_with(self, other: str, shots: int) -> PairedDiff | None:
         """``reference − other`` at `shots`, or None."""
         return self.paired.get(other, {}).get(int(shots))
+
+    def baselines(self) -> list[str]:
+        """Every method but the reference, in evaluation order."""
+        return [m for m in self.methods if m != self.reference]
+
+    def strongest_baseline(self, shots: int) -> tuple[str, PairedDiff] | None:
+        """The baseline with the highest mean test SROCC at `shots`, and ``reference − it``.
+
+        Picking the strongest by its *test* score is reporting (the comparison is made against
+        whichever baseline did best, the hardest one to beat), not model selection: nothing is
+        tuned on it. Ties go to the first baseline in evaluation order. None without a
+        reference or a paired baseline at `shots`.
+        """
+        best: tuple[float, str] | None = None
+        for name in self.baselines():
+            cell, diff = self.stats(name, shots), self.paired_with(name, shots)
+            if cell is None or diff is None:
+                continue
+            if best is None or cell.srocc_mean > best[0]:
+                best = (cell.srocc_mean, name)
+        if best is None:
+            return None
+        return best[1], self.paired_with(best[1], shots)  # type: ignore[return-value]
+
+    def with_finetune(self, finetune: FinetuneChoice | None) -> EvaluationResult:
+        """A copy that records how the fine-tuning settings were chosen."""
+        return dataclasses.replace(self, finetune=finetune)
 
     def with_sources(self, *, model: str | None = None, data: str | None = None,
                      giaa: str | None = None, dataset_version: str | None = None,
@@ -213,6 +323,9 @@ class EvaluationResult:
             "dataset_version": self.dataset_version,
             "giaa_key": self.giaa_key,
             "giaa_model": self.giaa_model,
+            "ceilings_ci95": None if self.ceilings_ci95 is None else {
+                n: (None if ci is None else list(ci)) for n, ci in self.ceilings_ci95.items()},
+            "finetune": None if self.finetune is None else self.finetune.to_dict(),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -270,7 +383,8 @@ _V1_KEYS = {"methods", "paired", "ceilings", "users", "skipped", "shots", "repea
             "config", "seconds"}
 _V1_OPTIONAL = {"model", "data", "giaa"}
 #: added to schema 2 later: absent in files written before
-_V2_OPTIONAL = {"dataset_version", "giaa_key", "giaa_model"}
+_V2_OPTIONAL = {"dataset_version", "giaa_key", "giaa_model", "ceilings_ci95", "finetune"}
+_FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneChoice)}
 _STATS_KEYS = {f.name for f in dataclasses.fields(ShotStats)}
 _PAIRED_KEYS = {"diff_mean", "ci95", "n_users", "users_better"}
 _CEILING_KEYS = {f.name for f in dataclasses.fields(Ceilings)}
@@ -375,6 +489,50 @@ class _Reader:
                         users=self.integer(m["users"], f"{where}.users"),
                         constant_users=self.integer(m["constant_users"], f"{where}.constant_users"))
 
+    def interval(self, value: Any, where: str) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) != 2:
+            raise self.fail(where, f"expected [low, high] or null, got {value!r}")
+        return (self.number(value[0], where), self.number(value[1], where))
+
+    def ceilings_ci(self, value: Any, where: str) -> dict[str, tuple[float, float] | None] | None:
+        if value is None:
+            return None
+        m = self.mapping(value, where, set(), {"oracle", "average_user"})
+        return {str(n): self.interval(ci, f"{where}.{n}") for n, ci in m.items()}
+
+    def by_method_k(self, value: Any, where: str, cell: Any) -> dict[str, dict[int, Any]]:
+        return {str(m): {self.shots_key(k, f"{where}.{m}"): cell(v, f"{where}.{m}.{k}")
+                         for k, v in self.mapping(by, f"{where}.{m}").items()}
+                for m, by in self.mapping(value, where).items()}
+
+    def string(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, f"expected a string, got {value!r}")
+        return value
+
+    def finetune(self, value: Any, where: str) -> FinetuneChoice | None:
+        if value is None:
+            return None
+        m = self.mapping(value, where, _FINETUNE_KEYS)
+        return FinetuneChoice(
+            protocol=self.string(m["protocol"], f"{where}.protocol"),
+            source=self.string(m["source"], f"{where}.source"),
+            chosen=self.by_method_k(m["chosen"], f"{where}.chosen", self.string),
+            validation_srocc=self.by_method_k(
+                m["validation_srocc"], f"{where}.validation_srocc",
+                lambda v, w: None if v is None else self.number(v, w)),
+            grid=self.by_method_k(m["grid"], f"{where}.grid",
+                                  lambda v, w: {str(t): self.number(x, f"{w}.{t}")
+                                                for t, x in self.mapping(v, w).items()}),
+            validation_users=self.integer(m["validation_users"], f"{where}.validation_users"),
+            validation_sha256=self.string(m["validation_sha256"], f"{where}.validation_sha256"),
+            repeats=self.integer(m["repeats"], f"{where}.repeats"),
+            key=self.optional_str(m["key"], f"{where}.key"),
+            note=self.string(m["note"], f"{where}.note"),
+        )
+
     def result(self, data: Any) -> EvaluationResult:
         top = self.mapping(data, "top level")
         version = top.get("schema_version", 1)
@@ -459,6 +617,8 @@ class _Reader:
             dataset_version=self.optional_str(top.get("dataset_version"), "dataset_version"),
             giaa_key=self.optional_str(top.get("giaa_key"), "giaa_key"),
             giaa_model=self.optional_str(top.get("giaa_model"), "giaa_model"),
+            ceilings_ci95=self.ceilings_ci(top.get("ceilings_ci95"), "ceilings_ci95"),
+            finetune=self.finetune(top.get("finetune"), "finetune"),
         )
 
 
@@ -466,6 +626,7 @@ __all__ = [
     "READABLE_VERSIONS",
     "SCHEMA_VERSION",
     "EvaluationResult",
+    "FinetuneChoice",
     "PairedDiff",
     "ResultFormatError",
     "ShotStats",

@@ -61,7 +61,7 @@ def test_cli_mechanics_on_the_tiny_world(tiny_world, tiny_dataset_url, tmp_path,
     assert other["methods"]["blg-piaa"]["4"]["per_user"] != first["methods"]["blg-piaa"]["4"]["per_user"]
 
     # Shape of the JSON.
-    assert set(first["methods"]) == {"blg-piaa", "meta-no-adapt", "giaa-finetune"}
+    assert set(first["methods"]) == {"blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-ridge"}
     test_users = sorted(json.loads((tiny_world / "world.json").read_text())["users"],
                         key=lambda u: u["worker"])
     test_ids = {u["worker"] for u in test_users if u["split"] == "test"}

@@ -13,9 +13,12 @@ Stages (each shown with a progress line and timed):
    winning configuration refit to full length, registered and promoted to ``champion`` only if
    it beats the trained meta-learner on the same validation users (champion/challenger, see
    :mod:`piaa_dist.orchestration.promotion`; the stage says which and why);
-6. meta-testing of ``blg-piaa`` against ``meta-no-adapt`` and ``giaa-finetune`` at 10 and 100
-   shots (the model is pulled back from the registry by its alias; the GIAA baseline is the
-   dataset's registered one, trained with the demo config's budget);
+6. meta-testing of ``blg-piaa`` against every baseline (``meta-no-adapt``, ``giaa-finetune``,
+   ``giaa-no-adapt``, ``giaa-ridge``) at 10 and 100 shots, each fine-tuned method with the
+   setting chosen for it on the validation users (``eval.protocol: per-method``); the table
+   ends with ``blg-piaa`` against the strongest baseline at each shot count (the model is
+   pulled back from the registry by its alias; the GIAA baseline is the dataset's registered
+   one, trained with the demo config's budget);
 7. personalization of one test user from 10 of their ratings;
 8. ``report.md`` with the results table, plots and the commands to look further.
 

@@ -143,10 +143,17 @@ def write_report(out_dir: str | Path, sections: Mapping[str, Any]) -> Path:
     md = [f"# {sections.get('title', 'piaa-dist demo report')}", ""]
     md += list(sections.get("summary", [])) + [""]
     if sections.get("results"):
+        res = sections["results"]
+        how = ("each fine-tuned method (and the ridge penalty) with the setting chosen for it on "
+               "validation users, never test users (`eval.protocol: per-method`)"
+               if res.finetune is not None and res.finetune.protocol == "per-method" else
+               "every fine-tuned method with the same budget (`eval.protocol: shared`, the paper's protocol)")
         md += ["## Results on the test users", "",
                "SROCC between predicted and observed ratings of each test user's held-out images, "
-               "mean over users ± spread over repeated random splits.", "",
-               markdown_table(sections["results"]), ""]
+               "mean over users ± spread over repeated random splits; " + how + ". Under the table, "
+               "`blg-piaa` against the strongest baseline at each shot count, with the paired 95% CI "
+               "and the test users it wins on; the ceilings carry their 95% CI over test users.", "",
+               markdown_table(res), ""]
     for caption, rel in (sections.get("plots") or {}).items():
         md += [f"### {caption}", "", f"![{caption}]({rel})", ""]
     if sections.get("personalization"):

@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from piaa_dist.data.synth import WorldSummary
     from piaa_dist.orchestration.promotion import Promotion, ValidationSet
     from piaa_dist.orchestration.tracking import RunLogger
-    from piaa_dist.results import EvaluationResult
+    from piaa_dist.results import EvaluationResult, FinetuneChoice
 
 log = logging.getLogger(__name__)
 
@@ -1107,7 +1107,7 @@ def evaluate(
     from piaa_dist.checkpoint import load_model
     from piaa_dist.config import config_from_dict, config_to_dict, parse_overrides
     from piaa_dist.data.stream import Dataset
-    from piaa_dist.evaluate import METHODS, standard_models
+    from piaa_dist.evaluate import METHODS, standard_models, with_choice
     from piaa_dist.evaluate import evaluate as run_protocol
     from piaa_dist.model import select_device
 
@@ -1145,7 +1145,16 @@ def evaluate(
     models = standard_models(meta, prior.model, cfg.eval.methods)
     if not models:
         raise UserError("evaluate: no method to run (check eval.methods)")
-    result = run_protocol(cfg, dataset, models, shots=shots, repeats=repeats, seed=seed, progress=progress)
+    cache_uri = None
+    if mlflow:
+        from piaa_dist.orchestration.tracking import tracking_uri
+
+        cache_uri = tracking_uri(mlflow_uri or cfg.run.mlflow_uri or "")
+    choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
+                              cache_uri=cache_uri, progress=progress)
+    result = run_protocol(with_choice(cfg, choice), dataset, models, shots=shots, repeats=repeats, seed=seed,
+                          progress=progress)
+    result = result.with_finetune(choice)
     result = result.with_sources(model=str(model) if _is_registry_ref(model) else str(folder),
                                  data=str(data), giaa=prior.source,
                                  dataset_version=getattr(dataset, "version_id", None) or None,
@@ -1158,12 +1167,90 @@ def evaluate(
         tags = {"piaa_dist.kind": "evaluate", "piaa_dist.model": str(model), "piaa_dist.data": str(data)}
         if prior.key:
             tags.update({"piaa_dist.giaa_key": prior.key, "piaa_dist.giaa_model": prior.registered or ""})
+        tags.update({"piaa_dist.finetune_protocol": choice.protocol, "piaa_dist.finetune_source": choice.source,
+                     "piaa_dist.finetune_key": choice.key or ""})
         with RunLogger(cfg.run.experiment, uri=mlflow_uri or cfg.run.mlflow_uri or "", run_name="evaluate",
                        rank=0, tags=tags) as run:
-            run.log_params(cfg)
+            run.log_params(with_choice(cfg, choice))
+            run.log_params({f"finetune.{m}.k{k}": text.partition(": ")[2]
+                            for m, by_k in choice.chosen.items() for k, text in by_k.items()})
+            run.log_dict(choice.to_dict(), "eval/finetune_choice.json")
             run.log_evaluation(result)
             log.info("logged the evaluation to MLflow run %s (%s)", run.run_id, run.uri)
     return result
+
+
+#: Tag of the MLflow run that holds a fine-tuning search (its identity, ``search_key``).
+TAG_FINETUNE_KEY = "piaa_dist.finetune_search_key"
+_SEARCH_ARTIFACT = "finetune_search.json"
+
+
+def _finetune_choice(cfg: JobConfig, model_cfg: JobConfig, dataset: Any, models: Mapping[str, Any], *,
+                     shots: Sequence[int] | None, seed: int | None, data: str, cache_uri: str | None,
+                     progress: bool) -> FinetuneChoice:
+    """Each method's fine-tuning setting for this evaluation, chosen on validation users.
+
+    The validation users are the meta-learner's held-out training users (its config's
+    ``data.validation_users`` and ``run.seed``; the GIAA baseline is trained without them too),
+    never test users. With MLflow (``cache_uri``) the search is cached: a run tagged with its
+    :func:`~piaa_dist.evaluate.search_key` (priors, data version, users, grid, shots, seed)
+    holds the choice, and a later evaluation with the same key reuses it. Without validation
+    users nothing can be chosen honestly: the shared budget is used, and the result says so.
+    """
+    from piaa_dist.evaluate import protocol_of, search_finetuning, search_key, search_plan
+    from piaa_dist.results import FinetuneChoice
+    from piaa_dist.train import validation_users
+
+    shots_l, _, seed_v = protocol_of(cfg, shots, None, seed)
+    plan = search_plan(cfg, models, shots_l)
+    if not plan:
+        return search_finetuning(cfg, dataset, models, [], shots=shots_l, seed=seed_v)
+    users = validation_users(model_cfg, dataset)
+    if not users:
+        note = ("no validation users (the meta-learner's data.validation_users is 0): every fine-tuned "
+                "method gets the shared eval.finetune_* budget and giaa-ridge the default penalty")
+        log.warning("evaluate: %s; nothing is chosen on test users", note)
+        return FinetuneChoice(protocol=cfg.eval.protocol, source="none", note=note)
+    version = getattr(dataset, "version_id", None) or str(getattr(dataset, "url", data))
+    key = search_key(cfg, {m: models[m] for m in plan}, users, version, shots_l, seed_v)
+    if cache_uri:
+        found = _cached_search(cache_uri, cfg.run.experiment, key)
+        if found is not None:
+            log.info("fine-tuning settings from the cached search %s", key[:12])
+            return dataclasses.replace(found, source="cache", key=key)
+    log.info("choosing each method's fine-tuning on %d validation users (%s)", len(users),
+             ", ".join(f"{m}@{ks}" for m, ks in plan.items()))
+    choice = dataclasses.replace(search_finetuning(cfg, dataset, models, users, shots=shots_l, seed=seed_v,
+                                          progress=progress), key=key)
+    if cache_uri:
+        from piaa_dist.orchestration.tracking import RunLogger
+
+        with RunLogger(cfg.run.experiment, uri=cache_uri, run_name="finetune-search", rank=0,
+                       tags={"piaa_dist.kind": "finetune-search", TAG_FINETUNE_KEY: key,
+                             "piaa_dist.data": data}) as run:
+            run.log_dict(choice.to_dict(), _SEARCH_ARTIFACT)
+    return choice
+
+
+def _cached_search(uri: str, experiment: str, key: str) -> FinetuneChoice | None:
+    """The choice of a finished search run tagged with `key`, or None."""
+    import json
+    import tempfile
+
+    from piaa_dist.orchestration import tracking
+    from piaa_dist.results import FinetuneChoice
+
+    mlflow_client = tracking.client(uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow_client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_FINETUNE_KEY}` = '{key}' "
+                                     "and attributes.status = 'FINISHED'", max_results=1)
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory(prefix="piaa-search-") as tmp:
+        path = mlflow_client.download_artifacts(runs[0].info.run_id, _SEARCH_ARTIFACT, tmp)
+        return FinetuneChoice.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass(frozen=True)
