@@ -189,17 +189,29 @@ def _two_ranks(fn):
     the second hands every rank the sum of both. ``fn`` is deterministic, so this is what a
     concurrent all-reduce would give.
     """
-    sent: list = [None, None]
+    # Every reduce call of a rank, in order (a step hook reduces more than once, and what it
+    # sends second depends on what the first call returned: the validation shares, then rank
+    # 0's combined score for the early-stopping decision). Passes repeat, each answering every
+    # call with the sum of what both ranks sent in the previous pass, until the ranks send what
+    # they sent before: then every call got what a concurrent all-reduce would have given.
+    sums: list = []
+    for _ in range(5):
+        sent: list[list] = [[], []]
 
-    def record(rank):
-        def reduce(t):
-            sent[rank] = t.clone()
-            return t
-        return reduce
+        def reduce_of(rank, sent=sent, sums=sums):
+            def reduce(t):
+                i = len(sent[rank])
+                sent[rank].append(t.clone())
+                return sums[i].clone() if i < len(sums) else t
+            return reduce
 
-    for rank in (0, 1):
-        fn(rank, record(rank))
-    return [fn(rank, lambda t: sent[0] + sent[1]) for rank in (0, 1)]
+        results = [fn(rank, reduce_of(rank)) for rank in (0, 1)]
+        assert len(sent[0]) == len(sent[1]), "the ranks made different numbers of collective calls"
+        new_sums = [a + b for a, b in zip(sent[0], sent[1], strict=True)]
+        if len(new_sums) == len(sums) and all(torch.equal(x, y) for x, y in zip(new_sums, sums, strict=True)):
+            return results
+        sums = new_sums
+    raise AssertionError("the emulated all-reduce did not settle")
 
 
 def test_validation_spread_over_two_ranks_equals_one_rank(dataset):
