@@ -201,3 +201,27 @@ def test_more_workers_than_the_cluster_has_cpus_is_a_clear_error(ray_session, ev
     with pytest.raises(NotEnoughCPUs, match="3 Ray worker"):
         ingest_distributed("flickr-aes", tiny_world, str(tmp_path / "x"), workers=3)
     assert not Path(tmp_path / "x" / POINTER).exists()
+
+
+def test_cli_evaluate_workers_are_ray_workers_with_the_in_process_numbers(ray_session, eval_setup,
+                                                                          tiny_dataset_url, tmp_path):
+    """``piaa-dist evaluate --workers 2`` spreads the test users over Ray workers and gives the
+    numbers of ``--workers 0`` (the fine-tuning choice travels to the workers in the config)."""
+    import json
+
+    from piaa_dist.checkpoint import save_model
+    from piaa_dist.cli import main as cli_main
+
+    cfg, models, _, _ = eval_setup
+    folder = save_model(tmp_path / "model", models["blg-piaa"], cfg, {"kind": "test"})
+    common = ["evaluate", "--model", str(folder), "--data", tiny_dataset_url, "--no-mlflow", "--no-progress",
+              "--shots", "4", "--repeats", "2", "eval.methods=[blg-piaa,meta-no-adapt]"]
+    numbers = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}.json"
+        assert cli_main(common[:1] + ["--workers", str(workers), "--json", str(out)] + common[1:]) == 0
+        d = json.loads(out.read_text())
+        d.pop("seconds")
+        numbers[workers] = d
+    assert numbers[2] == numbers[0]
+    assert numbers[0]["methods"]["blg-piaa"]

@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mlflow", action="store_true",
                         help="do not log the result to MLflow (models:/ references still resolve)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Ray workers the test users are spread over; 0 evaluates in this process (default)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster for --workers (default $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. eval.finetune_steps=20")
 
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         shots=args.shots, repeats=args.repeats, seed=args.seed, config=args.config,
         overrides=args.overrides, s3_endpoint=args.s3_endpoint, mlflow_uri=args.mlflow_uri,
         mlflow=not args.no_mlflow, json_out=args.json, progress=not args.no_progress,
+        workers=args.workers, ray_address=args.ray_address,
     )
     print(format_table(result))
     if result.giaa:

@@ -281,7 +281,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         summary["registry"] = {"name": name, "version": version, "alias": champion, "source": best_from,
                                "val_srocc": best_score, "message": promotion.message}
 
-        with stages.stage(f"meta-testing at {', '.join(map(str, settings.shots))} shots"):
+        with stages.stage(f"meta-testing at {', '.join(map(str, settings.shots))} shots "
+                          f"({settings.workers} Ray workers)"):
             eval_json = out / "evaluate.json"
             giaa_dir = trained.model_dir / "giaa"
             # The demo config is the evaluation's: its protocol and its GIAA budget.
@@ -289,7 +290,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 data=data_url, model=champion, shots=settings.shots, repeats=settings.repeats,
                 json_out=eval_json, s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri,
                 giaa=giaa_dir if (giaa_dir / WEIGHTS_FILE).is_file() else None,
-                config=settings.config, overrides=settings.overrides,
+                config=settings.config, overrides=settings.overrides, workers=settings.workers,
             )
             print(presentation.format_table(result_eval))
             summary["evaluate"] = str(eval_json)

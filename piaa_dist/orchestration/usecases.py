@@ -1064,6 +1064,8 @@ def evaluate(
     mlflow: bool = True,
     json_out: str | Path | None = None,
     progress: bool = True,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> EvaluationResult:
     """Run the meta-testing protocol on the test users.
 
@@ -1094,6 +1096,9 @@ def evaluate(
             baseline (registry references still resolve).
         json_out: also write the result JSON here.
         progress: progress bars.
+        workers: Ray workers the test users are spread over (0 = in this process): the same
+            numbers either way.
+        ray_address: Ray cluster for ``workers`` (default ``$RAY_ADDRESS``, else a local Ray).
 
     Returns:
         The result; its ``model``, ``data``, ``dataset_version``, ``giaa``, ``giaa_key`` and
@@ -1108,7 +1113,6 @@ def evaluate(
     from piaa_dist.config import config_from_dict, config_to_dict, parse_overrides
     from piaa_dist.data.stream import Dataset
     from piaa_dist.evaluate import METHODS, standard_models, with_choice
-    from piaa_dist.evaluate import evaluate as run_protocol
     from piaa_dist.model import select_device
 
     folder = resolve_model_ref(model, mlflow_uri=mlflow_uri)
@@ -1152,8 +1156,13 @@ def evaluate(
         cache_uri = tracking_uri(mlflow_uri or cfg.run.mlflow_uri or "")
     choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
                               cache_uri=cache_uri, progress=progress)
-    result = run_protocol(with_choice(cfg, choice), dataset, models, shots=shots, repeats=repeats, seed=seed,
-                          progress=progress)
+    from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
+
+    # `workers` Ray workers, or this process (0): the same numbers either way (tested). The
+    # fine-tuning choice travels inside the config every worker receives.
+    result = evaluate_distributed(with_choice(cfg, choice), dataset, models, workers=workers,
+                                  ray_address=ray_address, shots=shots, repeats=repeats, seed=seed,
+                                  progress=progress)
     result = result.with_finetune(choice)
     result = result.with_sources(model=str(model) if _is_registry_ref(model) else str(folder),
                                  data=str(data), giaa=prior.source,
