@@ -27,7 +27,9 @@ demo: $(STAMP)
 readme-results: $(STAMP)
 	$(BIN)/python -m piaa_dist.orchestration.report $(OUT)/readme-results.md README.md
 
+# Lint first (ruff, configured in pyproject.toml): a lint error fails the test command, and CI.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)

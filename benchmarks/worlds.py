@@ -57,10 +57,12 @@ WORLDS: dict[str, tuple[str, dict, str]] = {
     "base": ("synth", {"users": 64, "images": 1600, "seed": 11}, "64 users, seed 11"),
     "more-users": ("synth", {"users": 96, "images": 2000, "seed": 22}, "96 users, 2,000 images"),
     "noisy": ("synth", {"users": 64, "images": 1600, "seed": 33, "noise_sd": 0.8}, "rating noise 0.8 (default 0.45)"),
-    "personal": ("synth", {"users": 64, "images": 1600, "seed": 44, "personal_sd": 0.4, "archetype_strength": (0.4, 0.8)},
+    "personal": ("synth", {"users": 64, "images": 1600, "seed": 44, "personal_sd": 0.4,
+                           "archetype_strength": (0.4, 0.8)},
                  "weaker archetypes, stronger personal taste"),
-    "scale-1-10": ("scale", {"users": 64, "images": 1600, "seed": 55, "score_range": (1, 10), "test_fraction": 0.2,
-                                 "ratings_median": 190.0, "ratings_sigma": 0.15, "ratings_min": 130, "ratings_max": 260},
+    "scale-1-10": ("scale", {"users": 64, "images": 1600, "seed": 55, "score_range": (1, 10),
+                             "test_fraction": 0.2, "ratings_median": 190.0, "ratings_sigma": 0.15,
+                             "ratings_min": 130, "ratings_max": 260},
                    "ratings log on a 1-10 scale"),
 }
 

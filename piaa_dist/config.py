@@ -547,7 +547,8 @@ class DataConfig(_Section):
     shots: int = setting(10, at_least(1))  #: support-set size of a meta-training task
     query_size: int = setting(20, at_least(1))  #: query-set size of a meta-training task
     augment: bool = True  #: random flip + crop on support images (as the reference code)
-    validation_users: int = setting(8, at_least(0))  #: training users held out for validation (Tune's metric); never test users
+    #: training users held out for validation (Tune's metric); never test users
+    validation_users: int = setting(8, at_least(0))
     cache_users: int = setting(4096, at_least(0))  #: decoded users a rank keeps in memory (LRU; 0 = none)
 
 
@@ -561,11 +562,14 @@ class ModelConfig(_Section):
     # backbone=resnet18, feature_dim=1000, head_hidden=[1024, 512], dropout=0.5
     # (piaa_dist.model.PAPER_MODEL).
     backbone: str = setting("convnet", one_of(*BACKBONES))  #: "convnet" (small, CPU) or "resnet18" (the paper's)
-    pretrained: str = setting("auto", weights_source)  #: "auto" (torch hub cache if present), "required" (the cache file must exist), "none", or a weights file path
+    #: "auto" (torch hub cache if present), "required" (the cache file must exist), "none", or a weights file
+    #: path
+    pretrained: str = setting("auto", weights_source)
     width: int = setting(32, at_least(1))  #: channels of the convnet backbone
     conv_blocks: int = setting(4, at_least(1))  #: conv3x3-BN-ReLU-maxpool blocks of the convnet backbone
     feature_dim: int = setting(128, at_least(1))  #: backbone output size fed to the head (the paper: 1000)
-    head_hidden: tuple[int, ...] = setting((64, 32), each(at_least(1)))  #: hidden sizes of the head MLP (the paper: 1024, 512)
+    #: hidden sizes of the head MLP (the paper: 1024, 512)
+    head_hidden: tuple[int, ...] = setting((64, 32), each(at_least(1)))
     dropout: float = setting(0.2, in_range(0.0, 1.0, hi_open=True))  #: head dropout (the paper: 0.5)
 
 
@@ -579,12 +583,14 @@ class MetaConfig(_Section):
     inner_steps: int = setting(5, at_least(1))  #: adaptation steps on the support set
     inner_lr: float = setting(0.01, positive)  #: step size of the inner loop
     inner_optimizer: str = setting("sgd", one_of(*OPTIMIZERS))  #: "sgd" or "adam" (differentiable, functional)
-    inner_params: str = setting("all", one_of(*INNER_PARAMS))  #: "all" or "head": which parameters the inner loop adapts
+    #: "all" or "head": which parameters the inner loop adapts
+    inner_params: str = setting("all", one_of(*INNER_PARAMS))
     inner_head_lr_scale: float = setting(1.0, positive)  #: head inner lr = inner_lr × this (reference code: 10)
     meta_batch: int = setting(4, at_least(1))  #: user tasks per meta-step (the paper's 4)
     meta_lr: float = setting(1e-3, positive)  #: outer (meta) learning rate
     meta_steps: int = setting(300, at_least(1))  #: number of meta-updates
-    lr_decay: float = setting(1.0, in_range(0.0, 1.0, lo_open=True))  #: multiplicative meta-lr decay per `decay_every` steps
+    #: multiplicative meta-lr decay per `decay_every` steps
+    lr_decay: float = setting(1.0, in_range(0.0, 1.0, lo_open=True))
     decay_every: int = setting(100, at_least(1))
     #: "step" (× lr_decay every decay_every steps) or "cosine" (meta_lr → lr_floor × meta_lr over meta_steps)
     lr_schedule: str = setting("step", one_of(*LR_SCHEDULES))
@@ -605,7 +611,8 @@ class EvalConfig(_Section):
     finetune_steps: int = setting(20, at_least(0))  #: fine-tuning budget, the same for every method (0 = none)
     finetune_lr: float = setting(0.01, positive)
     finetune_optimizer: str = setting("sgd", one_of(*OPTIMIZERS))
-    finetune_bn: str = setting("batch", one_of(*BN_MODES))  #: BatchNorm while fine-tuning: "batch" (as the inner loop) or "running"
+    #: BatchNorm while fine-tuning: "batch" (as the inner loop) or "running"
+    finetune_bn: str = setting("batch", one_of(*BN_MODES))
     batch_size: int = setting(100, at_least(1))
     methods: tuple[str, ...] = setting(
         ("blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-ridge"),
@@ -621,9 +628,12 @@ class EvalConfig(_Section):
     finetune: tuple[str, ...] = setting((), each(finetune_setting), distinct_setting_keys)
     search_sgd_lrs: tuple[float, ...] = setting((0.05, 0.2, 0.5, 2.0), each(positive))  #: SGD rates of the search grid
     search_adam_lrs: tuple[float, ...] = setting((0.001, 0.01), each(positive))  #: Adam rates of the search grid
-    search_steps: tuple[int, ...] = setting((5, 20, 50), non_empty, each(at_least(1)), distinct)  #: step counts of the search grid
-    search_params: tuple[str, ...] = setting(("head", "all"), non_empty, each(one_of(*FINETUNE_PARAMS)), distinct)  #: parameters adapted, searched
-    search_ridge: tuple[float, ...] = setting((0.01, 0.1, 1.0, 10.0, 100.0), non_empty, each(positive))  #: relative ridge penalties of giaa-ridge, searched
+    #: step counts of the search grid
+    search_steps: tuple[int, ...] = setting((5, 20, 50), non_empty, each(at_least(1)), distinct)
+    #: parameters adapted, searched
+    search_params: tuple[str, ...] = setting(("head", "all"), non_empty, each(one_of(*FINETUNE_PARAMS)), distinct)
+    #: relative ridge penalties of giaa-ridge, searched
+    search_ridge: tuple[float, ...] = setting((0.01, 0.1, 1.0, 10.0, 100.0), non_empty, each(positive))
     search_repeats: int = setting(2, at_least(1))  #: random splits per validation user and k in the search
 
 
@@ -649,16 +659,23 @@ class RunConfig(_Section):
     cpus_per_worker: float = setting(1.0, positive)
     use_gpu: str = setting("auto", one_of(*GPU_CHOICES), booleans=("yes", "no"))  #: "auto", "yes" or "no"
     threads_per_worker: int = setting(1, at_least(1))  #: torch intra-op threads per worker (fair CPU comparisons)
-    amp: bool = False  #: bf16 autocast of the backbone on CUDA; off by default: bf16 second-order meta-gradients miss cosine 0.99 vs float64 (tests/test_precision.py)
-    tf32: bool = False  #: allow TF32 tensor cores for float32 convolutions/matmuls on CUDA (faster; off keeps float32 exact)
-    allreduce_dtype: str = setting("float64", one_of(*ALLREDUCE_DTYPES))  #: per-step all-reduce: "float64" (exact sums) or "float32" (half the bytes)
+    #: bf16 autocast of the backbone on CUDA; off by default: bf16 second-order meta-gradients miss cosine
+    #: 0.99 vs float64 (tests/test_precision.py)
+    amp: bool = False
+    #: allow TF32 tensor cores for float32 convolutions/matmuls on CUDA (faster; off keeps float32 exact)
+    tf32: bool = False
+    #: per-step all-reduce: "float64" (exact sums) or "float32" (half the bytes)
+    allreduce_dtype: str = setting("float64", one_of(*ALLREDUCE_DTYPES))
     checkpoint_every: int = setting(50, at_least(0))  #: meta-steps between checkpoints (0 = only at the end)
     #: checkpoints kept in storage: the newest N (>= 2 keeps one behind a torn newest); 0 keeps all
     #: (a learning curve scored afterwards). The best validation checkpoint is kept apart, always
     keep_checkpoints: int = setting(2, at_least(0))
-    storage_path: str = setting("", storage_url)  #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
-    max_failures: int = setting(2, at_least(-1))  #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)
-    log_every: int = setting(10, at_least(0))  #: meta-steps between loss reports (0 = only at checkpoints/validation/end)
+    #: checkpoint storage (local folder or s3://); empty = <out>/checkpoints
+    storage_path: str = setting("", storage_url)
+    #: Ray Train restarts from the last checkpoint (-1 = unlimited, Ray's convention)
+    max_failures: int = setting(2, at_least(-1))
+    #: meta-steps between loss reports (0 = only at checkpoints/validation/end)
+    log_every: int = setting(10, at_least(0))
     validate_every: int = setting(100, at_least(0))  #: meta-steps between validation SROCC measurements (0 = off)
     #: early stopping: validations in a row without an improvement of more than run.min_delta
     #: before meta-training stops (0 = run all meta.meta_steps)
@@ -685,8 +702,10 @@ class TuneConfig(_Section):
     meta_lr: tuple[float, float] = setting((1e-4, 3e-3), each(positive), increasing)  #: log-uniform range
     grace_period: int = setting(1, at_least(1))  #: ASHA: validation rounds before a trial may be stopped
     reduction_factor: int = setting(2, at_least(2))  #: ASHA keeps 1/reduction_factor of the trials per rung
-    trial_steps: int = setting(0, at_least(0))  #: meta-steps of each trial (0 = meta.meta_steps); the winner is refit to meta.meta_steps
-    start_from_config: bool = setting(True)  #: the first trial runs the config's own values of the searched hyperparameters
+    #: meta-steps of each trial (0 = meta.meta_steps); the winner is refit to meta.meta_steps
+    trial_steps: int = setting(0, at_least(0))
+    #: the first trial runs the config's own values of the searched hyperparameters
+    start_from_config: bool = setting(True)
     #: "in-trial" runs a 1-worker trial's loop inside the trial (no Train worker group to start),
     #: "ray-train" a TorchTrainer per trial; "auto": in-trial for 1-worker CPU trials
     trial_runner: str = setting("auto", one_of(*TRIAL_RUNNERS))
@@ -822,8 +841,11 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
             return loader.construct_document(node), lines
         except (yaml.YAMLError, RecursionError):
             raise
-        except Exception as err:  # noqa: BLE001 - PyYAML's constructors of explicit tags (!!timestamp, !!float...) raise assorted errors on malformed values
-            raise ConfigError(f"{source}: invalid YAML: cannot construct a value ({type(err).__name__}: {err})") from None
+        # PyYAML's constructors of explicit tags (!!timestamp, !!float...) raise assorted errors
+        # on malformed values.
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(
+                f"{source}: invalid YAML: cannot construct a value ({type(err).__name__}: {err})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: invalid YAML at {_yaml_problem(err)}") from None
     except RecursionError:

@@ -2,8 +2,9 @@
 
 For every test user, every shot count k and every repeat r,
 :func:`piaa_dist.data.stream.split_indices` draws a random split of the user's ratings into k
-training images ("shots") and the rest as test images. The split is a pure function of ``(seed, user, k, r)``: never of the method, the order
-users are visited in, or anything else, so every method is scored on exactly the same images.
+training images ("shots") and the rest as test images. The split is a pure function of
+``(seed, user, k, r)``: never of the method, the order users are visited in, or anything
+else, so every method is scored on exactly the same images.
 
 Methods (all in one run, on the same splits):
 

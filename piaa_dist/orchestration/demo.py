@@ -142,7 +142,8 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _personalization_inputs(world: Path, out: Path, user: str, shots: int, seed: int) -> tuple[Path, Path, list[str], dict]:
+def _personalization_inputs(world: Path, out: Path, user: str, shots: int,
+                            seed: int) -> tuple[Path, Path, list[str], dict]:
     """Write one test user's k ratings as a CSV; return it, the image folder, the images to
     score (the user's other rated images) and their true ratings."""
     from piaa_dist.data.synth import RATINGS_FILE
@@ -189,8 +190,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     with contextlib.ExitStack() as stack:
         with stages.stage("local S3 endpoint" if not settings.s3_endpoint else "S3 endpoint"):
-            endpoint = stack.enter_context(_local_s3(settings.s3_endpoint or
-                                                     ("" if not settings.data else os.environ.get("AWS_ENDPOINT_URL", ""))))
+            given = settings.s3_endpoint or ("" if not settings.data else os.environ.get("AWS_ENDPOINT_URL", ""))
+            endpoint = stack.enter_context(_local_s3(given))
             creds = {"AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
                      "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
                      "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
@@ -311,8 +312,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                   "star: the best validation checkpoint, the registered model)"] = \
                 presentation.save_figure(fig, out / "plots" / "training_curves.png").relative_to(out).as_posix()
             if personal_plot is not None:
+                saved = presentation.save_figure(personal_plot, out / "plots" / "personalized_user.png")
                 plots["One test user: predicted against true after 10-shot adaptation"] = \
-                    presentation.save_figure(personal_plot, out / "plots" / "personalized_user.png").relative_to(out).as_posix()
+                    saved.relative_to(out).as_posix()
             # the S3 endpoint the demo started is gone by now; its folder copy is not
             follow_data = str(out / "shards") if not settings.data else data_url
             summary_lines = [
