@@ -308,3 +308,49 @@ def test_a_step_applies_the_mean_meta_gradient_of_the_global_meta_batch(cfg, dat
                                            msg=lambda m, n=name: f"{n}: {m}")
             else:
                 assert torch.equal(got[name], value), name
+
+
+def test_sync_from_rank0_gives_every_rank_rank0s_weights_and_statistics(cfg):
+    """Ranks that start different (other seeds, other BatchNorm statistics) all hold rank 0's
+    parameters and running statistics bit for bit after one SUM reduce; rank 0 keeps its own."""
+    import threading
+
+    world = 3
+    trainers = []
+    for rank in range(world):
+        torch.manual_seed(100 + rank)
+        t = MetaTrainer(cfg, build_model(cfg.model), torch.device("cpu"))
+        with torch.no_grad():
+            for v in t.model.state_dict().values():  # every weight and running statistic
+                if v.is_floating_point():
+                    v.add_(torch.rand_like(v) + 0.5)
+        trainers.append(t)
+    rank0 = {k: v.clone() for k, v in trainers[0].model.state_dict().items()}
+    floats = [k for k, v in rank0.items() if v.is_floating_point()]
+    assert any("running" in k for k in floats)
+    for t in trainers[1:]:
+        assert all(not torch.equal(t.model.state_dict()[k], rank0[k]) for k in floats)
+
+    sent: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(world)
+
+    def reduce_for(rank: int):
+        def reduce(flat: torch.Tensor) -> torch.Tensor:  # an emulated all-reduce (SUM)
+            sent[rank] = flat.clone()
+            barrier.wait()
+            return sum((sent[r] for r in range(1, world)), sent[0].clone())
+        return reduce
+
+    threads = [threading.Thread(target=t.sync_from_rank0, args=(reduce_for(r), r))
+               for r, t in enumerate(trainers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert len(sent) == world
+    for rank, t in enumerate(trainers):
+        got = t.model.state_dict()
+        assert got.keys() == rank0.keys()
+        for name, value in rank0.items():
+            if value.is_floating_point():
+                assert torch.equal(got[name], value), (rank, name)
