@@ -265,3 +265,33 @@ def test_decode_images_keeps_the_good_ones_in_order_and_names_the_bad(tiny_world
         load_images([good[0], broken, tmp_path / "absent.jpg"], 32)
     with pytest.raises(DataError, match="^no images to decode$"):
         load_images([], 32)
+
+
+def test_a_rated_image_that_does_not_decode_is_dropped_and_counted_and_a_device_changes_nothing(
+        tiny_world, tmp_path):
+    """A rated image that does not decode is left out of the adaptation and counted under
+    "unreadable image" on top of the reader's own counts; an image to score that does not
+    decode is named and the rest ranked; fine-tuning on an explicit CPU device is the same as
+    leaving the model where it is; a file-less Ratings is named "ratings" in errors."""
+    from piaa_dist.personalize import Ratings
+
+    cfg, model, rated, targets = _setup(tiny_world, tmp_path)
+    images = [tiny_world / "images" / name for name, _ in rated]
+    scores = np.array([float(s) for _, s in rated], dtype=np.float32)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    clean = Ratings(images=images, scores=scores, skipped={"missing image": 2})
+    with_broken = Ratings(images=images[:3] + [broken] + images[3:],
+                          scores=np.concatenate([scores[:3], [5.0], scores[3:]]).astype(np.float32),
+                          skipped={"missing image": 2})
+    ranking = personalize(model, cfg, with_broken, targets + [broken], seed=3, device="cpu")
+    assert ranking.skipped == {"missing image": 2, "unreadable image": 1}
+    assert ranking.ratings_used == len(images)
+    assert [p for p, _ in ranking.unreadable] == [broken]
+    assert sorted(p for p, _ in ranking) == sorted(targets)
+    # exactly the adaptation on the ratings without the broken one (its 5.0 is not used)
+    assert list(ranking) == list(personalize(model, cfg, clean, targets, seed=3))
+    assert list(personalize(model, cfg, clean, targets, seed=3, device=torch.device("cpu"))) == list(ranking)
+    few = Ratings(images=images[:9] + [broken], scores=scores[:10], skipped={})
+    with pytest.raises(DataError, match=r"^ratings: 9 usable ratings.*\{'unreadable image': 1\}.*broken\.jpg"):
+        personalize(model, cfg, few, targets, seed=3)
