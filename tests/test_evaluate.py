@@ -358,9 +358,19 @@ def test_srocc_std_is_the_spread_over_repeats():
 
 
 def test_unknown_method_is_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"eval\.methods: unknown method 'nope'; known: \[.*'blg-piaa'.*\]"):
         standard_models(None, None, ["nope"])
     assert "blg-piaa" in METHODS
+
+
+def test_the_protocol_is_the_arguments_given_else_the_config():
+    from piaa_dist.evaluate import protocol_of
+
+    cfg = with_overrides(JobConfig(), {"eval.shots": [10, 100], "eval.repeats": 7, "run.seed": 3})
+    assert protocol_of(cfg) == ([10, 100], 7, 3)
+    assert protocol_of(cfg, shots=(5,), repeats=2, seed=9) == ([5], 2, 9)
+    assert protocol_of(cfg, repeats=2) == ([10, 100], 2, 3)
+    assert protocol_of(cfg, seed=0, repeats=0) == ([10, 100], 0, 0)  # 0 is given, not "unset"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,6 +286,9 @@ def test_a_rated_image_that_does_not_decode_is_dropped_and_counted_and_a_device_
                           skipped={"missing image": 2})
     ranking = personalize(model, cfg, with_broken, targets + [broken], seed=3, device="cpu")
     assert ranking.skipped == {"missing image": 2, "unreadable image": 1}
+    # counted on top of what the caller already counted under the same reason
+    counted = Ratings(images=with_broken.images, scores=with_broken.scores, skipped={"unreadable image": 4})
+    assert personalize(model, cfg, counted, targets, seed=3).skipped == {"unreadable image": 5}
     assert ranking.ratings_used == len(images)
     assert [p for p, _ in ranking.unreadable] == [broken]
     assert sorted(p for p, _ in ranking) == sorted(targets)
