@@ -219,6 +219,10 @@ def test_write_ranking_writes_every_row_in_the_given_order(tmp_path):
     ranked = [(tmp_path / "b.jpg", 4.123456), (tmp_path / "a.jpg", 2.5), (tmp_path / "c.jpg", 2.49996)]
     out = write_ranking(ranked, tmp_path / "new" / "deeper" / "ranking.csv")  # folders created
     assert out == tmp_path / "new" / "deeper" / "ranking.csv"
+    # into a folder that exists, over a file that exists: replaced, not appended to
+    assert write_ranking(ranked[:1], tmp_path / "new" / "deeper" / "ranking.csv") == out
+    assert len(out.read_text().splitlines()) == 2
+    out = write_ranking(ranked, out)
     with out.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows == [["rank", "image", "predicted_score"],

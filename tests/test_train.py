@@ -354,3 +354,24 @@ def test_sync_from_rank0_gives_every_rank_rank0s_weights_and_statistics(cfg):
         for name, value in rank0.items():
             if value.is_floating_point():
                 assert torch.equal(got[name], value), (rank, name)
+
+
+def test_a_steps_losses_are_the_mean_over_the_global_meta_batch(cfg, dataset):
+    """``query_loss`` / ``support_loss`` of a step are the means over its tasks of each task's
+    loss (what meta_gradient reports for it under its task seed), on 1 rank and on 2."""
+    tasks = _tasks(cfg, dataset, 0)
+    reference = _trainer(cfg)
+    params, buffers = dict(reference.model.named_parameters()), dict(reference.model.named_buffers())
+    per_task = [meta_gradient(reference.model, params, buffers, [t], flavour=cfg.meta.flavour,
+                              seeds=[task_seed(cfg.run.seed, 0, t.user)],
+                              **meta_kwargs(reference.model, cfg.meta)) for t in tasks]
+    query = sum(mg.query_loss for mg in per_task) / len(tasks)
+    support = sum(mg.support_loss for mg in per_task) / len(tasks)
+    one = _trainer(cfg).step(tasks)
+    r0, r1 = _trainer(cfg), _trainer(cfg)
+    flat1 = r1.local_flat(tasks[1::2])
+    two = r0.step(tasks[0::2], reduce=lambda f: f + flat1)
+    for metrics in (one, two):
+        assert metrics["tasks"] == len(tasks)
+        assert metrics["query_loss"] == pytest.approx(query, rel=1e-6)
+        assert metrics["support_loss"] == pytest.approx(support, rel=1e-6)
