@@ -483,3 +483,20 @@ def test_finetuning_sees_exactly_the_shots_and_never_a_scored_image(inner_params
     assert seen == []
     # 2 test users x 2 shot counts x 2 repeats for each of the two fine-tuned methods
     assert sorted(set(checked)) == ["blg-piaa", "giaa-finetune"] and len(checked) == 16
+
+
+def test_a_method_outside_the_table_adapts_unless_its_name_says_no_adapt():
+    """Custom method names (not in METHODS): ``...-no-adapt`` scores the prior as is, any other
+    name is fine-tuned on the shots, like the table's own methods."""
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 1, "eval.finetune_steps": 3})
+    data = FakeDataset(n_users=4)
+    seen: list = []
+    model = _watch_training_inputs(_model(cfg, 0), seen)
+    trained: dict[str, int] = {}
+
+    def on_split(split):
+        trained[split.method] = trained.get(split.method, 0) + len(seen)
+        seen.clear()
+
+    evaluate(cfg, data, {"mine": model, "mine-no-adapt": model}, seed=1, on_split=on_split)
+    assert trained["mine"] > 0 and trained["mine-no-adapt"] == 0, trained
