@@ -79,3 +79,14 @@ def test_float32_halves_the_bytes_and_stays_within_float32_rounding(contribution
     for (name, a), b in zip(t32.model.state_dict().items(), t64.model.state_dict().values()):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_float32_wire_comes_back_as_float64(contributions):
+    """What apply_flat receives is float64 whatever went over the wire (its float64 division
+    of the BatchNorm sums is then the same code path for both settings)."""
+    cfg, trainer, flats = contributions
+    t = copy.deepcopy(trainer)
+    t.cfg = with_overrides(cfg, {"run.allreduce_dtype": "float32"})
+    summed = t.reduce_flat(flats[0], lambda x: x + flats[1].to(x.dtype))
+    assert summed.dtype == torch.float64
+    assert torch.equal(summed, (flats[0].float() + flats[1].float()).double())

@@ -6,11 +6,14 @@ Tune sweep), SQLite MLflow with a registry alias, and the report with its plots.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
+from pngcheck import assert_plot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,87 @@ def _ray_processes() -> set[int]:
     return ours
 
 
+def _plot_sizes() -> dict[str, tuple[int, int]]:
+    """The demo's plots and their pixel sizes (the figures' sizes at 100 dpi). The training
+    curve is 7 x 3.5 in from presentation.plot_training_curves, 8 x 3.5 in where the report
+    draws it with the best checkpoint marked (report.plot_training_curve)."""
+    from piaa_dist.orchestration import report
+
+    curve = (800, 350) if hasattr(report, "plot_training_curve") else (700, 350)
+    return {"srocc_vs_shots.png": (600, 400), "training_curves.png": curve,
+            "personalized_user.png": (450, 400)}
+
+
+PLOT_SIZES = _plot_sizes()
+
+
+def check_metrics(path: Path, *, steps: int, validate_every: int) -> None:
+    """One ``metrics.jsonl`` line per report (log_every=1: every meta-step once, none lost, in
+    order), each with finite, non-negative losses; validation SROCC at its steps, in [-1, 1]."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), [r.get("step") for r in rows]
+    for r in rows:
+        losses = {k: v for k, v in r.items() if k.endswith("_loss")}
+        assert {"query_loss", "support_loss"} <= set(losses), r
+        assert all(math.isfinite(v) and v >= 0 for v in losses.values()), r
+    val = {r["step"]: r["val_srocc"] for r in rows if r.get("val_srocc") is not None}
+    assert set(val) == set(range(validate_every, steps + 1, validate_every)), val
+    assert all(-1.0 <= v <= 1.0 for v in val.values()), val
+
+
+def check_champion_alias(summary: dict) -> None:
+    """The registry's ``champion`` alias points at the version the run reports, and that is the
+    version its stage registered (train's, or the sweep's refit when it won)."""
+    from mlflow import MlflowClient
+
+    reg = summary["registry"]
+    champion = MlflowClient(tracking_uri=summary["mlflow_uri"]).get_model_version_by_alias(reg["name"], "champion")
+    assert int(champion.version) == reg["version"], (champion.version, reg)
+    assert reg["source"] in ("train", "tune")
+    assert summary[reg["source"]]["registered"] == f"models:/{reg['name']}/{reg['version']}"
+    if reg["source"] == "train":
+        assert champion.run_id == summary["train"]["mlflow_run_id"]
+
+
+def check_evaluation(result: dict, test_users: list[str], *, shots: tuple[int, ...], repeats: int) -> None:
+    """Every test user is scored (none has too few ratings) or skipped at each shot count, for
+    every method; SROCC/PLCC are correlations; a method's mean is the mean of its users'."""
+    assert sorted(result["users"]) == sorted(test_users)
+    assert sorted(result["shots"]) == sorted(shots) and result["repeats"] == repeats
+    for method, by_k in result["methods"].items():
+        assert set(by_k) == {str(k) for k in shots}, method
+        for k, s in by_k.items():
+            skipped = set(result["skipped"].get(k, []))
+            assert set(s["per_user"]).isdisjoint(skipped) and set(s["per_user"]) | skipped == set(test_users)
+            # every test user of the demo's world rated >= 24 images: enough for every k
+            assert s["n_users"] == len(s["per_user"]) == len(test_users), (method, k, s["n_users"])
+            assert set(s["per_user_plcc"]) == set(s["per_user"])
+            for v in (*s["per_user"].values(), *s["per_user_plcc"].values(), s["srocc_mean"], s["plcc_mean"]):
+                assert -1.0 <= v <= 1.0, (method, k, v)
+            assert s["srocc_mean"] == pytest.approx(sum(s["per_user"].values()) / s["n_users"])
+            assert s["srocc_std"] >= 0 and 0 <= s["degenerate"] <= s["n_users"] * repeats
+    ceil = result["ceilings"]
+    assert 1.0 >= ceil["oracle"] > ceil["average_user"] >= -1.0
+
+
+def check_ranking(ranking_csv: Path, world: Path, *, user: str) -> None:
+    """One row per image the user rated but did not give personalize (all of them, none of the
+    10 given), ranks 1..n with scores best first, on the user's 1-5 scale."""
+    assert ranking_csv.name == f"{user}-ranking.csv"
+    with (world / "FLICKR-AES_image_labeled_by_each_worker.csv").open(newline="") as f:
+        rated = {row[1].strip() for row in csv.reader(f) if row[0].strip() == user}
+    with (ranking_csv.parent / f"{user}-ratings.csv").open(newline="") as f:
+        given = {row["image"] for row in csv.DictReader(f)}
+    assert len(given) == 10 and given <= rated
+    with ranking_csv.open(newline="") as f:
+        ranking = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in ranking] == list(range(1, len(ranking) + 1))
+    assert sorted(Path(r["image"]).name for r in ranking) == sorted(rated - given)
+    scores = [float(r["predicted_score"]) for r in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert all(1.0 <= s <= 5.0 for s in scores), scores
+
+
 def test_demo_produces_every_artifact_and_stops_everything(tmp_path, monkeypatch):
     from piaa_dist.data.synth import WorldSpec
     from piaa_dist.orchestration.demo import DemoSettings, run_demo
@@ -76,7 +160,7 @@ def test_demo_produces_every_artifact_and_stops_everything(tmp_path, monkeypatch
     # meta-training on Ray with 2 workers left checkpoints and metrics
     assert summary["train"]["step"] == 4
     assert list((out / "train" / "checkpoints").rglob("training_state.safetensors"))
-    assert (out / "train" / "metrics.jsonl").read_text().strip()
+    check_metrics(out / "train" / "metrics.jsonl", steps=4, validate_every=2)
     # the sweep ran and the champion alias is in the registry
     assert len(summary["tune"]["best_params"]) == 4
     reg = summary["registry"]
@@ -84,18 +168,22 @@ def test_demo_produces_every_artifact_and_stops_everything(tmp_path, monkeypatch
     from piaa_dist.orchestration.tracking import resolve_model
 
     assert (resolve_model(reg["alias"], uri=summary["mlflow_uri"]) / "model.safetensors").is_file()
+    check_champion_alias(summary)
     # meta-testing of the three methods at both shot counts, with ceilings
+    world = out / "world"
+    test_users = (world / "test_workers.csv").read_text().split()[1:]
+    assert len(test_users) == 2
     result = json.loads((out / "evaluate.json").read_text())
     assert set(result["methods"]) >= {"blg-piaa", "meta-no-adapt", "giaa-finetune"}
-    assert set(result["methods"]["blg-piaa"]) == {"5", "10"}
-    assert result["ceilings"]["oracle"] > result["ceilings"]["average_user"]
+    check_evaluation(result, test_users, shots=(5, 10), repeats=2)
     # personalization output: every other rated image of the user, ranked
     rankings = list((out / "personalize").glob("*-ranking.csv"))
-    assert len(rankings) == 1 and len(rankings[0].read_text().splitlines()) > 10
-    # the report and its plots
+    assert len(rankings) == 1
+    check_ranking(rankings[0], world, user=test_users[0])
+    # the report and its plots: PNGs of the figures' sizes (100 dpi) that decode to drawings
     report = (out / "report.md").read_text()
-    for png in ("srocc_vs_shots.png", "training_curves.png", "personalized_user.png"):
-        assert (out / "plots" / png).stat().st_size > 1000
+    for png, size in PLOT_SIZES.items():
+        assert_plot(out / "plots" / png, size)
         assert f"plots/{png}" in report
     assert "models:/" in report and "mlflow ui" in report and "oracle ceiling" in report
     # the README's results table is the demo's, not typed

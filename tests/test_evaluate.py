@@ -358,9 +358,19 @@ def test_srocc_std_is_the_spread_over_repeats():
 
 
 def test_unknown_method_is_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"eval\.methods: unknown method 'nope'; known: \[.*'blg-piaa'.*\]"):
         standard_models(None, None, ["nope"])
     assert "blg-piaa" in METHODS
+
+
+def test_the_protocol_is_the_arguments_given_else_the_config():
+    from piaa_dist.evaluate import protocol_of
+
+    cfg = with_overrides(JobConfig(), {"eval.shots": [10, 100], "eval.repeats": 7, "run.seed": 3})
+    assert protocol_of(cfg) == ([10, 100], 7, 3)
+    assert protocol_of(cfg, shots=(5,), repeats=2, seed=9) == ([5], 2, 9)
+    assert protocol_of(cfg, repeats=2) == ([10, 100], 2, 3)
+    assert protocol_of(cfg, seed=0, repeats=0) == ([10, 100], 0, 0)  # 0 is given, not "unset"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,3 +485,20 @@ def test_finetuning_sees_exactly_the_shots_and_never_a_scored_image(inner_params
     assert seen == []
     # 2 test users x 2 shot counts x 2 repeats for each of the two fine-tuned methods
     assert sorted(set(checked)) == ["blg-piaa", "giaa-finetune"] and len(checked) == 16
+
+
+def test_a_method_outside_the_table_adapts_unless_its_name_says_no_adapt():
+    """Custom method names (not in METHODS): ``...-no-adapt`` scores the prior as is, any other
+    name is fine-tuned on the shots, like the table's own methods."""
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 1, "eval.finetune_steps": 3})
+    data = FakeDataset(n_users=4)
+    seen: list = []
+    model = _watch_training_inputs(_model(cfg, 0), seen)
+    trained: dict[str, int] = {}
+
+    def on_split(split):
+        trained[split.method] = trained.get(split.method, 0) + len(seen)
+        seen.clear()
+
+    evaluate(cfg, data, {"mine": model, "mine-no-adapt": model}, seed=1, on_split=on_split)
+    assert trained["mine"] > 0 and trained["mine-no-adapt"] == 0, trained

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from piaa_dist.errors import DataError
 from piaa_dist.personalize import (
@@ -188,3 +190,115 @@ def test_personalize_returns_the_ratings_scale(tiny_world, tmp_path):
     ratings = read_ratings(_write(tmp_path / "r.csv", "image,score", fours), tiny_world / "images")
     scores = [s for _, s in personalize(model, cfg, ratings, targets, seed=0)]
     assert all(3.5 < s < 4.5 for s in scores), scores
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces around the adaptation: the scale, the images, the ranking file
+
+
+def test_the_persons_scale_maps_linearly_both_ways_and_1_to_5_exactly():
+    from piaa_dist.personalize import MODEL_SCALE, from_model_scale, to_model_scale
+
+    # 1-10 and 0-1 raters: the ends meet the ends, the middle the middle, and back again
+    for lo, hi in ((1.0, 10.0), (0.0, 1.0), (-2.0, 2.0)):
+        assert to_model_scale(lo, (lo, hi)) == pytest.approx(1.0)
+        assert to_model_scale(hi, (lo, hi)) == pytest.approx(5.0)
+        assert to_model_scale((lo + hi) / 2, (lo, hi)) == pytest.approx(3.0)
+        model = np.array([1.0, 2.0, 3.0, 5.0, 0.2])
+        back = from_model_scale(model, (lo, hi))
+        np.testing.assert_allclose(back, lo + (model - 1.0) * (hi - lo) / 4.0)
+        np.testing.assert_allclose([to_model_scale(float(b), (lo, hi)) for b in back], model)
+    np.testing.assert_allclose(from_model_scale(np.array([1.0, 3.0, 5.0]), (1.0, 10.0)), [1.0, 5.5, 10.0])
+    # the model's own scale passes through bit for bit (ratings reach the protocol unrounded)
+    odd = np.array([0.1, 2.3333333333333335, 4.7])
+    assert from_model_scale(odd, MODEL_SCALE).tobytes() == odd.tobytes()
+    assert to_model_scale(0.1, MODEL_SCALE) == 0.1
+
+
+def test_write_ranking_writes_every_row_in_the_given_order(tmp_path):
+    ranked = [(tmp_path / "b.jpg", 4.123456), (tmp_path / "a.jpg", 2.5), (tmp_path / "c.jpg", 2.49996)]
+    out = write_ranking(ranked, tmp_path / "new" / "deeper" / "ranking.csv")  # folders created
+    assert out == tmp_path / "new" / "deeper" / "ranking.csv"
+    # into a folder that exists, over a file that exists: replaced, not appended to
+    assert write_ranking(ranked[:1], tmp_path / "new" / "deeper" / "ranking.csv") == out
+    assert len(out.read_text().splitlines()) == 2
+    out = write_ranking(ranked, out)
+    with out.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["rank", "image", "predicted_score"],
+                    ["1", str(tmp_path / "b.jpg"), "4.1235"],
+                    ["2", str(tmp_path / "a.jpg"), "2.5000"],
+                    ["3", str(tmp_path / "c.jpg"), "2.5000"]]
+
+
+def test_list_images_expands_folders_to_their_sorted_images_and_names_what_is_missing(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("b.JPG", "a.png", "c.jpeg", "notes.txt", "d.webp", "e"):
+        (folder / name).write_bytes(b"x")
+    single = tmp_path / "single.bmp"
+    single.write_bytes(b"x")
+    got = list_images([folder, single])
+    assert got == [folder / "a.png", folder / "b.JPG", folder / "c.jpeg", folder / "d.webp", single]
+    assert list_images([str(single)]) == [single]
+    with pytest.raises(DataError, match=r"missing\.jpg: no such image file or folder"):
+        list_images([single, tmp_path / "missing.jpg"])
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    for d in (empty, other):
+        d.mkdir()
+        (d / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=f"^no images to score in {re.escape(f'{empty}, {other}')}$"):
+        list_images([empty, other])
+
+
+def test_decode_images_keeps_the_good_ones_in_order_and_names_the_bad(tiny_world, tmp_path):
+    from piaa_dist.data.decode import decode
+    from piaa_dist.personalize import decode_images
+
+    good = sorted((tiny_world / "images").iterdir())[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    images, kept, failed = decode_images([good[0], broken, good[1], good[2]], 32)
+    assert kept == [0, 2, 3]
+    expected = torch.stack([decode(p.read_bytes(), 32) for p in good])  # test-time decoding
+    assert images.shape == (3, 3, 32, 32) and torch.equal(images, expected)
+    assert [p for p, _ in failed] == [broken] and failed[0][1]
+    assert decode_images([broken], 32)[0] is None
+    assert torch.equal(load_images(good, 32), expected)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(broken))}: cannot decode image: \w+"):
+        load_images([good[0], broken, tmp_path / "absent.jpg"], 32)
+    with pytest.raises(DataError, match="^no images to decode$"):
+        load_images([], 32)
+
+
+def test_a_rated_image_that_does_not_decode_is_dropped_and_counted_and_a_device_changes_nothing(
+        tiny_world, tmp_path):
+    """A rated image that does not decode is left out of the adaptation and counted under
+    "unreadable image" on top of the reader's own counts; an image to score that does not
+    decode is named and the rest ranked; fine-tuning on an explicit CPU device is the same as
+    leaving the model where it is; a file-less Ratings is named "ratings" in errors."""
+    from piaa_dist.personalize import Ratings
+
+    cfg, model, rated, targets = _setup(tiny_world, tmp_path)
+    images = [tiny_world / "images" / name for name, _ in rated]
+    scores = np.array([float(s) for _, s in rated], dtype=np.float32)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    clean = Ratings(images=images, scores=scores, skipped={"missing image": 2})
+    with_broken = Ratings(images=images[:3] + [broken] + images[3:],
+                          scores=np.concatenate([scores[:3], [5.0], scores[3:]]).astype(np.float32),
+                          skipped={"missing image": 2})
+    ranking = personalize(model, cfg, with_broken, targets + [broken], seed=3, device="cpu")
+    assert ranking.skipped == {"missing image": 2, "unreadable image": 1}
+    # counted on top of what the caller already counted under the same reason
+    counted = Ratings(images=with_broken.images, scores=with_broken.scores, skipped={"unreadable image": 4})
+    assert personalize(model, cfg, counted, targets, seed=3).skipped == {"unreadable image": 5}
+    assert ranking.ratings_used == len(images)
+    assert [p for p, _ in ranking.unreadable] == [broken]
+    assert sorted(p for p, _ in ranking) == sorted(targets)
+    # exactly the adaptation on the ratings without the broken one (its 5.0 is not used)
+    assert list(ranking) == list(personalize(model, cfg, clean, targets, seed=3))
+    assert list(personalize(model, cfg, clean, targets, seed=3, device=torch.device("cpu"))) == list(ranking)
+    few = Ratings(images=images[:9] + [broken], scores=scores[:10], skipped={})
+    with pytest.raises(DataError, match=r"^ratings: 9 usable ratings.*\{'unreadable image': 1\}.*broken\.jpg"):
+        personalize(model, cfg, few, targets, seed=3)

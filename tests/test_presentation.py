@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+from pngcheck import assert_plot
 from test_results import sample_result
 
 from piaa_dist.metrics import Ceilings
@@ -35,6 +36,7 @@ def test_plot_srocc_vs_shots_draws_methods_and_ceilings(tmp_path):
     assert [int(t) for t in ax.get_xticks()] == [10, 100]
     path = save_figure(fig, tmp_path / "plots" / "f.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+    assert_plot(path, (600, 400))  # 6 x 4 inches at 100 dpi, pixels that decode to a drawing
     # also from a JSON file, and without ceilings (data with no truth sidecar)
     replace(result, ceilings=None).save(tmp_path / "e.json")
     assert plot_srocc_vs_shots(tmp_path / "e.json").axes[0].get_legend_handles_labels()[1] == [
@@ -87,10 +89,17 @@ def test_training_curves_and_predicted_vs_true(tmp_path):
     fig = plot_training_curves(tmp_path / "metrics.jsonl")
     assert list(fig.axes[0].get_lines()[0].get_ydata()) == [1.0, 0.5, 1.0 / 3]
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == [0.3]
+    assert_plot(save_figure(fig, tmp_path / "curves.png"), (700, 350))
     assert plot_training_curves(tmp_path / "absent.jsonl").axes[0].get_lines()[0].get_xydata().size == 0
     fig = plot_predicted_vs_true([2.0, 3.5, 4.0], [1, 3, 5], "user u")
     assert fig.axes[0].get_title() == "user u"
-    assert save_figure(fig, tmp_path / "p.png").stat().st_size > 1000
+    # the predicted scores are the y values, each against its own true rating (jitter on x only)
+    xy = fig.axes[0].collections[0].get_offsets()
+    assert list(xy[:, 1]) == [2.0, 3.5, 4.0]
+    assert all(abs(x - t) <= 0.12 for x, t in zip(xy[:, 0], [1, 3, 5]))
+    path = save_figure(fig, tmp_path / "p.png")
+    assert path.stat().st_size > 1000
+    assert_plot(path, (450, 400))
 
 
 def test_presentation_and_results_import_no_mlflow_ray_torch_or_matplotlib():
@@ -107,7 +116,7 @@ def test_presentation_and_results_import_no_mlflow_ray_torch_or_matplotlib():
         "after = [m for m in heavy if m in sys.modules]\n"
         "print(json.dumps([before, after]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     before, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert before == []

@@ -170,3 +170,53 @@ def test_evaluate_and_the_synthetic_world_share_one_ceilings_rule():
     assert from_world == {"oracle": pytest.approx(0.0), "average_user": pytest.approx(-0.5),
                           "users": 2, "constant_users": 2}
     assert from_evaluate.oracle == pytest.approx((1.0 - 1.0) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Minibatches of the fine-tuning
+
+
+def _finetune_setup(k: int = 8):
+    from piaa_dist.protocol import score_targets
+
+    cfg = load_config(TINY, ["model.dropout=0.3"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(k, 3, cfg.data.image_size, cfg.data.image_size, generator=gen)
+    targets = score_targets(np.arange(1, k + 1) % 5 + 1.0)
+    return model, (images, targets)
+
+
+def test_a_minibatch_as_large_as_the_shots_is_full_batch_fine_tuning():
+    """batch_size == k is the full-batch path (the same permuted batch every step), bit for bit
+    what any larger batch_size gives; a smaller one is not."""
+    from piaa_dist.protocol import finetune
+
+    model, support = _finetune_setup(8)
+    tuned = {b: finetune(model, support, FinetuneBudget(steps=3, lr=0.05, batch_size=b), seed=4)
+             for b in (8, 100, 4)}
+    same = [torch.equal(a, b) for a, b in zip(tuned[8].state_dict().values(), tuned[100].state_dict().values())]
+    assert all(same)
+    assert not all(torch.equal(a, b) for a, b in zip(tuned[8].state_dict().values(), tuned[4].state_dict().values()))
+
+
+def test_minibatch_fine_tuning_sees_every_shot_once_per_epoch():
+    """k=6 shots in minibatches of 3 for 4 steps: two epochs, each visiting every shot exactly
+    once (a shot left out of an epoch would be a rating the model never used)."""
+    from piaa_dist.protocol import finetune
+
+    model, support = _finetune_setup(6)
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        if module.training:
+            seen.append(args[0].detach().clone())
+
+    model.backbone.register_forward_pre_hook(hook)
+    finetune(model, support, FinetuneBudget(steps=4, lr=0.05, batch_size=3), seed=2)
+    rows = {img.numpy().tobytes(): i for i, img in enumerate(support[0])}
+    batches = [[rows[x.numpy().tobytes()] for x in b] for b in seen]
+    assert [len(b) for b in batches] == [3, 3, 3, 3]
+    assert sorted(batches[0] + batches[1]) == list(range(6))
+    assert sorted(batches[2] + batches[3]) == list(range(6))

@@ -112,6 +112,56 @@ def test_the_head_shortcut_is_refused_where_it_would_not_be_exact():
     assert not adapts_head_only(noisy, heads)
 
 
+@pytest.mark.parametrize("flavour", ["second_order", "reptile"])
+def test_the_head_shortcut_runs_the_head_in_float32_under_bf16_autocast(tasks, flavour):
+    """Under the GPU's bf16 autocast (emulated on CPU) the model runs its head on float32
+    features with autocast off; the head-features shortcut must do the same, on the support
+    and on the query features, and so agree with the plain path (to bf16 rounding of the
+    backbone, whose kernels may differ)."""
+    from piaa_dist.model import autocast
+
+    cfg = with_overrides(load_config(TINY), {"model.dropout": 0.0, "meta.inner_params": "head"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    kw = dict(flavour=flavour, **meta_kwargs(model, cfg.meta))
+    with autocast("cpu", True, emulate_on_cpu=True):
+        plain = meta_gradient(model, params, buffers, tasks[:2], speedups=PLAIN, **kw)
+        fast = meta_gradient(model, params, buffers, tasks[:2], speedups=FAST, **kw)
+    assert all(g.dtype == torch.float32 for g in fast.grads.values())
+    assert fast.query_loss == pytest.approx(plain.query_loss, rel=2e-2)
+    assert fast.support_loss == pytest.approx(plain.support_loss, rel=2e-2)
+    scale = max(float(g.abs().max()) for g in plain.grads.values())
+    for name in params:
+        torch.testing.assert_close(fast.grads[name], plain.grads[name], rtol=5e-2, atol=5e-2 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("flavour", ["second_order", "first_order"])
+def test_plain_hands_the_model_channels_first_batches_and_fast_channels_last_where_it_may(tasks, flavour):
+    """PLAIN is the reference with every shortcut off: the backbone sees contiguous
+    (channels-first) image batches. FAST hands it channels-last ones, except where the inner
+    loop adapts backbone parameters to second order (channels_last_twice off)."""
+    cfg = with_overrides(load_config(TINY), {"model.dropout": 0.0, "meta.inner_params": "all"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    formats: list[str] = []
+
+    def hook(module, args):
+        x = args[0]
+        formats.append("first" if x.is_contiguous() else
+                       "last" if x.is_contiguous(memory_format=torch.channels_last) else "other")
+
+    model.backbone.register_forward_pre_hook(hook)
+    kw = dict(flavour=flavour, **meta_kwargs(model, cfg.meta))
+    meta_gradient(model, params, buffers, tasks[:1], speedups=PLAIN, **kw)
+    assert formats and set(formats) == {"first"}
+    formats.clear()
+    meta_gradient(model, params, buffers, tasks[:1], speedups=FAST, **kw)
+    assert set(formats) == ({"first"} if flavour == "second_order" else {"last"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoded-pixel cache
 

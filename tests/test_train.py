@@ -309,3 +309,70 @@ def test_a_step_applies_the_mean_meta_gradient_of_the_global_meta_batch(cfg, dat
                                            msg=lambda m, n=name: f"{n}: {m}")
             else:
                 assert torch.equal(got[name], value), name
+
+
+def test_sync_from_rank0_gives_every_rank_rank0s_weights_and_statistics(cfg):
+    """Ranks that start different (other seeds, other BatchNorm statistics) all hold rank 0's
+    parameters and running statistics bit for bit after one SUM reduce; rank 0 keeps its own."""
+    import threading
+
+    world = 3
+    trainers = []
+    for rank in range(world):
+        torch.manual_seed(100 + rank)
+        t = MetaTrainer(cfg, build_model(cfg.model), torch.device("cpu"))
+        with torch.no_grad():
+            for v in t.model.state_dict().values():  # every weight and running statistic
+                if v.is_floating_point():
+                    v.add_(torch.rand_like(v) + 0.5)
+        trainers.append(t)
+    rank0 = {k: v.clone() for k, v in trainers[0].model.state_dict().items()}
+    floats = [k for k, v in rank0.items() if v.is_floating_point()]
+    assert any("running" in k for k in floats)
+    for t in trainers[1:]:
+        assert all(not torch.equal(t.model.state_dict()[k], rank0[k]) for k in floats)
+
+    sent: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(world)
+
+    def reduce_for(rank: int):
+        def reduce(flat: torch.Tensor) -> torch.Tensor:  # an emulated all-reduce (SUM)
+            sent[rank] = flat.clone()
+            barrier.wait()
+            return sum((sent[r] for r in range(1, world)), sent[0].clone())
+        return reduce
+
+    threads = [threading.Thread(target=t.sync_from_rank0, args=(reduce_for(r), r))
+               for r, t in enumerate(trainers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert len(sent) == world
+    for rank, t in enumerate(trainers):
+        got = t.model.state_dict()
+        assert got.keys() == rank0.keys()
+        for name, value in rank0.items():
+            if value.is_floating_point():
+                assert torch.equal(got[name], value), (rank, name)
+
+
+def test_a_steps_losses_are_the_mean_over_the_global_meta_batch(cfg, dataset):
+    """``query_loss`` / ``support_loss`` of a step are the means over its tasks of each task's
+    loss (what meta_gradient reports for it under its task seed), on 1 rank and on 2."""
+    tasks = _tasks(cfg, dataset, 0)
+    reference = _trainer(cfg)
+    params, buffers = dict(reference.model.named_parameters()), dict(reference.model.named_buffers())
+    per_task = [meta_gradient(reference.model, params, buffers, [t], flavour=cfg.meta.flavour,
+                              seeds=[task_seed(cfg.run.seed, 0, t.user)],
+                              **meta_kwargs(reference.model, cfg.meta)) for t in tasks]
+    query = sum(mg.query_loss for mg in per_task) / len(tasks)
+    support = sum(mg.support_loss for mg in per_task) / len(tasks)
+    one = _trainer(cfg).step(tasks)
+    r0, r1 = _trainer(cfg), _trainer(cfg)
+    flat1 = r1.local_flat(tasks[1::2])
+    two = r0.step(tasks[0::2], reduce=lambda f: f + flat1)
+    for metrics in (one, two):
+        assert metrics["tasks"] == len(tasks)
+        assert metrics["query_loss"] == pytest.approx(query, rel=1e-6)
+        assert metrics["support_loss"] == pytest.approx(support, rel=1e-6)
