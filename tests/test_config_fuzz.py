@@ -70,7 +70,9 @@ def _sane(cfg: JobConfig) -> None:
     assert m.inner_optimizer in ("sgd", "adam") and e.finetune_optimizer in ("sgd", "adam")
     assert m.inner_params in ("all", "head") and e.finetune_bn in ("batch", "running")
     assert r.use_gpu in ("auto", "yes", "no") and cfg.model.backbone in ("convnet", "resnet18")
-    assert set(e.methods) <= {"blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt"} and e.methods
+    assert set(e.methods) <= {"blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-ridge"}
+    assert e.methods and e.protocol in ("per-method", "shared")
+    assert r.patience >= 0 and r.min_delta >= 0 and m.lr_schedule in ("step", "cosine")
     for n in (m.inner_steps, m.meta_batch, m.meta_steps, m.decay_every, e.repeats, e.batch_size,
               cfg.giaa.steps, cfg.giaa.batch_size, cfg.data.shots, cfg.data.query_size,
               cfg.data.image_size, r.threads_per_worker, t.samples, *e.shots, *t.shots, *t.inner_steps):
