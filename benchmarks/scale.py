@@ -141,7 +141,8 @@ def measure_meta_steps(url: str, steps: int) -> dict:
     from piaa_dist.train import meta_train
 
     torch.set_num_threads(1)
-    cfg = with_overrides(load_config(str(CPU_CONFIG)), {"meta.meta_steps": steps, "run.validate_every": 0})
+    cfg = with_overrides(load_config(str(CPU_CONFIG)), {"meta.meta_steps": steps, "run.validate_every": 0,
+                                                        "run.patience": 0})
     ds = TrainableUsers(Dataset.open(url), cfg.data.shots, cfg.data.query_size)
     rows: list[dict] = []
     meta_train(cfg, ds, on_step=lambda step, m, trainer: rows.append(
@@ -299,7 +300,8 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None,
 
     torch.set_num_threads(1)
     cfg = with_overrides(load_config(str(CPU_CONFIG)), {
-        "eval.shots": [10], "eval.repeats": 2, "eval.methods": ["blg-piaa", "meta-no-adapt"]})
+        "eval.shots": [10], "eval.repeats": 2, "eval.methods": ["blg-piaa", "meta-no-adapt"],
+        "eval.protocol": "shared"})
     ds = Dataset.open(url)
     test = ds.users("test")[:eval_users]
     torch.manual_seed(0)

@@ -110,8 +110,10 @@ def point(url: str, n: int, steps: int, repeats: int, seed: int = 0) -> dict:
 
     torch.set_num_threads(1)
     cfg = with_overrides(load_config(str(CPU_CONFIG)), {
-        "meta.meta_steps": steps, "data.validation_users": 0, "run.validate_every": 0, "run.seed": seed,
-        "eval.repeats": repeats, "eval.shots": [10, 100], "eval.methods": ["blg-piaa", "meta-no-adapt"]})
+        "meta.meta_steps": steps, "data.validation_users": 0, "run.validate_every": 0, "run.patience": 0,
+        "run.seed": seed,
+        "eval.repeats": repeats, "eval.shots": [10, 100], "eval.methods": ["blg-piaa", "meta-no-adapt"],
+        "eval.protocol": "shared"})
     ds = Dataset.open(url)
     t0 = time.perf_counter()
     if n:
