@@ -272,32 +272,63 @@ def plot_srocc_vs_shots(result: EvaluationResult | str | Path) -> Figure:
     return fig
 
 
-def plot_training_curves(metrics_jsonl: str | Path) -> Figure:
-    """Meta-training curves (query/support loss and validation SROCC against meta-step) from
-    the ``metrics.jsonl`` a training run writes (an absent file gives empty axes)."""
-    rows = []
+def plot_training_curves(metrics_jsonl: str | Path, *, title: str = "held-out training users") -> Figure:
+    """The meta-training curve to its plateau, from the ``metrics.jsonl`` a training run writes.
+
+    Left: query and support loss against the meta-step. Right: validation SROCC (held-out
+    training users, never test users) against the meta-step, with the best validation
+    checkpoint (the model the run registers) starred, its score as a dashed line, and the step
+    where early stopping saw the plateau marked. An absent file gives empty axes.
+
+    Args:
+        metrics_jsonl: the run's ``metrics.jsonl`` (``step``, ``query_loss``, ``val_srocc``,
+            ``best_step``, ``stopped_early``, ...; a resumed run's repeated steps count once,
+            the last report of a step wins).
+        title: the right panel's title.
+
+    Returns:
+        A matplotlib ``Figure`` (:func:`save_figure` writes it).
+    """
+    rows: dict[int, dict] = {}
     path = Path(metrics_jsonl)
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
-                rows.append(json.loads(line))
-    fig = _figure(7.0, 3.5)
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+    ordered = [rows[s] for s in sorted(rows)]
+    fig = _figure(8.0, 3.5)
     ax = fig.add_subplot(1, 2, 1)
-    losses = [r for r in rows if "query_loss" in r]
-    steps = [r["step"] for r in losses]
-    ax.plot(steps, [r["query_loss"] for r in losses], label="query loss")
-    ax.plot(steps, [r.get("support_loss", math.nan) for r in losses], label="support loss")
+    losses = [r for r in ordered if "query_loss" in r]
+    ax.plot([r["step"] for r in losses], [r["query_loss"] for r in losses], label="query loss")
+    ax.plot([r["step"] for r in losses], [r.get("support_loss", math.nan) for r in losses], label="support loss")
     ax.set_xlabel("meta-step")
     ax.set_ylabel("MSE on score/5")
     ax.legend()
     ax.set_title("meta-training")
     ax2 = fig.add_subplot(1, 2, 2)
-    val = [(r["step"], r["val_srocc"]) for r in rows if r.get("val_srocc") is not None]
+    val = [(r["step"], r["val_srocc"]) for r in ordered if r.get("val_srocc") is not None]
     if val:
-        ax2.plot([s for s, _ in val], [v for _, v in val], marker="o")
+        ax2.plot([s for s, _ in val], [v for _, v in val], marker="o", label="validation SROCC")
+        # The run's own choice (EarlyStopping's best_step) when it reported one; else the first
+        # highest score (what the rule picks with min_delta 0).
+        best_step, best = max(val, key=lambda sv: (sv[1], -sv[0]))
+        chosen = [r["best_step"] for r in ordered if r.get("best_step") is not None]
+        if chosen and int(chosen[-1]) in dict(val):
+            best_step = int(chosen[-1])
+            best = dict(val)[best_step]
+        ax2.axhline(best, linestyle="--", linewidth=0.8, color="grey")
+        ax2.plot([best_step], [best], marker="*", markersize=14, linestyle="none",
+                 label=f"best: {best:.3f} at step {best_step} (registered)")
+        stopped = [r["step"] for r in ordered if r.get("stopped_early")]
+        if stopped:
+            ax2.axvline(stopped[-1], linestyle=":", color="grey")
+            ax2.text(stopped[-1], ax2.get_ylim()[1], f"plateau: stopped at {stopped[-1]} ", fontsize=7,
+                     rotation=90, va="top", ha="right")
+        ax2.legend(fontsize=7, loc="lower right")
     ax2.set_xlabel("meta-step")
     ax2.set_ylabel("validation SROCC")
-    ax2.set_title("held-out training users")
+    ax2.set_title(title)
     fig.tight_layout()
     return fig
 

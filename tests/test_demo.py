@@ -54,13 +54,9 @@ def _ray_processes() -> set[int]:
 
 
 def _plot_sizes() -> dict[str, tuple[int, int]]:
-    """The demo's plots and their pixel sizes (the figures' sizes at 100 dpi). The training
-    curve is 7 x 3.5 in from presentation.plot_training_curves, 8 x 3.5 in where the report
-    draws it with the best checkpoint marked (report.plot_training_curve)."""
-    from piaa_dist.orchestration import report
-
-    curve = (800, 350) if hasattr(report, "plot_training_curve") else (700, 350)
-    return {"srocc_vs_shots.png": (600, 400), "training_curves.png": curve,
+    """The demo's plots and their pixel sizes (the figures' sizes at 100 dpi; the training curve,
+    with the best checkpoint marked, is 8 x 3.5 in: presentation.plot_training_curves)."""
+    return {"srocc_vs_shots.png": (600, 400), "training_curves.png": (800, 350),
             "personalized_user.png": (450, 400)}
 
 

@@ -89,7 +89,7 @@ def test_training_curves_and_predicted_vs_true(tmp_path):
     fig = plot_training_curves(tmp_path / "metrics.jsonl")
     assert list(fig.axes[0].get_lines()[0].get_ydata()) == [1.0, 0.5, 1.0 / 3]
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == [0.3]
-    assert_plot(save_figure(fig, tmp_path / "curves.png"), (700, 350))
+    assert_plot(save_figure(fig, tmp_path / "curves.png"), (800, 350))
     assert plot_training_curves(tmp_path / "absent.jsonl").axes[0].get_lines()[0].get_xydata().size == 0
     fig = plot_predicted_vs_true([2.0, 3.5, 4.0], [1, 3, 5], "user u")
     assert fig.axes[0].get_title() == "user u"

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from piaa_dist.orchestration.report import plot_training_curve
+from piaa_dist.presentation import plot_training_curves as plot_training_curve
 
 
 def _write(path, rows):

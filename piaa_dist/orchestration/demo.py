@@ -307,7 +307,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             fig = presentation.plot_srocc_vs_shots(result_eval)
             plots["SROCC against shots (mean ± spread over repeats; dashed: ceilings)"] = \
                 presentation.save_figure(fig, out / "plots" / "srocc_vs_shots.png").relative_to(out).as_posix()
-            fig = report.plot_training_curve(train_out / "metrics.jsonl")
+            fig = presentation.plot_training_curves(train_out / "metrics.jsonl")
             plots[f"Meta-training to its validation plateau ({settings.workers} Ray Train workers; "
                   "star: the best validation checkpoint, the registered model)"] = \
                 presentation.save_figure(fig, out / "plots" / "training_curves.png").relative_to(out).as_posix()
