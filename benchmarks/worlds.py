@@ -64,6 +64,10 @@ WORLDS: dict[str, tuple[str, dict, str]] = {
                              "test_fraction": 0.2, "ratings_median": 190.0, "ratings_sigma": 0.15,
                              "ratings_min": 130, "ratings_max": 260},
                    "ratings log on a 1-10 scale"),
+    "two-archetypes": ("synth", {"users": 64, "images": 1600, "seed": 66, "archetypes": 2},
+                       "2 taste archetypes (default 4)"),
+    "one-archetype": ("synth", {"users": 64, "images": 1600, "seed": 77, "archetypes": 1},
+                      "1 taste archetype: everyone leans the same way (GIAA's best case)"),
 }
 
 

@@ -145,6 +145,25 @@ def test_archetypes_conflict_and_cancel():
     assert sorted(np.sign(w[:, b])) == [-1, -1, 1, 1]
 
 
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_a_world_deals_the_archetypes_it_is_asked_for_in_both_splits(count):
+    """``archetypes`` sets how many tastes the users are dealt (issue 14's worlds vary it): each
+    split holds them in near-equal numbers, and 2 are an opposite pair that cancels on average."""
+    from piaa_dist.data.synth import ARCHETYPE_SETS
+
+    spec = WorldSpec(users=40, images=400, ratings_per_user=(20, 30), archetypes=count)
+    world = sample_world(spec)
+    assert set(world.archetype.tolist()) == set(ARCHETYPE_SETS[count])
+    for split in (False, True):
+        counts = Counter(world.archetype[world.is_test == split].tolist())
+        assert set(counts) == set(ARCHETYPE_SETS[count])
+        assert max(counts.values()) - min(counts.values()) <= 1
+    w = np.stack([archetype_weights(k) for k in ARCHETYPE_SETS[count]])
+    assert np.allclose(w.mean(axis=0), 0.0) == (count != 1)
+    with pytest.raises(ValueError, match="archetypes must be one of"):
+        WorldSpec(archetypes=3)
+
+
 def test_spearman_and_ceilings_on_known_cases():
     # The world's ceilings use the project's one Spearman (piaa_dist.metrics.srocc); these are
     # the cases the synth module's own copy (removed) was checked on. A constant side now

@@ -90,6 +90,10 @@ ARCHETYPES: tuple[tuple[str, int, int], ...] = (
     ("moody-classic", -1, +1),
     ("moody-dynamic", -1, -1),
 )
+#: Which archetypes a world with 1, 2 or 4 of them deals out (indices into ARCHETYPES). Two are
+#: the opposite pair, so the population average still cancels them; one means every user leans
+#: the same way, so the average user is a good model of everyone (GIAA's best case).
+ARCHETYPE_SETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 3), 4: (0, 1, 2, 3)}
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class WorldSpec:
     scale_range: tuple[float, float] = (0.55, 1.1)  #: per-user stretch of the 1-5 scale
     threshold_sd: float = 0.12  #: per-user jitter of the rating thresholds 1.5/2.5/3.5/4.5
     noise_sd: float = 0.45  #: rating noise, in units of the user's own scale (relative to z)
+    archetypes: int = 4  #: how many taste archetypes the users are dealt (1, 2 or 4: ARCHETYPE_SETS)
 
     def __post_init__(self) -> None:
         lo, hi = self.ratings_per_user
@@ -131,6 +136,8 @@ class WorldSpec:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if self.archetypes not in ARCHETYPE_SETS:
+            raise ValueError(f"archetypes must be one of {sorted(ARCHETYPE_SETS)}, got {self.archetypes}")
 
 
 @dataclass
@@ -463,12 +470,13 @@ def sample_world(spec: WorldSpec | None = None) -> World:
     is_test[rng.permutation(spec.users)[:n_test]] = True
     # Archetypes are dealt round-robin over a shuffled order within each split, so both splits
     # hold every archetype in (near) equal numbers and the population average cancels them.
+    dealt = np.array(ARCHETYPE_SETS[spec.archetypes])
     archetype = np.zeros(spec.users, dtype=int)
     for split in (False, True):
         idx = np.flatnonzero(is_test == split)
         order = rng.permutation(idx)
-        offset = int(rng.integers(0, len(ARCHETYPES)))
-        archetype[order] = (np.arange(len(order)) + offset) % len(ARCHETYPES)
+        offset = int(rng.integers(0, len(dealt)))
+        archetype[order] = dealt[(np.arange(len(order)) + offset) % len(dealt)]
     gain = rng.uniform(*spec.archetype_strength, size=spec.users)
     personal = rng.normal(0.0, spec.personal_sd, size=(spec.users, len(ATTRIBUTES)))
     bias = rng.normal(0.0, spec.bias_sd, size=spec.users)
