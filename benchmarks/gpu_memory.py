@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import in_child, machine, save, table  # noqa: E402
+from _util import in_child, linear_fit, machine, save, table  # noqa: E402
 
 GPU_MEMORY_GB = 24.0  # an A10G (g5) or an L4
 SLACK = 1.2  # allocator fragmentation and backward transients over the saved-tensor count
@@ -157,14 +157,6 @@ class _Held:
             self.state["now"] -= self.size
 
 
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-    return slope, my - slope * mx
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "jobs/configs/gpu.yaml"))
@@ -191,7 +183,7 @@ def main() -> None:
               flush=True)
     xs = [float(r["support"]) for r in rows]
     keys = ("saved_gb", "rss_gb") if args.device == "cpu" else ("saved_gb",)
-    fits = {k: _fit(xs, [r[k] for r in rows]) for k in keys}
+    fits = {k: linear_fit(xs, [r[k] for r in rows]) for k in keys}
     budget = GPU_MEMORY_GB - args.reserve_gb
     extra = {"support": args.extrapolate, "kind": "extrapolated", "seconds": float("nan"),
              "rss_gb": float("nan"),

@@ -56,6 +56,9 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _util import linear_fit  # noqa: E402
 
 #: Dense peak TFLOP/s from the vendors' datasheets, by a substring of the device name, per
 #: precision: "fp32" (CUDA cores), "tf32" and "bf16" (tensor cores, without sparsity).
@@ -203,14 +206,6 @@ def measure(cfg, device, support: int, args, *, channels_last_twice: bool = Fals
             "peak_gb": peak / 1e9, "flops": flops, "tflops": flops / step_s / 1e12}
 
 
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-    return slope, my - slope * mx
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "gpu.yaml"))
@@ -279,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"measured {precision} matmul peak, {peak_measured:.3g})", flush=True)
         ok = [c for c in cells if "oom" not in c]
         if len(ok) >= 2:
-            slope, icpt = _fit([c["support"] for c in ok], [c["peak_gb"] for c in ok])
+            slope, icpt = linear_fit([c["support"] for c in ok], [c["peak_gb"] for c in ok])
             budget = args.gpu_gb - args.reserve_gb
             fits[variant] = {"gb_per_support_image": slope, "intercept_gb": icpt,
                              "at_80_gb": slope * 80 + icpt,
