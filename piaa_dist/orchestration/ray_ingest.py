@@ -110,6 +110,29 @@ def _status_mb() -> dict[str, float]:
     return out
 
 
+def _remove_encode_store_everywhere(plan: Any) -> None:
+    """Remove the ingest's encoded-image store on every live node (tasks may have made one on
+    any of them), then on this machine. Best effort: a node that cannot be reached keeps its
+    folder, which is logged (it holds encoded images only, and no later ingest reads it)."""
+    plan.remove_encode_store()
+    if not plan.encode_store:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from piaa_dist.data.encstore import remove_store
+
+    rm = ray.remote(remove_store)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [rm.options(num_cpus=0, max_retries=0,
+                       scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        plan.encode_store) for n in nodes]
+    try:
+        ray.get(refs, timeout=120)
+    except Exception as err:  # noqa: BLE001 - cleanup must not hide the ingest's own outcome
+        log.warning("encoded-image store %s may be left on some Ray nodes: %s", plan.encode_store, err)
+
+
 def ingest_distributed(
     fmt: str,
     root: str | Path | None,
@@ -135,6 +158,8 @@ def ingest_distributed(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
     progress: bool = False,
+    encode_store: bool = True,
+    encode_store_dir: str | None = None,
 ) -> dict[str, Any]:
     """Ingest into a new, atomically published version, with ``workers`` Ray workers.
 
@@ -148,6 +173,11 @@ def ingest_distributed(
             :data:`DEFAULT_THREADS` per Ray worker, :data:`DEFAULT_LOCAL_THREADS` in process).
         test_workers ... image_cache_mb: as :func:`piaa_dist.data.ingest.ingest`.
         progress: a tqdm bar over samples (advanced as partitions finish).
+        encode_store, encode_store_dir: the on-disk store of encoded images
+            (:class:`~piaa_dist.data.ingest.IngestSettings`). With Ray it is one folder per
+            machine, at the same path on each (``encode_store_dir``, default each machine's temp
+            folder): the workers of one machine share it, so an image is encoded once per
+            machine its raters' partitions ran on; it is removed from every node at the end.
 
     Returns:
         The ingest report (as :func:`~piaa_dist.data.ingest.ingest`'s), plus ``execution``:
@@ -168,12 +198,14 @@ def ingest_distributed(
     if threads is None:
         threads = DEFAULT_THREADS if workers > 0 else DEFAULT_LOCAL_THREADS
     settings = IngestSettings(max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels,
-                              image_cache_mb=image_cache_mb, workers=threads, strict=strict)
+                              image_cache_mb=image_cache_mb, workers=threads, strict=strict,
+                              encode_store=encode_store, encode_store_dir=encode_store_dir)
     if workers <= 0:
         t0 = time.perf_counter()
         report = ingest(fmt, root, out_url, strict=strict, max_side=max_side, quality=quality,
                         shard_size=shard_size, max_pixels=max_pixels, image_cache_mb=image_cache_mb,
-                        workers=threads, partitions=partitions or 1, progress=progress, **options)
+                        workers=threads, partitions=partitions or 1, progress=progress,
+                        encode_store=encode_store, encode_store_dir=encode_store_dir, **options)
         report["execution"] = {"workers": 0, "partitions": report["partitions"], "tasks": [],
                                "worker_peak_rss_mb": report["peak_rss_mb"],
                                "write_seconds": time.perf_counter() - t0}
@@ -221,7 +253,8 @@ def ingest_distributed(
         finally:
             if bar is not None:
                 bar.close()
-        write_s = time.perf_counter() - t0
+            write_s = time.perf_counter() - t0
+            _remove_encode_store_everywhere(plan)
     report = publish(plan, results)
     report["execution"] = {
         "workers": workers, "partitions": len(bounds), "tasks": costs,
