@@ -11,7 +11,9 @@ Ray):
    No image is decoded; everything that can fail on the input fails before the expensive work.
 2. :func:`ingest_partition` (a worker, any number of them): decode, re-encode and write the
    shards of one partition straight to the store, streaming (memory: a bounded window of
-   images plus one upload part, whatever the dataset size); returns its manifest rows.
+   images plus one upload part, whatever the dataset size); returns its manifest rows. Each
+   distinct image is encoded once per ingest and machine: encoded images go to an on-disk store
+   (:mod:`piaa_dist.data.encstore`) that all partitions of the ingest on that machine share.
 3. :func:`publish` (driver): write the manifest and the report into the version, check that
    every shard the rows name is there, then switch the dataset's pointer (one atomic write).
    See :mod:`piaa_dist.data.layout` for what this guarantees readers.

@@ -20,6 +20,11 @@ undo; tasks keep the decode-and-write pipeline inside one process, as in-process
   samples' indices and scores, tens of bytes per rating) and the partition's bounded working
   set (a window of images in flight, the image cache, one upload part). The driver submits
   at most ``workers`` tasks at a time and builds each spec only when it submits it.
+* **Each image encoded once per machine**: the ingest's encoded-image store
+  (:mod:`piaa_dist.data.encstore`) is a folder at the same path on every node; the workers of
+  a node share it (atomic entries), so on N nodes an image is encoded at most N times (twice
+  on one node only when two workers miss it at the same moment). The driver removes it from
+  every live node at the end (a task pinned to each node), whether the ingest succeeded or not.
 * **At most ``workers`` at once**: that in-flight limit is also what holds the run to
   ``workers`` Ray workers on a cluster with more CPUs (a task reserves 1 CPU, and Ray runs
   every submitted task it has CPUs for); queueing a second task per worker to hide the
