@@ -547,16 +547,11 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     decodes_lock = threading.Lock()
     stored = np.zeros(len(spec.image_names), bool)  # distinct images written (not per sample: bounded)
 
-    def work(k: int) -> tuple[bytes | None, str, str]:
-        key = None
-        if encoded is not None:
-            ident = _image_identity(spec.images, spec.image_refs[k])
-            if ident is not None:
-                key = entry_key("piaa-ingest-image/1", ident, params)
-                data = encoded.get(key)
-                if data is not None:
-                    cache.put(k, data)
-                    return data, "", ""
+    def store_key(k: int) -> str | None:
+        ident = _image_identity(spec.images, spec.image_refs[k])
+        return None if ident is None else entry_key("piaa-ingest-image/1", ident, params)
+
+    def work(k: int, key: str | None) -> tuple[bytes | None, str, str]:
         try:
             data = process_image(spec.images.read(spec.image_refs[k]), s.max_side, s.quality, s.max_pixels)
         except TooManyPixels as err:
@@ -588,7 +583,17 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
             return (hit, "", "")
         fut = inflight.get(k)
         if fut is None:
-            fut = inflight[k] = pool.submit(work, k)
+            key = None
+            if encoded is not None:
+                # Looked up here, not in the pool: a hit is a page-cache read (~10 µs), less than
+                # handing it to a thread and waiting on the future costs. On S3 sources too, as
+                # the key needs no request.
+                key = store_key(k)
+                data = encoded.get(key) if key is not None else None
+                if data is not None:
+                    cache.put(k, data)
+                    return (data, "", "")
+            fut = inflight[k] = pool.submit(work, k, key)
         return fut
 
     writer = None
