@@ -391,10 +391,13 @@ def ingest_only(users: int, tmp: Path, *, world_dir: Path | None, shard_size: in
                    "decodes": rep["image_decodes"], "store_hits": st.get("hits", 0),
                    "store_bytes": st.get("bytes_written", 0), "store_entries": st.get("writes", 0),
                    "cache_hits": rep["image_cache_hits"], "worker_peak_rss_mb": ex["worker_peak_rss_mb"],
-                   "load_before": load0, "load_after": os.getloadavg()[0], "uptime": _uptime()}
+                   "load_before": load0, "load_after": os.getloadavg()[0], "uptime": _uptime(),
+                   "plan_s": ex.get("plan_seconds", float("nan")), "publish_s": ex.get("publish_seconds", float("nan")),
+                   "cleanup_s": ex.get("store_cleanup_seconds", float("nan"))}
             print(f"  {users:,} users, {workers} Ray worker(s): {n:,} ratings, {run['decodes']:,} encodes "
                   f"({run['decodes'] / n:.3f}/rating), worker CPU {cpu:.1f}s ({1e6 * cpu / n:.1f} µs/rating), "
-                  f"wall {wall:.1f}s; {run['uptime']}", flush=True)
+                  f"wall {wall:.1f}s (write {ex['write_seconds']:.1f}s, plan {run['plan_s']:.1f}s, store clean-up "
+                  f"{run['cleanup_s']:.1f}s, publish {run['publish_s']:.1f}s); {run['uptime']}", flush=True)
             if best is None or cpu < best["cpu_s"]:
                 best = run
         row[f"w{workers}"] = best
