@@ -183,3 +183,20 @@ def test_store_is_removed_when_the_ingest_fails_and_a_bad_folder_is_a_clear_erro
     with pytest.raises(DataError, match=r"encoded-image store folder .*plain-file"):
         ingest("flickr-aes", tiny_world, str(tmp_path / "out2"), encode_store_dir=str(not_a_folder / "sub"))
     assert not (tmp_path / "out2" / POINTER).exists()
+
+
+def test_images_on_s3_are_keyed_without_reading_them_and_encoded_once(tiny_world, tmp_path, s3_endpoint, s3_bucket):
+    """An ``s3://`` image root: the key is the object's URL (no request), so an image is fetched
+    and encoded once however many raters hold it, and the bytes are those of a local ingest."""
+    from piaa_dist.storage import open_store
+
+    images = open_store(f"s3://{s3_bucket}/imgs", endpoint_url=s3_endpoint)
+    for p in (tiny_world / "images").rglob("*"):
+        if p.is_file():
+            images.write_bytes(p.relative_to(tiny_world / "images").as_posix(), p.read_bytes())
+    remote = ingest("flickr-aes", tiny_world, str(tmp_path / "from-s3"), images_dir=f"s3://{s3_bucket}/imgs",
+                    endpoint_url=s3_endpoint, shard_size=SMALL_SHARDS, workers=2, partitions=2)
+    assert remote["image_decodes"] == remote["images"] and remote["image_store"]["hits"] > remote["images"]
+    ingest("flickr-aes", tiny_world, str(tmp_path / "local"), shard_size=SMALL_SHARDS, workers=2,
+           encode_store=False)
+    assert _files(tmp_path / "from-s3") == _files(tmp_path / "local")
