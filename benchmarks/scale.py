@@ -45,6 +45,17 @@ Goals (issue 12.7): cost per rating flat within 1.5x from 1k to 100k users (full
 to 1M (metadata path); no stage growing faster than linear (the log-log slope of each stage's
 cost against ratings is printed: <= 1 is linear or better).
 
+**Ingest only** (``--ingest-only``, issue 12's "no stage faster than linear"): the ingest of
+the same scale world with ``--ingest-workers`` Ray workers (default 1) and nothing else, into
+``benchmarks/results/scale-ingest.json`` under ``--label`` (e.g. ``main`` and ``store`` for
+the code before and after the encoded-image store; ``--no-encode-store`` turns it off). It
+reports the load-independent measures, decodes (images encoded) per rating and the CPU-seconds
+per rating of the workers (and of the driver's plan + publish), with the wall and the load
+average beside them, and the log-log slope of ingest CPU time against ratings between sizes.
+``--world-dir DIR`` keeps the generated worlds there and reuses them, so runs of different
+code ingest the very same files. To measure older code, run this script with ``PYTHONPATH``
+pointing at a checkout of it (the store options are only passed when asked for).
+
 Time on the 2-core development machine (shared, load average 5-40 during these runs): 1k
 users ~1.5 min, 10k ~4 min, 100k ~25 min (run it alone: ``--users 100000``), metadata path
 ~2 min.
@@ -329,6 +340,108 @@ def full_path(users: int, tmp: Path, *, shard_size: int, partitions: int | None,
 
 
 # ---------------------------------------------------------------------------------------------
+# Ingest only: before/after comparisons of the ingest stage
+
+
+def _world(users: int, tmp: Path, world_dir: Path | None) -> tuple[Path, dict]:
+    """A scale world of ``users`` users: generated into ``tmp``, or kept and reused in
+    ``world_dir`` (its summary in ``summary.json``)."""
+    from piaa_dist.data.scaleworld import write_scale_world
+
+    world = (world_dir or tmp) / f"world-{users}"
+    done = world / "summary.json"
+    if world_dir is not None and done.is_file():
+        return world, json.loads(done.read_text())
+    t0 = time.perf_counter()
+    summary = write_scale_world(world, world_spec(users), images=True, workers=2)
+    info = {"ratings_file": summary.ratings_file, "ratings": summary.ratings, "world_s": time.perf_counter() - t0}
+    done.write_text(json.dumps(info) + "\n")
+    return world, info
+
+
+def ingest_only(users: int, tmp: Path, *, world_dir: Path | None, shard_size: int, partitions: int | None,
+                threads: int, workers_list: list[int], encode_store: bool | None, repeats: int) -> dict:
+    """The ingest stage alone, 1 Ray worker by default: decodes and CPU-seconds per rating."""
+    from piaa_dist.orchestration.ray_ingest import ingest_distributed
+
+    spec = world_spec(users)
+    world, info = _world(users, tmp, world_dir)
+    partitions = partitions or max(4, math.ceil(info["ratings"] / shard_size / 4))
+    extra = {} if encode_store is None else {"encode_store": encode_store}
+    row: dict = {"users": users, "images_pool": spec.images, "partitions": partitions}
+    for workers in workers_list:
+        best = None
+        for rep_i in range(repeats):
+            out = str(tmp / f"ingest-{users}-w{workers}-{rep_i}")
+            load0 = os.getloadavg()[0]
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            rep = ingest_distributed("ratings", None, out, workers=workers, partitions=partitions, threads=threads,
+                                     ratings_file=world / info["ratings_file"], images_dir=world / "images",
+                                     score_range=spec.scale, shard_size=shard_size, **extra)
+            wall = time.perf_counter() - t0
+            driver_cpu = time.process_time() - cpu0
+            shutil.rmtree(out, ignore_errors=True)
+            ex = rep["execution"]
+            n = rep["ratings"]["ingested"]
+            cpu = sum(t["cpu_s"] for t in ex["tasks"])
+            st = rep.get("image_store") or {}
+            run = {"ratings": n, "images": rep["images"], "amplification": rep["image_amplification"],
+                   "seconds": wall, "write_s": ex["write_seconds"], "cpu_s": cpu, "driver_cpu_s": driver_cpu,
+                   "decodes": rep["image_decodes"], "store_hits": st.get("hits", 0),
+                   "store_bytes": st.get("bytes_written", 0), "store_entries": st.get("writes", 0),
+                   "cache_hits": rep["image_cache_hits"], "worker_peak_rss_mb": ex["worker_peak_rss_mb"],
+                   "load_before": load0, "load_after": os.getloadavg()[0], "uptime": _uptime(),
+                   "plan_s": ex.get("plan_seconds", float("nan")), "publish_s": ex.get("publish_seconds", float("nan")),
+                   "cleanup_s": ex.get("store_cleanup_seconds", float("nan"))}
+            print(f"  {users:,} users, {workers} Ray worker(s): {n:,} ratings, {run['decodes']:,} encodes "
+                  f"({run['decodes'] / n:.3f}/rating), worker CPU {cpu:.1f}s ({1e6 * cpu / n:.1f} µs/rating), "
+                  f"wall {wall:.1f}s (write {ex['write_seconds']:.1f}s, plan {run['plan_s']:.1f}s, store clean-up "
+                  f"{run['cleanup_s']:.1f}s, publish {run['publish_s']:.1f}s); {run['uptime']}", flush=True)
+            if best is None or cpu < best["cpu_s"]:
+                best = run
+        row[f"w{workers}"] = best
+    row["machine"] = machine()
+    return row
+
+
+def _uptime() -> str:
+    la = os.getloadavg()
+    return f"load average {la[0]:.2f}, {la[1]:.2f}, {la[2]:.2f}"
+
+
+def ingest_report(data: dict) -> None:
+    """Tables per label and worker count: per-rating decodes and CPU, and the log-log slopes."""
+    for label in sorted(data):
+        rows_by_n = data[label]
+        sizes = sorted(rows_by_n, key=int)
+        keys = sorted({k for n in sizes for k in rows_by_n[n] if k.startswith("w")})
+        for key in keys:
+            rows = []
+            for n in sizes:
+                r = rows_by_n[n].get(key)
+                if r is None:
+                    continue
+                rows.append({"users": int(n), "ratings": r["ratings"], "images": r["images"],
+                             "amplification": r["amplification"], "dec": r["decodes"] / r["ratings"],
+                             "cpu": r["cpu_s"], "cpu_us": 1e6 * r["cpu_s"] / r["ratings"],
+                             "drv_us": 1e6 * r["driver_cpu_s"] / r["ratings"],
+                             "wall": r["seconds"], "wall_us": 1e6 * r["seconds"] / r["ratings"],
+                             "store_mb": r["store_bytes"] / 1e6, "rss": r["worker_peak_rss_mb"],
+                             "load": r["load_before"]})
+            print(f"\ningest only: {label}, {key[1:]} Ray worker(s)")
+            print(table(rows, [
+                ("users", "users", ",d"), ("ratings", "ratings", ",d"), ("images", "images", ",d"),
+                ("amplification", "amplif.", ".1f"), ("dec", "encodes/rating", ".3f"),
+                ("cpu_us", "worker CPU µs/rating", ".1f"), ("drv_us", "driver CPU µs/rating", ".1f"),
+                ("wall_us", "wall µs/rating", ".1f"), ("store_mb", "store MB", ".1f"),
+                ("rss", "worker RSS MB", ".0f"), ("load", "load avg", ".1f")]))
+            for cost, name in (("cpu", "worker CPU time"), ("wall", "wall time")):
+                slopes = _slope(rows, cost)
+                print(f"log-log slope of ingest {name} against ratings: " + ", ".join(f"{x:.2f}" for x in slopes))
+
+
+# ---------------------------------------------------------------------------------------------
 # The metadata path
 
 
@@ -510,12 +623,21 @@ def main() -> int:
     p.add_argument("--eval-users", type=int, default=1000, help="test users evaluated at most, per size")
     p.add_argument("--calls", type=int, default=500, help="calls averaged per metadata per-step figure")
     p.add_argument("--report", action="store_true", help="only print the tables and draw the plot")
+    p.add_argument("--ingest-only", action="store_true",
+                   help="only the ingest stage at --users sizes, into scale-ingest.json under --label")
+    p.add_argument("--label", default="current", help="--ingest-only: the name of this code's rows")
+    p.add_argument("--ingest-workers", type=int, nargs="+", default=[1], help="--ingest-only: Ray workers (default 1)")
+    p.add_argument("--no-encode-store", dest="encode_store", action="store_const", const=False, default=None,
+                   help="--ingest-only: ingest without the encoded-image store")
+    p.add_argument("--world-dir", default=None, help="--ingest-only: keep and reuse the generated worlds here")
     p.add_argument("--plot", default=str(PLOT), help=f"plot path (default {PLOT.relative_to(ROOT)})")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     everything = args.users is None and args.metadata_users is None and not args.report
     users = [1000, 10_000, 100_000] if args.users is None and not args.report else (args.users or [])
     meta_users = ([1000, 10_000, 100_000, 1_000_000] if everything else args.metadata_users or [])
+    if args.ingest_only:
+        return _main_ingest_only(args)
     data = _load()
     data["benchmark"] = "scale"
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -543,6 +665,53 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     report(data, Path(args.plot) if args.plot else None)
     print(f"results: {OUT_JSON}")
+    return 0
+
+
+def _code_path() -> str:
+    import piaa_dist
+
+    return str(Path(piaa_dist.__file__).parent)
+
+
+def _main_ingest_only(args: argparse.Namespace) -> int:
+    path = RESULTS / "scale-ingest.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-ingest-"))
+    world_dir = Path(args.world_dir) if args.world_dir else None
+    if world_dir is not None:
+        world_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.users:
+            import ray
+
+            ray.init(address="local", num_cpus=max(2, max(args.ingest_workers)), include_dashboard=False,
+                     logging_level=logging.WARNING)
+            try:
+                _warm_ray_workers(max(args.ingest_workers))
+                # Which code the workers run (Ray puts the driver's working folder first on
+                # their path: run from the checkout being measured).
+                import piaa_dist
+
+                code = ray.get(ray.remote(_code_path).remote())
+                print(f"driver code: {Path(piaa_dist.__file__).parent}; Ray workers' code: {code}", flush=True)
+                if code != str(Path(piaa_dist.__file__).parent):
+                    raise SystemExit("the Ray workers import other code than the driver: run from the checkout")
+                for n in args.users:
+                    print(f"ingest only, {n:,} users ({args.label})", flush=True)
+                    row = ingest_only(n, tmp, world_dir=world_dir, shard_size=args.shard_size,
+                                      partitions=args.partitions, threads=args.threads,
+                                      workers_list=args.ingest_workers, encode_store=args.encode_store,
+                                      repeats=args.ingest_repeats)
+                    data.setdefault(args.label, {})[str(n)] = row
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+            finally:
+                ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ingest_report(data)
+    print(f"results: {path}")
     return 0
 
 

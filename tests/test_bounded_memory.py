@@ -38,11 +38,12 @@ def test_image_cache_is_bounded_by_count_as_well_as_bytes():
 
 def test_ingest_cache_holds_at_most_one_shards_batch(tiny_world, tmp_path):
     """With shards of 4 samples the cache keeps at most 4 images: an image shared by several
-    raters is decoded again once it has left (more decodes than distinct images)."""
+    raters is decoded again once it has left (more decodes than distinct images). The on-disk
+    encoded-image store is off, so that only the in-memory cache is measured."""
     from piaa_dist.data.ingest import ingest
 
-    rep = ingest("flickr-aes", tiny_world, str(tmp_path / "small"), shard_size=4, workers=1)
-    big = ingest("flickr-aes", tiny_world, str(tmp_path / "big"), shard_size=10_000, workers=1)
+    rep = ingest("flickr-aes", tiny_world, str(tmp_path / "small"), shard_size=4, workers=1, encode_store=False)
+    big = ingest("flickr-aes", tiny_world, str(tmp_path / "big"), shard_size=10_000, workers=1, encode_store=False)
     assert big["image_decodes"] == big["images"]  # everything fits: each image decoded once
     assert rep["image_decodes"] > rep["images"]
     assert rep["samples"] == big["samples"]

@@ -158,9 +158,14 @@ def test_reingesting_gives_identical_shards(tiny_world, tiny_dataset_url, tmp_pa
     ingest("flickr-aes", tiny_world, str(tmp_path / "again"), workers=3, shard_size=7)
     # Cut into several partitions (what N workers would each write): still the same bytes.
     ingest("flickr-aes", tiny_world, str(tmp_path / "parts"), workers=2, shard_size=7, partitions=3)
+    # Without the encoded-image store (every shared image re-encoded): still the same bytes.
+    ingest("flickr-aes", tiny_world, str(tmp_path / "nostore"), workers=2, shard_size=7, partitions=3,
+           encode_store=False)
     a = _manifest(tmp_path).to_pylist()
     assert _report(tmp_path / "parts")["partitions"] == 3
-    for other in (tmp_path / "again", tmp_path / "parts"):
+    assert _report(tmp_path / "parts")["image_store"]["hits"] > 0
+    assert _report(tmp_path / "nostore")["image_store"]["hits"] == 0
+    for other in (tmp_path / "again", tmp_path / "parts", tmp_path / "nostore"):
         assert _manifest(other).to_pylist() == a
         assert (_version(other) / MANIFEST).read_bytes() == (_version(tmp_path) / MANIFEST).read_bytes()
         shards = sorted(p.name for p in (_version(tmp_path) / "shards").iterdir())

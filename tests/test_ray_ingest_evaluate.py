@@ -77,13 +77,17 @@ def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
         def url(name: str) -> str:
             return str(tmp_path / name)
 
-    ingest("flickr-aes", tiny_world, url("inproc"), endpoint_url=endpoint, shard_size=SHARD, workers=2)
+    # The reference: in process, without the encoded-image store (every image encoded per cache miss).
+    ingest("flickr-aes", tiny_world, url("inproc"), endpoint_url=endpoint, shard_size=SHARD, workers=2,
+           encode_store=False)
     expected = _version_files(url("inproc"), endpoint)
     assert sum(rel.startswith("shards/") for rel in expected) >= 4, "the world must span several shards"
-    for workers in (1, 2):
-        rep = ingest_distributed("flickr-aes", tiny_world, url(f"ray{workers}"), workers=workers,
-                                 endpoint_url=endpoint, shard_size=SHARD)
-        got = _version_files(url(f"ray{workers}"), endpoint)
+    enc = tmp_path / "enc"
+    for workers, store in ((1, True), (2, True), (2, False)):
+        rep = ingest_distributed("flickr-aes", tiny_world, url(f"ray{workers}{store}"), workers=workers,
+                                 endpoint_url=endpoint, shard_size=SHARD, encode_store=store,
+                                 encode_store_dir=str(enc))
+        got = _version_files(url(f"ray{workers}{store}"), endpoint)
         assert got.keys() == expected.keys()
         for rel in expected:
             assert got[rel] == expected[rel], f"{rel} differs with {workers} Ray worker(s)"
@@ -93,7 +97,13 @@ def test_ingest_on_ray_is_byte_identical_to_in_process_whatever_the_workers(
         assert _most_at_once(ex["tasks"]) <= workers
         assert sum(t["samples"] for t in ex["tasks"]) == rep["samples"] == rep["ratings"]["ingested"]
         # And the result reads back as a dataset.
-        assert Dataset.open(url(f"ray{workers}"), endpoint).num_users() == 10
+        assert Dataset.open(url(f"ray{workers}{store}"), endpoint).num_users() == 10
+        # The store is shared by the tasks (each with its own in-memory cache): one worker running
+        # the partitions one after the other encodes each distinct image once. It is removed after.
+        assert rep["image_store"]["enabled"] is store
+        if store and workers == 1:
+            assert rep["image_decodes"] == rep["images"] and rep["image_store"]["hits"] > 0
+        assert not enc.exists() or list(enc.iterdir()) == []
 
 
 def test_cli_ingest_workers_are_ray_workers_and_zero_is_in_process(ray_session, tiny_world, tmp_path, capsys,

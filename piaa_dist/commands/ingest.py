@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-cache-mb", type=float, default=DEFAULT_IMAGE_CACHE_MB,
                         help=f"re-encoded images kept so shared images are decoded once (default "
                              f"{DEFAULT_IMAGE_CACHE_MB} MB)")
+    parser.add_argument("--encode-store-dir", default=None,
+                        help="folder for the encoded-image store, which keeps each re-encoded image on disk for "
+                             "the length of the ingest so that an image is encoded once, not once per rater "
+                             "(a subfolder per ingest, removed at the end; about the distinct images' encoded "
+                             "size; default: the temp folder, $TMPDIR)")
+    parser.add_argument("--no-encode-store", dest="encode_store", action="store_false",
+                        help="no encoded-image store: images shared by raters are re-encoded once they have left "
+                             "the in-memory cache (same output bytes, more CPU on large image pools)")
     parser.add_argument("--workers", type=int, default=0,
                         help="Ray workers (1 CPU each) that write the shards, as for train and evaluate; "
                              "0 ingests in this process (default 0). The output is the same bytes either way")
@@ -79,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         progress=True, split_seed=args.split_seed, fold=args.fold, max_side=args.max_side,
         quality=args.quality, shard_size=args.shard_size, max_pixels=args.max_pixels,
         image_cache_mb=args.image_cache_mb, workers=args.workers, threads=args.threads,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, encode_store=args.encode_store, encode_store_dir=args.encode_store_dir,
     )
     print(format_report(report))
     print(f"published version {report['dataset_version']} at {report['out']}")

@@ -11,7 +11,9 @@ Ray):
    No image is decoded; everything that can fail on the input fails before the expensive work.
 2. :func:`ingest_partition` (a worker, any number of them): decode, re-encode and write the
    shards of one partition straight to the store, streaming (memory: a bounded window of
-   images plus one upload part, whatever the dataset size); returns its manifest rows.
+   images plus one upload part, whatever the dataset size); returns its manifest rows. Each
+   distinct image is encoded once per ingest and machine: encoded images go to an on-disk store
+   (:mod:`piaa_dist.data.encstore`) that all partitions of the ingest on that machine share.
 3. :func:`publish` (driver): write the manifest and the report into the version, check that
    every shard the rows name is there, then switch the dataset's pointer (one atomic write).
    See :mod:`piaa_dist.data.layout` for what this guarantees readers.
@@ -45,8 +47,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import resource
+import tempfile
 import threading
 import time
 from collections import deque
@@ -56,8 +60,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import PIL
 import pyarrow as pa
 
+from piaa_dist.data.encstore import EncodedImageStore, entry_key, remove_store
 from piaa_dist.data.images import (
     DEFAULT_MAX_PIXELS,
     ByteLRU,
@@ -128,6 +134,13 @@ class IngestSettings:
             adds to a worker's memory is bounded by one shard's batch.
         workers: threads per partition for image work and uploads.
         strict: fail on the first skip instead of counting it.
+        encode_store: keep every re-encoded image in an on-disk store for the length of the
+            ingest (:mod:`piaa_dist.data.encstore`), so each distinct image is encoded once per
+            machine, not once per rater that the image cache has forgotten. Off, the output is
+            the same bytes, only slower on large image pools.
+        encode_store_dir: the folder the store's per-ingest subfolder ``piaa-encode-<version>``
+            is made in (default: the system's temp folder, ``$TMPDIR``); the subfolder is
+            removed when the ingest ends. It costs about the distinct images' encoded bytes.
     """
 
     max_side: int = DEFAULT_MAX_SIDE
@@ -137,6 +150,8 @@ class IngestSettings:
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB
     workers: int = 4
     strict: bool = False
+    encode_store: bool = True
+    encode_store_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_side < 8:
@@ -181,6 +196,8 @@ class PartitionSpec:
     s_shard: np.ndarray  #: per sample: the planned shard
     s_latent: np.ndarray | None
     s_avg: np.ndarray | None
+    #: this ingest's encoded-image store folder (the same path on every machine), or None
+    encode_store: str | None = None
 
     @property
     def n_samples(self) -> int:
@@ -199,6 +216,8 @@ class PartitionResult:
     bytes: int = 0
     image_decodes: int = 0
     image_cache_hits: int = 0
+    #: the encoded-image store's counters in this partition (EncodedImageStore.stats()), empty if off
+    image_store: dict[str, int] = field(default_factory=dict)
     image_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
@@ -225,6 +244,8 @@ class IngestPlan:
     image_refs: dict[int, str]  #: located images (src image index -> ref)
     cut_points: np.ndarray  #: user positions where a partition may start (a fresh shard)
     n_shards: int
+    #: the encoded-image store folder of this ingest (``piaa-encode-<version>``), or None when off
+    encode_store: str | None = None
     started: float = field(default_factory=time.time)
 
     def partitions(self, n: int) -> list[PartitionSpec]:
@@ -281,7 +302,16 @@ class IngestPlan:
             s_shard=self.sample_shard[a:b],
             s_latent=None if src.latent is None else src.latent[idx],
             s_avg=None if src.average_latent is None else src.average_latent[idx],
+            encode_store=self.encode_store,
         )
+
+    def remove_encode_store(self) -> None:
+        """Delete this ingest's encoded-image store on this machine (if any; never fails).
+
+        A Ray driver must also have it removed on every other node its tasks ran on.
+        """
+        if self.encode_store:
+            remove_store(self.encode_store)
 
 
 def _strict_error(skips: SkipLog) -> DataError:
@@ -431,12 +461,47 @@ def plan_ingest(
     np.cumsum(counts, out=user_start[1:])
     sample_shard, cuts, n_shards = pack_shards(counts, settings.shard_size)
     truth = src.latent is not None
+    version = new_version_id()
     return IngestPlan(
         fmt=fmt, source="synth" if truth else fmt, out_url=store.url, endpoint_url=endpoint_url,
-        version=new_version_id(), settings=settings, src=src, images=images, skips=skips,
+        version=version, settings=settings, src=src, images=images, skips=skips,
         users=[src.users[u] for u in order_names], user_uid=user_uid, user_start=user_start,
         sample_idx=sample_idx, sample_shard=sample_shard, image_refs=refs, cut_points=cuts, n_shards=n_shards,
+        encode_store=_encode_store_path(settings, version),
     )
+
+
+def _encode_store_path(settings: IngestSettings, version: str) -> str | None:
+    """This ingest's store folder: a fresh subfolder per version, so no entry of another ingest
+    (whose source files may since have changed) is ever read. The parent is checked now, before
+    any image is decoded."""
+    if not settings.encode_store:
+        return None
+    parent = Path(settings.encode_store_dir or tempfile.gettempdir()).expanduser()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"encoded-image store folder {parent}: cannot create it ({err.strerror or err}); "
+                        "choose another with --encode-store-dir or turn the store off") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"encoded-image store folder {parent}: not writable; choose another with "
+                        "--encode-store-dir or turn the store off")
+    return str(parent / f"piaa-encode-{version}")
+
+
+def _image_identity(images: ImageSource, ref: str) -> str | None:
+    """What identifies a source image without reading it: a local file's real path, size and
+    modification time (a file replaced during the ingest gets a new key); an S3 object's URL
+    (the store lives for one ingest, over which the source is taken as fixed, as the plan does;
+    an ETag would cost a HEAD request per image). ``None`` if the file cannot be stat'ed (the
+    read then fails and is counted as usual)."""
+    if images.is_s3:
+        return "s3\0" + images.display(ref)
+    try:
+        st = os.stat(ref)
+    except OSError:
+        return None
+    return f"file\0{ref}\0{st.st_size}\0{st.st_mtime_ns}"
 
 
 def _sample_meta(spec: PartitionSpec, user: str, image: str, j: int) -> bytes:
@@ -468,6 +533,11 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     t0 = time.perf_counter()
     s = spec.settings
     store = open_store(spec.out_url, spec.endpoint_url).sub(version_prefix(spec.version))
+    # Encoded images of the whole ingest, on disk: an image is encoded once however many
+    # raters and shards hold it (the cache below only spans one shard's batch). The key holds
+    # every setting the bytes depend on, Pillow's version included.
+    encoded = EncodedImageStore(spec.encode_store) if spec.encode_store else None
+    params = f"max_side={s.max_side};quality={s.quality};max_pixels={s.max_pixels};pillow={PIL.__version__}"
     # At most one shard's batch of images (and image_cache_mb): with a byte bound alone the
     # cache kept filling as worlds grew (+25 MB of peak RSS from the default world to a 4x one).
     cache = ByteLRU(int(s.image_cache_mb * 1024 * 1024), max_items=s.shard_size)
@@ -477,7 +547,11 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     decodes_lock = threading.Lock()
     stored = np.zeros(len(spec.image_names), bool)  # distinct images written (not per sample: bounded)
 
-    def work(k: int) -> tuple[bytes | None, str, str]:
+    def store_key(k: int) -> str | None:
+        ident = _image_identity(spec.images, spec.image_refs[k])
+        return None if ident is None else entry_key("piaa-ingest-image/1", ident, params)
+
+    def work(k: int, key: str | None) -> tuple[bytes | None, str, str]:
         try:
             data = process_image(spec.images.read(spec.image_refs[k]), s.max_side, s.quality, s.max_pixels)
         except TooManyPixels as err:
@@ -490,6 +564,8 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
             return None, "unreadable_image", f"{type(err).__name__}: {err}"
         with decodes_lock:
             decodes[0] += 1
+        if key is not None:
+            encoded.put(key, data)
         cache.put(k, data)
         return data, "", ""
 
@@ -507,7 +583,17 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
             return (hit, "", "")
         fut = inflight.get(k)
         if fut is None:
-            fut = inflight[k] = pool.submit(work, k)
+            key = None
+            if encoded is not None:
+                # Looked up here, not in the pool: a hit is a page-cache read (~10 µs), less than
+                # handing it to a thread and waiting on the future costs. On S3 sources too, as
+                # the key needs no request.
+                key = store_key(k)
+                data = encoded.get(key) if key is not None else None
+                if data is not None:
+                    cache.put(k, data)
+                    return (data, "", "")
+            fut = inflight[k] = pool.submit(work, k, key)
         return fut
 
     writer = None
@@ -590,6 +676,7 @@ def ingest_partition(spec: PartitionSpec, progress: Callable[[int], None] | None
     return PartitionResult(
         index=spec.index, rows=rows.table(), skips=skips, samples=n_samples, shards=n_shards, bytes=n_bytes,
         image_decodes=decodes[0], image_cache_hits=cache.hits, image_ids=spec.image_gid[local],
+        image_store=encoded.stats() if encoded is not None else {},
         peak_rss_mb=_peak_rss_mb(), seconds=time.perf_counter() - t0,
     )
 
@@ -694,6 +781,9 @@ def build_report(plan: IngestPlan, results: list[PartitionResult], skips: SkipLo
         "partitions": len(results),
         "image_decodes": sum(r.image_decodes for r in results),
         "image_cache_hits": sum(r.image_cache_hits for r in results),
+        # image_decodes is every image encoded; these are the ones served by the on-disk store
+        # instead (hits), what it cost (bytes: its disk use), and what went wrong with it.
+        "image_store": _store_summary(plan, results),
         "max_side": s.max_side,
         "jpeg_quality": s.quality,
         "shard_size": s.shard_size,
@@ -703,6 +793,12 @@ def build_report(plan: IngestPlan, results: list[PartitionResult], skips: SkipLo
         "seconds": round(time.time() - plan.started, 2),
         "has_truth": bool(has_truth) and all(has_truth),
     }
+
+
+def _store_summary(plan: IngestPlan, results: list[PartitionResult]) -> dict[str, Any]:
+    total = {k: sum(r.image_store.get(k, 0) for r in results)
+             for k in ("hits", "misses", "writes", "bytes_written", "corrupt", "errors")}
+    return {"enabled": plan.encode_store is not None, "dir": plan.encode_store, **total}
 
 
 def ingest(
@@ -728,6 +824,8 @@ def ingest(
     workers: int = 4,
     partitions: int = 1,
     progress: bool = False,
+    encode_store: bool = True,
+    encode_store_dir: str | None = None,
 ) -> dict[str, Any]:
     """Ingest rating files and images into a new version at ``out_url`` and publish it.
 
@@ -752,6 +850,8 @@ def ingest(
         workers: threads for image work and uploads.
         partitions: partitions processed one after the other (the output does not depend on it).
         progress: show a tqdm bar.
+        encode_store, encode_store_dir: the on-disk store of encoded images (see
+            :class:`IngestSettings`); the output bytes do not depend on it.
 
     Returns:
         The report (also written into the version as ``ingest_report.json``).
@@ -761,7 +861,8 @@ def ingest(
         StorageError: the output cannot be written (names the URL); nothing is published.
     """
     settings = IngestSettings(max_side=max_side, quality=quality, shard_size=shard_size, max_pixels=max_pixels,
-                              image_cache_mb=image_cache_mb, workers=workers, strict=strict)
+                              image_cache_mb=image_cache_mb, workers=workers, strict=strict,
+                              encode_store=encode_store, encode_store_dir=encode_store_dir)
     plan = plan_ingest(fmt, root, out_url, test_workers=test_workers, test_users=test_users,
                        test_fraction=test_fraction, split_seed=split_seed, fold=fold, ratings_file=ratings_file,
                        images_dir=images_dir, score_range=score_range, endpoint_url=endpoint_url, settings=settings)
@@ -773,10 +874,11 @@ def ingest(
     try:
         results = [ingest_partition(spec, bar.update if bar is not None else None)
                    for spec in plan.partitions(partitions)]
+        return publish(plan, results)
     finally:
         if bar is not None:
             bar.close()
-    return publish(plan, results)
+        plan.remove_encode_store()
 
 
 #: The name the orchestration layer imports.
@@ -803,7 +905,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['image_amplification']:.2f}); {report['shards']} shards, {report['objects']} objects, "
         f"{report['bytes'] / 1e6:.1f} MB" + ("; truth sidecar attached" if report["has_truth"] else "")
     )
-    lines.append(f"pixel limit {report['max_pixels']:,}; {report['image_decodes']} decodes, "
+    st = report.get("image_store") or {}
+    stored = (f", {st['hits']} from the encoded-image store ({st['writes']} entries, "
+              f"{st['bytes_written'] / 1e6:.1f} MB on disk; {st['corrupt']} damaged, {st['errors']} write errors)"
+              if st.get("enabled") else ", encoded-image store off")
+    lines.append(f"pixel limit {report['max_pixels']:,}; {report['image_decodes']} images encoded{stored}, "
                  f"{report['image_cache_hits']} cache hits; peak RSS {report['peak_rss_mb']:.0f} MB; "
                  f"{report['seconds']:.1f}s")
     for reason, ex in report["examples"].items():
