@@ -12,7 +12,10 @@ draw the same names again from the same code (mutant numbers change when the cod
 
 ``draw`` prints the names (for ``mutmut run``); ``report`` prints each module's kill rate over
 its sample from mutmut's last results (``mutants/**/*.py.meta``) and, with ``--json``, records
-each drawn name's result under ``--phase`` in that file (other phases and modules kept).
+each drawn name's result under ``--phase`` in that file (other phases and modules kept). After a
+rerun of the survivors alone (``--carry-killed before``), a mutant the earlier phase killed
+counts as killed: tests were only added, so the tests that killed it still run. (A change of
+mutmut's test selection resets every result, which is why that carry is needed at all.)
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ def main() -> int:
     parser.add_argument("--root", default="mutants", help="mutmut's folder (default: mutants)")
     parser.add_argument("--json", default="", help="report: record each name's result in this file")
     parser.add_argument("--phase", default="after", help="report: the key results are recorded under")
+    parser.add_argument("--carry-killed", default="", metavar="PHASE",
+                        help="report: a mutant not run now that PHASE (in --json) records as killed "
+                             "counts as killed (a rerun of the survivors only, tests only added)")
     args = parser.parse_args()
     root = Path(args.root)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
@@ -111,6 +117,10 @@ def main() -> int:
     for module, names in samples.items():
         codes = mutant_codes(root, module)
         got = {n: status(codes[n]) for n in names}
+        if args.carry_killed:
+            earlier = doc.get("modules", {}).get(module, {}).get("results", {}).get(args.carry_killed, {})
+            got = {n: ("killed" if s == "not run" and earlier.get(n) in ("killed", "timeout") else s)
+                   for n, s in got.items()}
         row = rate_row(list(got.values()))
         rate = "-" if row["kill_rate"] is None else f"{100 * row['kill_rate']:.1f}%"
         lo, hi = row["wilson95"]
