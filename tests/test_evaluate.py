@@ -599,3 +599,69 @@ def test_search_key_is_equal_for_equal_inputs_and_moves_with_each_one():
                 search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users, "s3://b/d", [6], 3),
                 search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users, "s3://b/d", [5], 4)]
     assert len({key, *changed}) == 1 + len(changed)
+
+
+def test_a_user_with_exactly_k_plus_three_ratings_is_scored_and_one_fewer_is_skipped():
+    """A split needs 3 test images: k + 3 ratings are enough for k shots, k + 2 are not."""
+    cfg = _cfg(**{"eval.shots": [5, 6], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=8)
+    res = evaluate(cfg, data, {"blg-piaa": _model(cfg)})
+    assert set(res.methods["blg-piaa"]) == {5} and res.methods["blg-piaa"][5].n_users == 2
+    assert res.skipped == {5: (), 6: tuple(data.users("test"))}
+
+
+def test_merging_outcomes_names_what_does_not_match():
+    """``merge_outcomes`` refuses outcomes that do not match the users, naming the missing and
+    unexpected ones, and says so when no user had enough ratings for any k."""
+    from piaa_dist.evaluate import evaluate_users, merge_outcomes
+
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=8)
+    models = {"blg-piaa": _model(cfg)}
+    users = data.users("test")
+    outcomes = evaluate_users(cfg, data, models, users, shots=[5], repeats=1, seed=0)
+    kw = dict(methods=["blg-piaa"], shots=[5], repeats=1, seed=0)
+    with pytest.raises(ValueError, match=rf"missing \['{users[1]}'\], unexpected \[\]"):
+        merge_outcomes(cfg, outcomes[:1], users=users, **kw)
+    with pytest.raises(ValueError, match=rf"missing \[\], unexpected \['{users[1]}'\]"):
+        merge_outcomes(cfg, outcomes, users=users[:1], **kw)
+    too_few = evaluate_users(cfg, data, models, users, shots=[6], repeats=1, seed=0)
+    with pytest.raises(ValueError, match=r"none of the 2 users has enough ratings for shots \[6\]"):
+        merge_outcomes(cfg, too_few, users=users, **{**kw, "shots": [6]})
+
+
+class _TwoLevels(torch.nn.Module):
+    """Predicts exactly 0 or 1 (bright images 1): a ranking with a spread of exactly 1.0."""
+
+    def __init__(self, model):
+        super().__init__()
+        # the model's parts, so that the budget's rule finds a head; the forward ignores them
+        self.backbone, self.head = model.backbone, model.head
+
+    def forward(self, images):
+        return (images.mean(dim=(1, 2, 3)) > 0).float()
+
+
+class _Constant(_TwoLevels):
+    def forward(self, images):
+        return torch.full((images.shape[0],), 0.6)
+
+
+def test_only_constant_predictions_are_degenerate():
+    """A split's predictions are degenerate (SROCC and PLCC 0) when they carry no ranking
+    (constant); predictions on two levels 1.0 apart do rank and are scored."""
+    from piaa_dist.metrics import plcc
+
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=30)
+    splits = []
+    res = evaluate(cfg, data, {"two-no-adapt": _TwoLevels(_model(cfg))}, on_split=splits.append)
+    assert splits and all(np.ptp(s.predictions) == 1.0 for s in splits)
+    assert res.methods["two-no-adapt"][5].degenerate == 0
+    for s in splits:
+        observed = np.asarray(data.load_user(s.user).scores, dtype=np.float64)[s.test_indices]
+        got = res.methods["two-no-adapt"][5]
+        assert got.per_user[s.user] == pytest.approx(spearmanr(s.predictions, observed)[0])
+        assert got.per_user_plcc[s.user] == pytest.approx(float(plcc(s.predictions, observed)))
+    flat = evaluate(cfg, data, {"flat-no-adapt": _Constant(_model(cfg))}).methods["flat-no-adapt"][5]
+    assert flat.degenerate == len(splits) and flat.srocc_mean == flat.plcc_mean == 0.0

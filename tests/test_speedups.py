@@ -331,3 +331,21 @@ def test_every_step_reports_its_phases(dataset):
         assert all(np.isfinite(p) and p >= 0 for p in phases), m
         assert m["inner_s"] > 0 and m["outer_s"] > 0
         assert sum(phases) <= m["step_s"] * 1.01 + 1e-3
+
+
+def test_the_trainer_takes_the_shortcuts_it_is_set_to(tasks):
+    """``MetaTrainer.speedups`` decides the trainer's path: PLAIN runs the backbone at every
+    inner step, the default (FAST) once per set when only the head adapts; same sums."""
+    from piaa_dist.train import MetaTrainer
+
+    cfg = with_overrides(load_config(TINY), {"meta.inner_params": "head", "meta.flavour": "second_order",
+                                             "meta.inner_steps": 2, "model.dropout": 0.0})
+    torch.manual_seed(0)
+    trainer = MetaTrainer(cfg, build_model(cfg.model), torch.device("cpu"))
+    calls = _BackboneCalls(trainer.model)
+    fast = trainer.local_flat(tasks[:2])
+    fast_calls, calls.n = calls.n, 0
+    trainer.speedups = PLAIN
+    plain = trainer.local_flat(tasks[:2])
+    assert fast_calls == 2 * 2 and calls.n == 2 * (2 + 1)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)
