@@ -306,3 +306,22 @@ def test_ridge_fit_is_the_closed_form_at_any_feature_scale(scale, penalty):
     assert b == pytest.approx(b_ref, rel=1e-12)
     w0, b0 = ridge_fit(np.ones((4, 5), dtype=np.float32), y[:4], penalty)
     assert not w0.any() and b0 == pytest.approx(float(y[:4].mean()))
+
+
+def test_finetune_shows_the_model_at_the_asked_steps_only():
+    """``at_stop`` sees the model after each step count in ``stops`` and after no other (the
+    last step included only when asked for); the fine-tuned model is the same either way."""
+    from piaa_dist.protocol import finetune
+
+    cfg = load_config(TINY)
+    torch.manual_seed(2)
+    model = build_model(cfg.model)
+    _, support = _support(cfg)
+    budget = FinetuneBudget(steps=3, lr=0.1, batch_size=4)
+    for stops, seen in (({1}, [1]), ({1, 3}, [1, 3]), ((), [])):
+        got: list[int] = []
+        tuned = finetune(model, support, budget, seed=5, stops=stops, at_stop=lambda d, m, got=got: got.append(d))
+        assert got == seen, stops
+        alone = finetune(model, support, budget, seed=5)
+        for a, b in zip(tuned.state_dict().values(), alone.state_dict().values()):
+            assert torch.equal(a, b)
