@@ -325,3 +325,22 @@ def test_finetune_shows_the_model_at_the_asked_steps_only():
         alone = finetune(model, support, budget, seed=5)
         for a, b in zip(tuned.state_dict().values(), alone.state_dict().values()):
             assert torch.equal(a, b)
+
+
+def test_a_budget_takes_any_collection_of_names_and_refuses_bad_values_by_name():
+    """``FinetuneBudget``: parameter names given as a list or set are the same budget as the
+    frozenset (equal, hashable: budgets key caches); a bad value is a ConfigError naming it."""
+    from piaa_dist.errors import ConfigError
+
+    names = ["head.0.weight", "head.0.bias"]
+    as_list = FinetuneBudget(steps=2, lr=0.1, adapt_names=names)
+    assert as_list.adapt_names == frozenset(names) and isinstance(as_list.adapt_names, frozenset)
+    assert as_list == FinetuneBudget(steps=2, lr=0.1, adapt_names=frozenset(names))
+    assert hash(as_list) == hash(FinetuneBudget(steps=2, lr=0.1, adapt_names=set(names)))
+    for kw, message in (({"steps": -1}, r"eval\.finetune_steps must be >= 0, got -1"),
+                        ({"batch_size": 0}, r"eval\.batch_size must be >= 1, got 0"),
+                        ({"optimizer": "rmsprop"}, r"eval\.finetune_optimizer: unknown 'rmsprop'"),
+                        ({"bn": "frozen"}, r"eval\.finetune_bn: unknown 'frozen'"),
+                        ({"ridge": -1.0}, r"ridge penalty must be > 0, got -1\.0")):
+        with pytest.raises(ConfigError, match=message):
+            FinetuneBudget(**{"steps": 1, "lr": 0.1, **kw})
