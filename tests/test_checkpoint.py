@@ -92,6 +92,14 @@ def test_model_round_trip_keeps_weights_buffers_config_and_info(tmp_path, cfg):
     assert torch.equal(model(x), loaded(x))
 
 
+
+def test_model_info_reads_back_alone(tmp_path, cfg):
+    """``read_model_info`` gives the caller's info dict without loading the weights (and
+    without the format's own bookkeeping)."""
+    out = save_model(tmp_path / "m", _trained_standin(cfg), cfg, {"step": 7, "srocc": 0.25, "note": "x"})
+    assert checkpoint.read_model_info(out) == {"step": 7, "srocc": 0.25, "note": "x"}
+    assert checkpoint.read_model_info(str(out)) == {"step": 7, "srocc": 0.25, "note": "x"}
+
 def test_real_model_round_trip(tmp_path, cfg):
     """The default builder is piaa_dist.model.build_model."""
     from piaa_dist.model import build_model

@@ -127,6 +127,43 @@ def test_in_process_checkpoints_keep_newest_and_previous(storage):
     assert torch.equal(again.resume_point().state["w"], torch.full((3,), 6.0))
 
 
+
+def test_the_best_checkpoint_is_kept_apart_read_back_and_replaced(storage):
+    """A best save is copied to ``local/best/`` and named by ``local/BEST``; a later best
+    replaces it (one copy kept); it reads back with its step, score and state, and a copy of
+    another step than the run's recorded best is ignored. Pruning never touches it."""
+    import pyarrow.fs
+
+    from piaa_dist.orchestration.checkpoint_store import read_best
+
+    cfg = JobConfig()
+    store = InProcessCheckpoints(storage, keep=1)
+    assert read_best(storage, "local") is None
+    for step, best in ((2, True), (4, False), (6, True), (8, False), (10, False)):
+        state = {**_state(step), "early_stopping": {"best_step": 6 if step >= 6 else 2,
+                                                    "best_score": 0.7 if step >= 6 else 0.5}}
+        store.save(step, state, cfg, best=best)
+    best = read_best(storage, "local", best_step=6)
+    assert (best.step, best.score) == (6, 0.7)
+    assert torch.equal(best.state["w"], torch.full((3,), 6.0))
+    assert best.url == storage.url_of(storage.run_path("local", "best", "checkpoint_000006"))
+    copies = storage.filesystem.get_file_info(pyarrow.fs.FileSelector(storage.run_path("local", "best")))
+    assert [i.base_name for i in copies if i.type == pyarrow.fs.FileType.Directory] == ["checkpoint_000006"]
+    assert read_best(storage, "local").step == 6
+    assert read_best(storage, "local", best_step=2) is None  # BEST names another step: ignored
+
+
+def test_a_model_is_rebuilt_from_a_training_state():
+    from piaa_dist.model import build_model
+    from piaa_dist.orchestration.checkpoint_store import model_from_state
+
+    cfg = JobConfig()
+    torch.manual_seed(3)
+    model = build_model(cfg.model)
+    rebuilt = model_from_state(cfg, {"model": model.state_dict(), "step": 1})
+    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name
+
 def test_an_empty_or_stale_pointer_never_decides_the_resume_point(storage):
     store = InProcessCheckpoints(storage)
     for step in (2, 4):

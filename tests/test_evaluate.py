@@ -502,3 +502,166 @@ def test_a_method_outside_the_table_adapts_unless_its_name_says_no_adapt():
 
     evaluate(cfg, data, {"mine": model, "mine-no-adapt": model}, seed=1, on_split=on_split)
     assert trained["mine"] > 0 and trained["mine-no-adapt"] == 0, trained
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing each method's fine-tuning on validation users (the search), fast: the end-to-end
+# checks through the evaluate use-case are in tests/test_baselines.py
+
+
+#: A small search grid: 3 rates x 2 step counts for a fine-tuned method, 2 ridge penalties.
+SEARCH = {"eval.search_sgd_lrs": [0.05, 0.5], "eval.search_adam_lrs": [0.01], "eval.search_steps": [1, 3],
+          "eval.search_params": ["head"], "eval.search_ridge": [0.1, 10.0], "eval.search_repeats": 2,
+          "eval.shots": [5]}
+
+
+def test_search_scores_each_candidate_as_evaluate_does_on_the_given_users_and_keeps_the_best():
+    """Every candidate's validation score is what :func:`evaluate` reports for that setting on
+    the same users, seed and repeats (same splits, same fine-tuning stream, SROCC averaged per
+    user then over users); the highest wins, the first of equals in grid order."""
+    import hashlib
+
+    from piaa_dist.evaluate import search_finetuning
+
+    cfg = _cfg(**SEARCH)
+    data = FakeDataset(n_users=4, n_images=20, seed=5)
+    meta, giaa = _model(cfg, 0), _model(cfg, 1)
+    val = data.users("train")
+    models = {"blg-piaa": meta, "meta-no-adapt": meta, "giaa-ridge": giaa}
+    choice = search_finetuning(cfg, data, models, val, seed=3)
+
+    assert choice.source == "search" and choice.protocol == "per-method" and choice.repeats == 2
+    assert set(choice.chosen) == {"blg-piaa", "giaa-ridge"}  # meta-no-adapt has nothing to choose
+    assert list(choice.grid["blg-piaa"][5]) == [
+        f"blg-piaa@5: {opt} lr={lr!r} steps={steps} params=head"
+        for opt, lr in (("sgd", 0.05), ("sgd", 0.5), ("adam", 0.01)) for steps in (1, 3)]
+    assert list(choice.grid["giaa-ridge"][5]) == ["giaa-ridge@5: penalty=0.1", "giaa-ridge@5: penalty=10.0"]
+    for method, by_k in choice.grid.items():
+        cands = by_k[5]
+        for text, score in cands.items():
+            alone = evaluate(with_overrides(cfg, {"eval.finetune": [text]}), data, {method: models[method]},
+                             shots=[5], repeats=2, seed=3, users=val)
+            assert score == pytest.approx(alone.stats(method, 5).srocc_mean, abs=1e-9), text
+        assert len(set(cands.values())) > 1, cands  # the candidates differ: the choice means something
+        best = max(cands.values())
+        assert choice.chosen[method][5] == next(t for t, v in cands.items() if v == best)
+        assert choice.validation_srocc[method][5] == best
+    assert choice.validation_users == len(val)
+    assert choice.validation_sha256 == hashlib.sha256("\n".join(sorted(val)).encode("utf-8")).hexdigest()
+
+
+def test_search_plan_explicit_settings_and_with_choice():
+    """The search chooses only what the config leaves open: every fine-tuned method under the
+    per-method protocol, only the ridge penalty under the shared one; an explicit
+    ``eval.finetune`` setting of a method being evaluated is kept as is (no validation score),
+    one of a method not evaluated is not reported; ``with_choice`` adds the chosen settings."""
+    from piaa_dist.evaluate import search_finetuning, search_plan, with_choice
+
+    methods = ["blg-piaa", "meta-no-adapt", "giaa-finetune", "giaa-no-adapt", "giaa-ridge", "mine"]
+    given = ["blg-piaa@10: sgd lr=0.1 steps=2 params=head", "giaa-finetune: adam lr=0.01 steps=2 params=all"]
+    cfg = _cfg(**{**SEARCH, "eval.shots": [5, 10], "eval.finetune": given})
+    assert search_plan(cfg, methods, [5, 10]) == {"blg-piaa": [5], "giaa-ridge": [5, 10], "mine": [5, 10]}
+    shared = with_overrides(cfg, {"eval.protocol": "shared", "eval.finetune": []})
+    assert search_plan(shared, methods, [5, 10]) == {"giaa-ridge": [5, 10]}
+
+    data = FakeDataset(n_users=4, n_images=20, seed=5)
+    choice = search_finetuning(cfg, data, {"blg-piaa": _model(cfg, 0)}, data.users("train"), seed=3)
+    assert set(choice.chosen) == {"blg-piaa"}  # giaa-finetune's setting: not evaluated, not reported
+    assert choice.chosen["blg-piaa"][10] == given[0] and choice.validation_srocc["blg-piaa"][10] is None
+    searched = choice.chosen["blg-piaa"][5]
+    assert searched in choice.grid["blg-piaa"][5] and choice.validation_srocc["blg-piaa"][5] is not None
+
+    chosen_cfg = with_choice(cfg, choice)
+    assert list(chosen_cfg.eval.finetune) == [*given, searched]
+    assert with_choice(chosen_cfg, choice) is chosen_cfg  # nothing new to add
+
+
+def test_search_key_is_equal_for_equal_inputs_and_moves_with_each_one():
+    """The search cache's key: the same for the same priors (by value), data, validation users
+    (in any order), grid, protocol, shots and seed; another for a change in any of them."""
+    from piaa_dist.evaluate import search_key
+
+    cfg = _cfg(**SEARCH)
+    users = ["U00", "U01"]
+    key = search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users, "s3://b/d", [5], 3)
+    assert key == search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users[::-1], "s3://b/d", [5], 3)
+    changed = [search_key(with_overrides(cfg, {field: value}), {"blg-piaa": _model(cfg, 0)}, users, "s3://b/d",
+                          [5], 3)
+               for field, value in (("eval.search_ridge", [0.2]), ("eval.search_sgd_lrs", [0.1]),
+                                    ("eval.search_adam_lrs", [0.02]), ("eval.search_steps", [2]),
+                                    ("eval.search_params", ["all"]), ("eval.protocol", "shared"),
+                                    ("eval.search_repeats", 1), ("eval.finetune_bn", "running"),
+                                    ("eval.batch_size", 7), ("data.image_size", 24),
+                                    ("eval.finetune", ["blg-piaa: sgd lr=0.1 steps=2 params=head"]))]
+    changed += [search_key(cfg, {"blg-piaa": _model(cfg, 1)}, users, "s3://b/d", [5], 3),
+                search_key(cfg, {"blg-piaa": _model(cfg, 0)}, ["U00"], "s3://b/d", [5], 3),
+                search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users, "s3://b/e", [5], 3),
+                search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users, "s3://b/d", [6], 3),
+                search_key(cfg, {"blg-piaa": _model(cfg, 0)}, users, "s3://b/d", [5], 4)]
+    assert len({key, *changed}) == 1 + len(changed)
+
+
+def test_a_user_with_exactly_k_plus_three_ratings_is_scored_and_one_fewer_is_skipped():
+    """A split needs 3 test images: k + 3 ratings are enough for k shots, k + 2 are not."""
+    cfg = _cfg(**{"eval.shots": [5, 6], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=8)
+    res = evaluate(cfg, data, {"blg-piaa": _model(cfg)})
+    assert set(res.methods["blg-piaa"]) == {5} and res.methods["blg-piaa"][5].n_users == 2
+    assert res.skipped == {5: (), 6: tuple(data.users("test"))}
+
+
+def test_merging_outcomes_names_what_does_not_match():
+    """``merge_outcomes`` refuses outcomes that do not match the users, naming the missing and
+    unexpected ones, and says so when no user had enough ratings for any k."""
+    from piaa_dist.evaluate import evaluate_users, merge_outcomes
+
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=8)
+    models = {"blg-piaa": _model(cfg)}
+    users = data.users("test")
+    outcomes = evaluate_users(cfg, data, models, users, shots=[5], repeats=1, seed=0)
+    kw = dict(methods=["blg-piaa"], shots=[5], repeats=1, seed=0)
+    with pytest.raises(ValueError, match=rf"missing \['{users[1]}'\], unexpected \[\]"):
+        merge_outcomes(cfg, outcomes[:1], users=users, **kw)
+    with pytest.raises(ValueError, match=rf"missing \[\], unexpected \['{users[1]}'\]"):
+        merge_outcomes(cfg, outcomes, users=users[:1], **kw)
+    too_few = evaluate_users(cfg, data, models, users, shots=[6], repeats=1, seed=0)
+    with pytest.raises(ValueError, match=r"none of the 2 users has enough ratings for shots \[6\]"):
+        merge_outcomes(cfg, too_few, users=users, **{**kw, "shots": [6]})
+
+
+class _TwoLevels(torch.nn.Module):
+    """Predicts exactly 0 or 1 (bright images 1): a ranking with a spread of exactly 1.0."""
+
+    def __init__(self, model):
+        super().__init__()
+        # the model's parts, so that the budget's rule finds a head; the forward ignores them
+        self.backbone, self.head = model.backbone, model.head
+
+    def forward(self, images):
+        return (images.mean(dim=(1, 2, 3)) > 0).float()
+
+
+class _Constant(_TwoLevels):
+    def forward(self, images):
+        return torch.full((images.shape[0],), 0.6)
+
+
+def test_only_constant_predictions_are_degenerate():
+    """A split's predictions are degenerate (SROCC and PLCC 0) when they carry no ranking
+    (constant); predictions on two levels 1.0 apart do rank and are scored."""
+    from piaa_dist.metrics import plcc
+
+    cfg = _cfg(**{"eval.shots": [5], "eval.repeats": 1})
+    data = FakeDataset(n_users=4, n_images=30)
+    splits = []
+    res = evaluate(cfg, data, {"two-no-adapt": _TwoLevels(_model(cfg))}, on_split=splits.append)
+    assert splits and all(np.ptp(s.predictions) == 1.0 for s in splits)
+    assert res.methods["two-no-adapt"][5].degenerate == 0
+    for s in splits:
+        observed = np.asarray(data.load_user(s.user).scores, dtype=np.float64)[s.test_indices]
+        got = res.methods["two-no-adapt"][5]
+        assert got.per_user[s.user] == pytest.approx(spearmanr(s.predictions, observed)[0])
+        assert got.per_user_plcc[s.user] == pytest.approx(float(plcc(s.predictions, observed)))
+    flat = evaluate(cfg, data, {"flat-no-adapt": _Constant(_model(cfg))}).methods["flat-no-adapt"][5]
+    assert flat.degenerate == len(splits) and flat.srocc_mean == flat.plcc_mean == 0.0

@@ -302,3 +302,80 @@ def test_a_rated_image_that_does_not_decode_is_dropped_and_counted_and_a_device_
     few = Ratings(images=images[:9] + [broken], scores=scores[:10], skipped={})
     with pytest.raises(DataError, match=r"^ratings: 9 usable ratings.*\{'unreadable image': 1\}.*broken\.jpg"):
         personalize(model, cfg, few, targets, seed=3)
+
+
+def test_a_skipped_row_anywhere_is_counted_and_reading_goes_on_with_each_ratings_line(tiny_world, tmp_path):
+    """A short row, a duplicate image or a blank line in the middle of the file does not end
+    the reading: every later rating is used, each skipped row counted once, and each rating
+    keeps the CSV line it came from (for messages), quoted multi-line records included."""
+    _, rows = _user_rows(tiny_world)
+    good = rows[:12]
+    records = ["image,score"]  # each record's text, possibly spanning lines
+    rating_records = []
+    for i, (name, score) in enumerate(good):
+        if i == 3:
+            records.append("lonely-cell")  # a short row
+        if i == 6:
+            records.append(f"{good[0][0]},{good[0][1]}")  # a duplicate of the first image
+            records.append("")  # a blank line: not a rating
+        # one record spans two lines (a quoted newline in its score)
+        records.append(f'"{name}","{score}\n"' if i == 9 else f"{name},{score}")
+        rating_records.append(len(records) - 1)
+    starts = [1]
+    for text in records:
+        starts.append(starts[-1] + text.count("\n") + 1)
+    expected_lines = [starts[r] for r in rating_records]
+    body = records
+    csv_path = tmp_path / "mixed.csv"
+    csv_path.write_text("\n".join(body) + "\n")
+    got = read_ratings(csv_path, tiny_world / "images")
+    assert [p.name for p in got.images] == [name for name, _ in good]
+    assert got.skipped == {"short row": 1, "duplicate image": 1}
+    assert got.lines == expected_lines
+
+
+def test_too_few_ratings_with_nothing_skipped_says_none(tiny_world, tmp_path):
+    _, rows = _user_rows(tiny_world)
+    csv_path = _write(tmp_path / "few.csv", "image,score", rows[:4])
+    with pytest.raises(DataError, match=r"few\.csv: 4 usable ratings, personalization needs at least 10 "
+                                        r"\(skipped: none\)$"):
+        read_ratings(csv_path, tiny_world / "images")
+
+
+def test_nothing_to_score_is_a_clear_error(tiny_world, tmp_path):
+    """No image to score, or none that decodes: a DataError saying so (naming the first image
+    that does not decode and why), never an IndexError."""
+    from piaa_dist.personalize import Ratings
+
+    cfg, model, rated, _ = _setup(tiny_world, tmp_path)
+    ratings = Ratings(images=[tiny_world / "images" / name for name, _ in rated],
+                      scores=np.array([float(s) for _, s in rated], dtype=np.float32), skipped={})
+    with pytest.raises(DataError, match=r"^no images to score$"):
+        personalize(model, cfg, ratings, [], seed=0)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"none of the 2 images to score decodes \(first: .*broken\.jpg: \w+Error"):
+        personalize(model, cfg, ratings, [broken, broken], seed=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is not usable")
+def test_asking_for_a_gpu_without_one_names_personalize(tiny_world, tmp_path):
+    from piaa_dist.gpu import GpuUnavailable
+    from piaa_dist.personalize import Ratings
+
+    cfg, model, rated, targets = _setup(tiny_world, tmp_path)
+    ratings = Ratings(images=[tiny_world / "images" / name for name, _ in rated],
+                      scores=np.array([float(s) for _, s in rated], dtype=np.float32), skipped={})
+    with pytest.raises(GpuUnavailable, match=r"^personalize: a GPU was requested"):
+        personalize(model, cfg, ratings, targets, seed=0, device="cuda")
+
+
+@pytest.mark.parametrize(("cells", "shown"), [(6, "'c5'\\]"), (7, "'c5', \\.\\.\\.\\]")])
+def test_an_unusable_first_row_shows_its_first_six_cells_and_what_is_accepted(tiny_world, tmp_path, cells, shown):
+    """The error shows the first row as read (six cells at most, "..." when it has more) and
+    says what the first row must be."""
+    _, rows = _user_rows(tiny_world)
+    header = ",".join(f"c{i}" for i in range(cells))
+    with pytest.raises(DataError, match=rf"wide\.csv: header \['c0', .*{shown} \(line 1\) needs an image column .*"
+                                        r"a file without a header must start with an image,score row"):
+        read_ratings(_write(tmp_path / "wide.csv", header, rows[:12]), tiny_world / "images")

@@ -220,3 +220,127 @@ def test_minibatch_fine_tuning_sees_every_shot_once_per_epoch():
     assert [len(b) for b in batches] == [3, 3, 3, 3]
     assert sorted(batches[0] + batches[1]) == list(range(6))
     assert sorted(batches[2] + batches[3]) == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------
+# The search's building blocks: one run scores every step count; a setting's budget; ridge
+
+
+def _support(cfg, n: int = 12, k: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, cfg.data.image_size, cfg.data.image_size, generator=gen)
+    targets = torch.rand(n, generator=gen) * 0.8 + 0.2
+    return images, (images[:k], targets[:k])
+
+
+@pytest.mark.parametrize(("optimizer", "lr", "head"), [("sgd", 0.3, True), ("adam", 0.01, False)])
+def test_one_run_scores_every_step_count_as_separate_runs_would(optimizer, lr, head):
+    """``score_steps`` equals, bit for bit, a separate :meth:`Scorer.score` at each step count
+    (same seed, or both at their default seed), head-only or all parameters."""
+    import dataclasses
+
+    from piaa_dist.protocol import Scorer
+
+    cfg = load_config(TINY)
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    images, support = _support(cfg)
+    budget = FinetuneBudget(steps=7, lr=lr, optimizer=optimizer, batch_size=4,
+                            adapt_names=frozenset(head_names(model)) if head else None)
+    scorer = Scorer(model, budget, images)
+    for kw in ({"seed": 11}, {}):
+        got = scorer.score_steps(support, [3, 1, 7], **kw)
+        assert sorted(got) == [1, 3, 7]
+        for steps, pred in got.items():
+            alone = Scorer(model, dataclasses.replace(budget, steps=steps), images).score(support, **kw)
+            assert np.array_equal(pred, alone), (kw, steps)
+        assert not np.array_equal(got[1], got[7])  # the steps did something
+    with pytest.raises(ValueError, match=">= 1"):
+        scorer.score_steps(support, [0, 2])
+
+
+def test_a_settings_budget_is_what_it_says():
+    """``budget_of_setting``: the setting's rate, steps and optimizer (SGD when it names none),
+    the head's parameters for ``params=head`` and every parameter for ``all``; minibatch and
+    BatchNorm mode from ``cfg.eval``."""
+    from piaa_dist.protocol import budget_of_setting
+
+    cfg = with_overrides(load_config(TINY), {"eval.batch_size": 7, "eval.finetune_bn": "running"})
+    model = build_model(cfg.model)
+    adam = budget_of_setting(cfg, model, {"optimizer": "adam", "lr": 0.01, "steps": 4, "params": "all"})
+    assert (adam.optimizer, adam.lr, adam.steps, adam.adapt_names) == ("adam", 0.01, 4, None)
+    assert (adam.batch_size, adam.bn) == (7, "running")
+    plain = budget_of_setting(cfg, model, {"lr": 0.5, "steps": 2, "params": "head"})
+    assert (plain.optimizer, plain.lr, plain.steps) == ("sgd", 0.5, 2)
+    assert plain.adapt_names == frozenset(head_names(model))
+
+
+def _ridge_closed_form(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
+    """Ridge with an unpenalized intercept from the augmented normal equations (another
+    derivation than the centred one the code uses), ``lam = penalty * ||X - mean||_F^2 / k``."""
+    k, d = x.shape
+    xc = x - x.mean(axis=0)
+    lam = penalty * float((xc * xc).sum()) / k
+    a = np.zeros((d + 1, d + 1))
+    a[:d, :d] = x.T @ x + lam * np.eye(d)
+    a[:d, d] = a[d, :d] = x.sum(axis=0)
+    a[d, d] = k
+    sol = np.linalg.solve(a, np.concatenate([x.T @ y, [y.sum()]]))
+    return sol[:d], float(sol[d])
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+@pytest.mark.parametrize("penalty", [0.05, 3.0])
+def test_ridge_fit_is_the_closed_form_at_any_feature_scale(scale, penalty):
+    """``ridge_fit`` is the ridge regression with a relative penalty, computed in float64 from
+    float32 features (as the backbone gives them), also for small features and penalties; shots
+    whose features are all equal give the mean target and no weights."""
+    from piaa_dist.protocol import ridge_fit
+
+    rng = np.random.default_rng(0)
+    x32 = (rng.normal(size=(8, 5)) * scale).astype(np.float32)
+    y = rng.uniform(0.2, 1.0, size=8)
+    w, b = ridge_fit(x32, y, penalty)
+    w_ref, b_ref = _ridge_closed_form(x32.astype(np.float64), y, penalty)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-9, atol=0)
+    assert b == pytest.approx(b_ref, rel=1e-12)
+    w0, b0 = ridge_fit(np.ones((4, 5), dtype=np.float32), y[:4], penalty)
+    assert not w0.any() and b0 == pytest.approx(float(y[:4].mean()))
+
+
+def test_finetune_shows_the_model_at_the_asked_steps_only():
+    """``at_stop`` sees the model after each step count in ``stops`` and after no other (the
+    last step included only when asked for); the fine-tuned model is the same either way."""
+    from piaa_dist.protocol import finetune
+
+    cfg = load_config(TINY)
+    torch.manual_seed(2)
+    model = build_model(cfg.model)
+    _, support = _support(cfg)
+    budget = FinetuneBudget(steps=3, lr=0.1, batch_size=4)
+    for stops, seen in (({1}, [1]), ({1, 3}, [1, 3]), ((), [])):
+        got: list[int] = []
+        tuned = finetune(model, support, budget, seed=5, stops=stops, at_stop=lambda d, m, got=got: got.append(d))
+        assert got == seen, stops
+        alone = finetune(model, support, budget, seed=5)
+        for a, b in zip(tuned.state_dict().values(), alone.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_a_budget_takes_any_collection_of_names_and_refuses_bad_values_by_name():
+    """``FinetuneBudget``: parameter names given as a list or set are the same budget as the
+    frozenset (equal, hashable: budgets key caches); a bad value is a ConfigError naming it."""
+    from piaa_dist.errors import ConfigError
+
+    names = ["head.0.weight", "head.0.bias"]
+    as_list = FinetuneBudget(steps=2, lr=0.1, adapt_names=names)
+    assert as_list.adapt_names == frozenset(names) and isinstance(as_list.adapt_names, frozenset)
+    assert as_list == FinetuneBudget(steps=2, lr=0.1, adapt_names=frozenset(names))
+    assert hash(as_list) == hash(FinetuneBudget(steps=2, lr=0.1, adapt_names=set(names)))
+    for kw, message in (({"steps": -1}, r"eval\.finetune_steps must be >= 0, got -1"),
+                        ({"batch_size": 0}, r"eval\.batch_size must be >= 1, got 0"),
+                        ({"optimizer": "rmsprop"}, r"eval\.finetune_optimizer: unknown 'rmsprop'"),
+                        ({"bn": "frozen"}, r"eval\.finetune_bn: unknown 'frozen'"),
+                        ({"ridge": -1.0}, r"ridge penalty must be > 0, got -1\.0")):
+        with pytest.raises(ConfigError, match=message):
+            FinetuneBudget(**{"steps": 1, "lr": 0.1, **kw})

@@ -100,6 +100,25 @@ def test_the_fast_meta_gradient_equals_the_plain_one(tasks, flavour, optimizer, 
     assert calls.n == len(tasks) * (2 if inner_params == "head" else per_task[flavour])
 
 
+
+@pytest.mark.parametrize("flavour", ["second_order", "first_order"])
+def test_with_no_inner_step_the_head_shortcut_still_equals_the_plain_path(tasks, flavour):
+    """``steps=0`` (no adaptation: the meta-gradient is the query loss' gradient at the meta
+    parameters): the head-only shortcut reports the same support loss (measured at the meta
+    parameters, as no step measured one) and the same meta-gradient as the plain path."""
+    cfg = with_overrides(load_config(TINY), {"model.dropout": 0.0, "meta.inner_params": "head"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).double()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    kw = dict(flavour=flavour, seeds=[task_seed(0, 0, t.user) for t in tasks[:2]],
+              **{**meta_kwargs(model, cfg.meta), "steps": 0})
+    plain = meta_gradient(model, params, buffers, tasks[:2], speedups=PLAIN, **kw)
+    fast = meta_gradient(model, params, buffers, tasks[:2], speedups=FAST, **kw)
+    assert plain.support_loss > 0 and fast.support_loss == pytest.approx(plain.support_loss, rel=1e-9)
+    assert fast.query_loss == pytest.approx(plain.query_loss, rel=1e-9)
+    for name in params:
+        torch.testing.assert_close(fast.grads[name], plain.grads[name], rtol=1e-7, atol=1e-12)
+
 def test_the_head_shortcut_is_refused_where_it_would_not_be_exact():
     cfg = load_config(TINY)
     model = build_model(cfg.model)
@@ -312,3 +331,21 @@ def test_every_step_reports_its_phases(dataset):
         assert all(np.isfinite(p) and p >= 0 for p in phases), m
         assert m["inner_s"] > 0 and m["outer_s"] > 0
         assert sum(phases) <= m["step_s"] * 1.01 + 1e-3
+
+
+def test_the_trainer_takes_the_shortcuts_it_is_set_to(tasks):
+    """``MetaTrainer.speedups`` decides the trainer's path: PLAIN runs the backbone at every
+    inner step, the default (FAST) once per set when only the head adapts; same sums."""
+    from piaa_dist.train import MetaTrainer
+
+    cfg = with_overrides(load_config(TINY), {"meta.inner_params": "head", "meta.flavour": "second_order",
+                                             "meta.inner_steps": 2, "model.dropout": 0.0})
+    torch.manual_seed(0)
+    trainer = MetaTrainer(cfg, build_model(cfg.model), torch.device("cpu"))
+    calls = _BackboneCalls(trainer.model)
+    fast = trainer.local_flat(tasks[:2])
+    fast_calls, calls.n = calls.n, 0
+    trainer.speedups = PLAIN
+    plain = trainer.local_flat(tasks[:2])
+    assert fast_calls == 2 * 2 and calls.n == 2 * (2 + 1)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)

@@ -190,6 +190,17 @@ def test_eval_split_helpers(local):
         split_indices(10, 10, seed=0, user=u, repeat=0)
 
 
+
+def test_each_user_knows_its_split_and_whether_it_carries_truth(local):
+    """``split_of`` and ``has_truth`` agree with the dataset's own lists (the synthetic world
+    carries the truth sidecar for every user)."""
+    test, train = local.users("test"), local.users("train")
+    assert test and train
+    assert [local.split_of(u) for u in test] == ["test"] * len(test)
+    assert [local.split_of(u) for u in train] == ["train"] * len(train)
+    assert all(local.has_truth(u) for u in test + train)
+    assert local.load_user(test[0]).latent is not None
+
 # ---------------------------------------------------------------------------------------------
 # bad data
 

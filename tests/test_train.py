@@ -376,3 +376,26 @@ def test_a_steps_losses_are_the_mean_over_the_global_meta_batch(cfg, dataset):
         assert metrics["tasks"] == len(tasks)
         assert metrics["query_loss"] == pytest.approx(query, rel=1e-6)
         assert metrics["support_loss"] == pytest.approx(support, rel=1e-6)
+
+
+class _WithoutRows:
+    """The dataset as one that offers no row indices (``user_indices``): users by name only."""
+
+    def __init__(self, dataset):
+        self._dataset = dataset
+
+    def __getattr__(self, name):
+        if name == "user_indices":
+            raise AttributeError(name)
+        return getattr(self._dataset, name)
+
+
+def test_meta_training_on_user_names_equals_meta_training_on_dataset_rows(cfg, dataset):
+    """A dataset that only names its users meta-trains on the same users in the same order as
+    one that hands out row indices: the same model, bit for bit."""
+    cfg = with_overrides(cfg, {"meta.meta_steps": 2})
+    assert not hasattr(_WithoutRows(dataset), "user_indices") and hasattr(dataset, "user_indices")
+    rows = meta_train(cfg, dataset)
+    names = meta_train(cfg, _WithoutRows(dataset))
+    _assert_same_state(rows.model.state_dict(), names.model.state_dict())
+    assert names.step_count == rows.step_count == 2
