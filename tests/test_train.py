@@ -399,3 +399,29 @@ def test_meta_training_on_user_names_equals_meta_training_on_dataset_rows(cfg, d
     names = meta_train(cfg, _WithoutRows(dataset))
     _assert_same_state(rows.model.state_dict(), names.model.state_dict())
     assert names.step_count == rows.step_count == 2
+
+
+def test_the_trainer_and_its_tasks_go_to_the_device_it_is_given(cfg):
+    """A trainer given a device holds its model there, and moves every task tensor there.
+
+    PyTorch's ``meta`` device stands in for a GPU (no GPU in CI): any non-CPU device takes the
+    path a CUDA run takes, and a tensor left behind (or moved to the default device) shows.
+    """
+    from piaa_dist.data.stream import Task
+    from piaa_dist.train import _task_to  # noqa: PLC2701 (the move the trainer applies to each task)
+
+    device = torch.device("meta")
+    trainer = MetaTrainer(cfg, build_model(cfg.model), device)
+    assert trainer.device == device
+    assert {p.device for p in trainer.model.parameters()} == {device}
+
+    k, q, s = cfg.data.shots, cfg.data.query_size, cfg.data.image_size
+    task = Task(user="u1", support=(torch.rand(k, 3, s, s), torch.rand(k)),
+                query=(torch.rand(q, 3, s, s), torch.rand(q)))
+    moved = _task_to(task, device)
+    assert moved.user == task.user
+    for before, after in zip(task.support + task.query, moved.support + moved.query):
+        assert after.device == device
+        assert after.shape == before.shape and after.dtype == before.dtype
+    # On CPU the task is used as it is (no copy).
+    assert _task_to(task, torch.device("cpu")) is task
