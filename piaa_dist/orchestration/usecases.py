@@ -32,7 +32,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1113,6 +1114,7 @@ def evaluate(
     from piaa_dist.config import config_from_dict, config_to_dict, parse_overrides
     from piaa_dist.data.stream import Dataset
     from piaa_dist.evaluate import METHODS, standard_models, with_choice
+    from piaa_dist.evaluate import evaluate as evaluate_in_process
     from piaa_dist.model import select_device
 
     folder = resolve_model_ref(model, mlflow_uri=mlflow_uri)
@@ -1154,15 +1156,25 @@ def evaluate(
         from piaa_dist.orchestration.tracking import tracking_uri
 
         cache_uri = tracking_uri(mlflow_uri or cfg.run.mlflow_uri or "")
-    choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
-                              cache_uri=cache_uri, progress=progress)
-    from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
+    if workers > 0:
+        from piaa_dist.orchestration.ray_evaluate import evaluation_workers
 
-    # `workers` Ray workers, or this process (0): the same numbers either way (tested). The
-    # fine-tuning choice travels inside the config every worker receives.
-    result = evaluate_distributed(with_choice(cfg, choice), dataset, models, workers=workers,
-                                  ray_address=ray_address, shots=shots, repeats=repeats, seed=seed,
-                                  progress=progress)
+        # One group of Ray workers for the fine-tuning search and then the test users: Ray and
+        # the workers (dataset, models) start once. The same numbers as in this process
+        # (tested); the fine-tuning choice travels inside the config every worker receives.
+        t0 = time.perf_counter()
+        n_workers = min(int(workers), max(1, len(dataset.users("test"))))
+        with evaluation_workers(cfg, dataset, models, workers=n_workers, ray_address=ray_address) as group:
+            choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
+                                      cache_uri=cache_uri, progress=progress, search=group.search_finetuning)
+            result = group.evaluate(with_choice(cfg, choice), shots=shots, repeats=repeats, seed=seed,
+                                    progress=progress)
+        result = dataclasses.replace(result, seconds=round(time.perf_counter() - t0, 2))
+    else:
+        choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
+                                  cache_uri=cache_uri, progress=progress)
+        result = evaluate_in_process(with_choice(cfg, choice), dataset, models, shots=shots, repeats=repeats,
+                                     seed=seed, progress=progress)
     result = result.with_finetune(choice)
     result = result.with_sources(model=str(model) if _is_registry_ref(model) else str(folder),
                                  data=str(data), giaa=prior.source,
@@ -1196,12 +1208,14 @@ _SEARCH_ARTIFACT = "finetune_search.json"
 
 def _finetune_choice(cfg: JobConfig, model_cfg: JobConfig, dataset: Any, models: Mapping[str, Any], *,
                      shots: Sequence[int] | None, seed: int | None, data: str, cache_uri: str | None,
-                     progress: bool) -> FinetuneChoice:
+                     progress: bool, search: Callable[..., FinetuneChoice] | None = None) -> FinetuneChoice:
     """Each method's fine-tuning setting for this evaluation, chosen on validation users.
 
     The validation users are the meta-learner's held-out training users (its config's
     ``data.validation_users`` and ``run.seed``; the GIAA baseline is trained without them too),
-    never test users. With MLflow (``cache_uri``) the search is cached: a run tagged with its
+    never test users. ``search(users, shots=, seed=, progress=)`` runs the search (default:
+    :func:`~piaa_dist.evaluate.search_finetuning` in this process; the Ray workers' one
+    gives the same choice). With MLflow (``cache_uri``) the search is cached: a run tagged with its
     :func:`~piaa_dist.evaluate.search_key` (priors, data version, users, grid, shots, seed)
     holds the choice, and a later evaluation with the same key reuses it. Without validation
     users nothing can be chosen honestly: the shared budget is used, and the result says so.
@@ -1229,8 +1243,13 @@ def _finetune_choice(cfg: JobConfig, model_cfg: JobConfig, dataset: Any, models:
             return dataclasses.replace(found, source="cache", key=key)
     log.info("choosing each method's fine-tuning on %d validation users (%s)", len(users),
              ", ".join(f"{m}@{ks}" for m, ks in plan.items()))
-    choice = dataclasses.replace(search_finetuning(cfg, dataset, models, users, shots=shots_l, seed=seed_v,
-                                          progress=progress), key=key)
+    t0 = time.perf_counter()
+    if search is None:
+        found = search_finetuning(cfg, dataset, models, users, shots=shots_l, seed=seed_v, progress=progress)
+    else:
+        found = search(users, shots=shots_l, seed=seed_v, progress=progress)
+    log.info("fine-tuning search on %d validation users took %.1fs", len(users), time.perf_counter() - t0)
+    choice = dataclasses.replace(found, key=key)
     if cache_uri:
         from piaa_dist.orchestration.tracking import RunLogger
 
