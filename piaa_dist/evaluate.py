@@ -577,14 +577,19 @@ def search_plan(cfg: JobConfig, methods: Iterable[str], shots: Sequence[int]) ->
 
 
 def search_user(cfg: JobConfig, ratings, models: Mapping[str, nn.Module], plan: Mapping[str, Sequence[int]],
-                *, repeats: int, seed: int) -> dict[str, dict[int, dict[str, list[float]]]]:
+                *, repeats: int, seed: int, images: torch.Tensor | None = None
+                ) -> dict[str, dict[int, dict[str, list[float]]]]:
     """Every candidate of the search on one (validation) user: method → k → setting → SROCC of
     each repeat. The splits and fine-tuning streams are :func:`evaluate_user`'s (functions of
-    ``(seed, user, k, repeat)``), scored through the same :class:`~piaa_dist.protocol.Scorer`."""
+    ``(seed, user, k, repeat)``), scored through the same :class:`~piaa_dist.protocol.Scorer`.
+
+    Each (method, k) cell depends on nothing but the user, the prior, the grid and the seed, so
+    the cells of one user can be computed apart (:func:`search_cells`) with the same numbers.
+    ``images``: the user's decoded images when the caller has them already."""
     ev = cfg.eval
     n = len(ratings.scores)
     scores = np.asarray(ratings.scores, dtype=np.float64)
-    images = decode_user(ratings, cfg.data.image_size)
+    images = decode_user(ratings, cfg.data.image_size) if images is None else images
     targets = score_targets(scores)
     grid = finetune_grid(cfg)
     steps = sorted({int(x) for x in ev.search_steps})
@@ -625,6 +630,8 @@ def search_finetuning(
     shots: Sequence[int] | None = None,
     seed: int | None = None,
     progress: bool = False,
+    run_items: Callable[[list[SearchItem], int, int, Callable[[int], object] | None],
+                        list[dict[str, list[float]]]] | None = None,
 ) -> FinetuneChoice:
     """Choose each method's fine-tuning setting per shot count on `users` (validation users).
 
@@ -635,6 +642,12 @@ def search_finetuning(
     `users`' ratings are read: the caller passes validation users (training users held out of
     meta-training), never test users, so no test rating can sway a choice.
 
+    The work is :func:`search_items` (user × method × k, every grid setting in each), run by
+    :func:`search_cells` in this process or by ``run_items(items, repeats, seed, advance)``
+    (the orchestration layer's Ray workers: it returns the cells of the items in order and
+    calls ``advance(n)`` as n items finish); :func:`choose_finetuning` then picks, with the
+    same numbers either way.
+
     Returns:
         The :class:`~piaa_dist.results.FinetuneChoice` (``source`` ``"search"``), with the
         ``eval.finetune`` settings given in `cfg` as well (validation score None).
@@ -642,32 +655,80 @@ def search_finetuning(
     Raises:
         ValueError: no users, or no user has enough ratings for a searched shot count.
     """
-    import hashlib
-
     shots, _, seed = protocol_of(cfg, shots, None, seed)
     users = list(users)
     plan = search_plan(cfg, models, shots)
     repeats = int(cfg.eval.search_repeats)
     if plan and not users:
         raise ValueError("search_finetuning: no validation users to choose the fine-tuning settings on")
-    table: dict[str, dict[int, dict[str, list[float]]]] = {m: {} for m in plan}
+    items = search_items(plan, users)
     bar = None
-    if progress and plan:
+    if progress and items:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(users), desc="fine-tuning search (validation users)", unit="user")
+        bar = tqdm(total=len(items), desc="fine-tuning search (validation users)", unit="cell")
     try:
-        for user in users if plan else []:
-            got = search_user(cfg, dataset.load_user(user), models, plan, repeats=repeats, seed=seed)
-            for m, by_k in got.items():
-                for k, cands in by_k.items():
-                    for text, vals in cands.items():
-                        table[m].setdefault(k, {}).setdefault(text, []).append(float(np.mean(vals)))
-            if bar is not None:
-                bar.update(1)
+        if run_items is not None and items:
+            cells = run_items(items, repeats, seed, bar.update if bar is not None else None)
+        else:
+            cells = search_cells(cfg, dataset, models, items, repeats=repeats, seed=seed,
+                                 on_item=(lambda: bar.update(1)) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
+    return choose_finetuning(cfg, models, users, shots, dict(zip(items, cells)), repeats=repeats)
+
+
+#: One unit of the fine-tuning search: ``(validation user, method, k)``, every candidate of the
+#: grid on that user's splits at k (:func:`search_cells`).
+SearchItem = tuple[str, str, int]
+
+
+def search_items(plan: Mapping[str, Sequence[int]], users: Sequence[str]) -> list[SearchItem]:
+    """The search's units of work, method by method (the plan's order), then k, then user: a
+    list to share out over workers in any way (each unit's numbers depend on it alone)."""
+    return [(u, m, int(k)) for m, ks in plan.items() for k in ks for u in users]
+
+
+def search_cells(cfg: JobConfig, dataset, models: Mapping[str, nn.Module], items: Sequence[SearchItem], *,
+                 repeats: int, seed: int, on_item: Callable[[], None] | None = None
+                 ) -> list[dict[str, list[float]]]:
+    """Every candidate's SROCC of each repeat on each item (:func:`search_user` of the item's user,
+    method and k): ``setting text → [srocc per repeat]``, empty when the user has too few
+    ratings for k. A user's ratings are loaded and decoded once for consecutive items."""
+    out: list[dict[str, list[float]]] = []
+    loaded: tuple[str, object, torch.Tensor] | None = None
+    for user, m, k in items:
+        if loaded is None or loaded[0] != user:
+            ratings = dataset.load_user(user)
+            loaded = (user, ratings, decode_user(ratings, cfg.data.image_size))
+        got = search_user(cfg, loaded[1], models, {m: [int(k)]}, repeats=repeats, seed=seed, images=loaded[2])
+        out.append(got[m].get(int(k), {}))
+        if on_item is not None:
+            on_item()
+    return out
+
+
+def choose_finetuning(cfg: JobConfig, models: Mapping[str, nn.Module], users: Sequence[str], shots: Sequence[int],
+                      cells: Mapping[SearchItem, Mapping[str, Sequence[float]]], *, repeats: int) -> FinetuneChoice:
+    """The choice of :func:`search_finetuning` from every item's cell (:func:`search_cells`),
+    whatever process computed each: a pure function of the cells (the users' order sets only
+    the order of a float sum, the same as one process's).
+
+    Raises:
+        ValueError: a (method, k) of the plan has no user with enough ratings.
+    """
+    import hashlib
+
+    shots = [int(k) for k in shots]
+    users = list(users)
+    plan = search_plan(cfg, models, shots)
+    table: dict[str, dict[int, dict[str, list[float]]]] = {m: {} for m in plan}
+    for user in users:
+        for m, ks in plan.items():
+            for k in ks:
+                for text, vals in cells[(user, m, int(k))].items():
+                    table[m].setdefault(k, {}).setdefault(text, []).append(float(np.mean(vals)))
     chosen: dict[str, dict[int, str]] = {}
     val: dict[str, dict[int, float | None]] = {}
     grid: dict[str, dict[int, dict[str, float]]] = {}
@@ -784,10 +845,12 @@ __all__ = [
     "METHODS",
     "REFERENCE_METHOD",
     "MethodSpec",
+    "SearchItem",
     "SplitPrediction",
     "UserOutcome",
     "ceilings",
     "ceilings_ci95",
+    "choose_finetuning",
     "decode_user",
     "evaluate",
     "evaluate_user",
@@ -798,7 +861,9 @@ __all__ = [
     "method_budgets",
     "model_digest",
     "protocol_of",
+    "search_cells",
     "search_finetuning",
+    "search_items",
     "search_key",
     "search_plan",
     "search_user",

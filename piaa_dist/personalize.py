@@ -47,7 +47,7 @@ from torch import nn
 from piaa_dist.config import JobConfig
 from piaa_dist.data.decode import decode
 from piaa_dist.errors import DataError
-from piaa_dist.protocol import Scorer, finetune_budget, score_targets
+from piaa_dist.protocol import Scorer, budget_of_setting, finetune_budget, score_targets
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class PersonalRanking(Sequence):
         ratings_used: ratings the adaptation used.
         skipped: ``{reason: count}`` of rating rows not used (the reader's, plus rated images
             that did not decode, under ``"unreadable image"``).
+        finetune: the fine-tuning setting the adaptation used, in words (:func:`describe_budget`).
     """
 
     ranked: tuple[tuple[Path, float], ...]
@@ -121,6 +122,7 @@ class PersonalRanking(Sequence):
     score_range: tuple[float, float] = MODEL_SCALE
     ratings_used: int = 0
     skipped: Mapping[str, int] = field(default_factory=dict)
+    finetune: str = ""
 
     @overload
     def __getitem__(self, i: int) -> tuple[Path, float]: ...
@@ -428,6 +430,28 @@ def load_images(paths: Iterable[Path], image_size: int) -> torch.Tensor:
     return images
 
 
+def closest_setting(settings: Mapping[int, str], ratings: int) -> tuple[int, str] | None:
+    """The setting of the shot count closest to the number of `ratings` (the smaller on a tie):
+    ``(k, setting)``, or None when there is none."""
+    if not settings:
+        return None
+    k = min((int(k) for k in settings), key=lambda k: (abs(k - int(ratings)), k))
+    return k, settings[k]
+
+
+def describe_budget(budget) -> str:
+    """A fine-tuning budget in one line (what ``personalize`` says it used)."""
+    if budget.ridge is not None:
+        return f"ridge penalty={budget.ridge!r}"
+    lrs = sorted({budget.lr_of(n) for n in budget.adapt_names} if budget.adapt_names is not None
+                 else ({float(v) for v in budget.lr.values()} if isinstance(budget.lr, Mapping)
+                       else {float(budget.lr)}))
+    lr = "/".join(f"{v:g}" for v in lrs)
+    params = "all" if budget.adapt_names is None else f"{len(budget.adapt_names)} tensors"
+    return (f"{budget.optimizer} lr={lr} steps={budget.steps} params={params} "
+            f"(batch {budget.batch_size}, BatchNorm {budget.bn})")
+
+
 def personalize(
     model: nn.Module,
     cfg: JobConfig,
@@ -436,15 +460,22 @@ def personalize(
     *,
     seed: int = 0,
     device: torch.device | str | None = None,
+    setting: str | None = None,
 ) -> PersonalRanking:
     """Adapt `model` on `ratings` and score `score_images`, best first.
 
     Exactly what ``evaluate`` does for one split: the budget of
     :func:`piaa_dist.protocol.finetune_budget` (``eval.finetune_*``, ``eval.batch_size``, and
-    the inner loop's ``meta.inner_params`` / ``meta.inner_head_lr_scale``), the ratings in
-    file order as the support set, and a :class:`piaa_dist.protocol.Scorer` over the images
-    to score. With the same images, ratings and seed the predictions equal ``evaluate``'s bit
-    for bit (``tests/test_protocol.py``).
+    the inner loop's ``meta.inner_params`` / ``meta.inner_head_lr_scale``), or of `setting`
+    when given, the ratings in file order as the support set, and a
+    :class:`piaa_dist.protocol.Scorer` over the images to score. With the same images, ratings,
+    seed and setting the predictions equal ``evaluate``'s bit for bit (``tests/test_protocol.py``).
+
+    `setting` is an ``eval.finetune`` entry (``"blg-piaa@10: sgd lr=0.5 steps=20 params=head"``,
+    e.g. the one the per-method search chose for ``blg-piaa``; the orchestration layer reads it
+    from the registry): its optimizer, rate, steps and parameters replace the shared budget's,
+    as ``evaluate`` does under ``eval.protocol: per-method`` (BatchNorm mode and minibatch size
+    stay ``cfg.eval``'s).
 
     Every image is decoded before fine-tuning starts. A rated image that does not decode is
     dropped (counted as ``"unreadable image"``, named in a warning); an image to score that
@@ -458,7 +489,7 @@ def personalize(
 
     Raises:
         DataError: fewer than 10 rated images decode, or none of the images to score does.
-        ConfigError: an invalid fine-tuning budget in `cfg`.
+        ConfigError: an invalid fine-tuning budget in `cfg`, or an invalid `setting`.
         GpuUnavailable: a CUDA device was given but CUDA cannot use it here (names the driver).
 
     Returns:
@@ -473,7 +504,18 @@ def personalize(
             require_cuda("personalize")
         model = model.to(device)
     size = cfg.data.image_size
-    budget = finetune_budget(cfg, model)
+    if setting is not None:
+        from piaa_dist.config import ConfigError, RuleError, parse_finetune_setting
+
+        try:
+            values = parse_finetune_setting(setting)[2]
+        except RuleError as err:
+            raise ConfigError(f"fine-tuning setting: {err}") from None
+        if "penalty" in values:
+            raise ConfigError(f"fine-tuning setting {setting!r}: a ridge penalty, not a fine-tuning setting")
+        budget = budget_of_setting(cfg, model, values)
+    else:
+        budget = finetune_budget(cfg, model)
     source = ratings.source or "ratings"
     rated, kept, bad_rated = decode_images(ratings.images, size)
     skipped = dict(ratings.skipped)
@@ -510,6 +552,7 @@ def personalize(
         score_range=ratings.score_range,
         ratings_used=len(kept),
         skipped=skipped,
+        finetune=describe_budget(budget),
     )
 
 
@@ -535,7 +578,9 @@ __all__ = [
     "PersonalRanking",
     "Ratings",
     "check_score_range",
+    "closest_setting",
     "decode_images",
+    "describe_budget",
     "from_model_scale",
     "list_images",
     "load_images",

@@ -250,6 +250,74 @@ def test_head_only_shortcut_is_exact(monkeypatch):
             assert a[u] == pytest.approx(b[u], abs=1e-6)
 
 
+@pytest.mark.parametrize("bn", ["batch", "running"])
+def test_channels_last_fast_path_gives_the_plain_numbers(tiny_dataset_url, monkeypatch, bn):
+    """On CPU, convnets fine-tune and predict on channels-last tensors (several times faster);
+    every method's predictions on every split of the tiny world equal the plain (NCHW) path's
+    to float tolerance: head-only and all-parameter fine-tuning, SGD and Adam, minibatches,
+    ridge and the priors as they are."""
+    from pathlib import Path
+
+    import piaa_dist.protocol as protocol
+    from piaa_dist.config import load_config
+    from piaa_dist.data.stream import Dataset
+
+    adam = "adam lr=0.01" if bn == "running" else None
+    cfg = with_overrides(load_config(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"), {
+        "eval.protocol": "per-method", "eval.finetune_bn": bn, "eval.batch_size": 6, "model.dropout": 0.3,
+        "eval.finetune": ["blg-piaa@4: sgd lr=0.5 steps=5 params=head",
+                          # Adam moving every parameter while BatchNorm uses batch statistics is
+                          # ill-conditioned in float32 (scale-invariant weights: gradients that
+                          # are 0 but for rounding, which Adam's normalization blows up to lr-sized
+                          # steps): the plain path itself moves ~5e-3 between 1 and 2 torch threads
+                          # there, and so does channels-last. Adam is checked with BatchNorm on
+                          # running statistics.
+                          f"blg-piaa@10: {adam or 'sgd lr=0.5'} steps=4 params=all",
+                          "giaa-finetune@4: sgd lr=0.2 steps=5 params=all",
+                          f"giaa-finetune@10: {adam or 'sgd lr=1.0'} steps=3 params=head",
+                          "giaa-ridge: penalty=0.1"],
+    })
+    data = Dataset.open(tiny_dataset_url)
+    torch.manual_seed(0)
+    meta = build_model(cfg.model)
+    torch.manual_seed(1)
+    giaa = build_model(cfg.model)
+    models = {"blg-piaa": meta, "meta-no-adapt": meta, "giaa-finetune": giaa, "giaa-no-adapt": giaa,
+              "giaa-ridge": giaa}
+    users = data.users("all")[:4]
+
+    def run() -> tuple[EvaluationResult, dict]:
+        preds: dict = {}
+        res = evaluate(cfg, data, models, shots=[4, 10], repeats=2, seed=3, users=users,
+                       on_split=lambda sp: preds.__setitem__((sp.method, sp.user, sp.shots, sp.repeat),
+                                                             sp.predictions))
+        return res, preds
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert protocol._CHANNELS_LAST
+        fast, fast_preds = run()
+        # the fast path is the one taken: the fine-tuned convnet is laid out channels-last
+        support = (torch.randn(4, 3, 32, 32), torch.rand(4))
+        tuned = finetune(giaa, support, FinetuneBudget(steps=1, lr=0.1), seed=0)
+        conv = next(m for m in tuned.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        monkeypatch.setattr(protocol, "_CHANNELS_LAST", False)
+        plain, plain_preds = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert fast_preds.keys() == plain_preds.keys() and len(fast_preds) == 5 * len(users) * 2 * 2
+    for key, p in plain_preds.items():
+        np.testing.assert_allclose(fast_preds[key], p, rtol=0, atol=2e-6, err_msg=str(key))
+    for m in models:
+        for k in (4, 10):
+            a, b = fast.stats(m, k).per_user, plain.stats(m, k).per_user
+            assert a.keys() == b.keys()
+            for u in a:
+                assert a[u] == pytest.approx(b[u], abs=1e-6), (m, k, u)
+
+
 def test_finetune_is_seeded_with_minibatches_and_dropout():
     cfg = _cfg(**{"model.dropout": 0.5})
     r = FakeDataset(n_users=2).load_user("U00")

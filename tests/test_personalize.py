@@ -379,3 +379,53 @@ def test_an_unusable_first_row_shows_its_first_six_cells_and_what_is_accepted(ti
     with pytest.raises(DataError, match=rf"wide\.csv: header \['c0', .*{shown} \(line 1\) needs an image column .*"
                                         r"a file without a header must start with an image,score row"):
         read_ratings(_write(tmp_path / "wide.csv", header, rows[:12]), tiny_world / "images")
+
+
+def test_personalize_adapts_with_the_setting_evaluate_chose_for_the_registered_model(
+        tiny_world, tiny_dataset_url, tmp_path, capsys):
+    """``evaluate`` of a ``models:/`` reference records the setting the per-method search chose
+    for ``blg-piaa`` with that version; ``personalize`` of the version then adapts with the
+    setting of the closest shot count (exactly what the library call with that setting gives)
+    and says so; a model folder, with nothing recorded, falls back to the shared budget and
+    says that."""
+    from piaa_dist.checkpoint import save_model
+    from piaa_dist.cli import main
+    from piaa_dist.config import load_config
+    from piaa_dist.model import build_model
+    from piaa_dist.orchestration import tracking, usecases
+
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["eval.finetune_steps=1", "eval.finetune_lr=0.01"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    folder = save_model(tmp_path / "model", model, cfg, {"kind": "test"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = usecases.register(folder, name="blg-piaa", mlflow_uri=uri)
+    ref = reg.uri
+    result = usecases.evaluate(data=tiny_dataset_url, model=ref, shots=[4, 12], repeats=1, mlflow_uri=uri,
+                               progress=False, overrides=["eval.methods=[blg-piaa]", "eval.protocol=per-method"])
+    chosen = result.finetune.chosen["blg-piaa"]
+    assert result.finetune.source == "search" and set(chosen) == {4, 12}
+    tags = tracking.client(uri).get_model_version("blg-piaa", str(reg.version)).tags
+    assert usecases.TAG_PERSONAL_SETTING in tags
+
+    _, rows = _user_rows(tiny_world)
+    csv_path = _write(tmp_path / "r.csv", "image,score", rows[:11])  # 11 ratings: closest to 12 shots
+    targets = [tiny_world / "images" / name for name, _ in rows[11:21]]
+    got = usecases.personalize(model=ref, ratings=csv_path, images=tiny_world / "images", score=targets,
+                               mlflow_uri=uri, seed=4)
+    ratings = read_ratings(csv_path, tiny_world / "images")
+    expected = personalize(model, cfg, ratings, targets, seed=4, setting=chosen[12])
+    assert got.ranked == tuple(expected.ranked)
+    assert "blg-piaa at 12 shots" in got.finetune and f"models:/blg-piaa/{reg.version}" in got.finetune
+    assert got.finetune.startswith(expected.finetune)
+    # a folder carries no recorded setting: the shared budget, and the output says so
+    plain = usecases.personalize(model=folder, ratings=csv_path, images=tiny_world / "images", score=targets,
+                                 seed=4)
+    assert plain.ranked == tuple(personalize(model, cfg, ratings, targets, seed=4).ranked)
+    assert "shared eval.finetune_* budget" in plain.finetune
+    assert [s for _, s in plain.ranked] != [s for _, s in got.ranked]  # the two budgets differ here
+    # the command prints which setting it used
+    assert main(["personalize", "--model", ref, "--ratings", str(csv_path), "--images", str(tiny_world / "images"),
+                 "--score", *map(str, targets), "--out", str(tmp_path / "rank.csv"), "--mlflow-uri", uri,
+                 "--seed", "4"]) == 0
+    assert f"fine-tuning: {got.finetune}" in capsys.readouterr().out

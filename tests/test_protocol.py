@@ -57,19 +57,28 @@ def _write_user(tmp_path: Path, ratings, train_idx) -> tuple[Path, Path, list[Pa
     return csv_path, images, paths
 
 
-@pytest.mark.parametrize(("inner_params", "batch_size"), [
-    ("head", 8),    # cached backbone features for prediction; minibatches drawn from the seed
-    ("head", 100),  # full batch: the backbone also runs once while fine-tuning
-    ("all", 8),     # every parameter adapts: the full forward pass
+@pytest.mark.parametrize(("inner_params", "batch_size", "chosen"), [
+    ("head", 8, None),    # cached backbone features for prediction; minibatches drawn from the seed
+    ("head", 100, None),  # full batch: the backbone also runs once while fine-tuning
+    ("all", 8, None),     # every parameter adapts: the full forward pass
+    # The setting the per-method search chose (evaluate under eval.protocol per-method; personalize
+    # given the same setting, as the registry hands it over): another optimizer, rate, step count
+    # and parameter set than the shared budget's.
+    ("head", 8, "blg-piaa@10: adam lr=0.02 steps=3 params=all"),
+    ("all", 100, "blg-piaa@10: sgd lr=0.3 steps=5 params=head"),
 ])
 def test_personalize_predicts_exactly_what_evaluate_scores(tiny_dataset_url, tmp_path, inner_params,
-                                                          batch_size):
+                                                          batch_size, chosen):
     # Non-default head rate scale and BatchNorm mode: the two settings personalize ignored.
     cfg = load_config(TINY, [
         f"meta.inner_params={inner_params}", "meta.inner_head_lr_scale=7.0",
         "eval.finetune_bn=running", "eval.finetune_steps=4", "eval.finetune_lr=0.05",
         f"eval.batch_size={batch_size}",
     ])
+    # evaluate's config carries the chosen setting; personalize gets the model's own config and
+    # the setting (what the use-case reads from the registered version).
+    eval_cfg = cfg if chosen is None else with_overrides(cfg, {"eval.protocol": "per-method",
+                                                                "eval.finetune": [chosen]})
     assert cfg.meta.inner_head_lr_scale != MetaConfig().inner_head_lr_scale
     assert cfg.eval.finetune_bn != "batch"
     data = Dataset.open(tiny_dataset_url)
@@ -80,7 +89,7 @@ def test_personalize_predicts_exactly_what_evaluate_scores(tiny_dataset_url, tmp
     model = build_model(cfg.model)
 
     splits = []
-    res = evaluate(cfg, data, {"blg-piaa": model}, shots=[k], repeats=1, seed=seed, users=[user],
+    res = evaluate(eval_cfg, data, {"blg-piaa": model}, shots=[k], repeats=1, seed=seed, users=[user],
                    on_split=splits.append)
     (split,) = splits
     tr, te = split_indices(len(r.scores), k, seed=seed, user=user, repeat=0)
@@ -90,9 +99,16 @@ def test_personalize_predicts_exactly_what_evaluate_scores(tiny_dataset_url, tmp
     csv_path, images, paths = _write_user(tmp_path, r, tr)
     ratings = read_ratings(csv_path, images)
     assert not ratings.skipped and len(ratings.images) == k
-    ranked = personalize(model, cfg, ratings, paths, seed=split.seed)
+    ranked = personalize(model, cfg, ratings, paths, seed=split.seed, setting=chosen)
     by_path = dict(ranked)
     mine = np.array([by_path[paths[i]] for i in te])
+    if chosen is not None:
+        # the setting is what adapted (the shared budget predicts otherwise), and the output says so
+        shared = dict(personalize(model, cfg, ratings, paths, seed=split.seed))
+        assert not np.allclose([shared[paths[i]] for i in te], mine)
+        optimizer, lr, steps, params = chosen.split(": ")[1].split()
+        assert ranked.finetune.startswith(f"{optimizer} {lr} {steps} params=")
+        assert (params == "params=all") == ("params=all" in ranked.finetune)
 
     # The same numbers, bit for bit: personalize returns evaluate's predictions on the 1-5 scale.
     assert np.array_equal(mine, split.predictions * 5.0)

@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,46 @@ def test_cli_evaluate_workers_are_ray_workers_with_the_in_process_numbers(ray_se
         numbers[workers] = d
     assert numbers[2] == numbers[0]
     assert numbers[0]["methods"]["blg-piaa"]
+
+
+def test_fine_tuning_search_on_ray_workers_chooses_as_in_process_and_the_group_then_evaluates(
+        ray_session, eval_setup):
+    """The per-method search's (validation user × method × k) items shared out over 1 and 2 Ray
+    workers give the in-process choice and every score behind it; the same worker group then
+    evaluates the test users with the chosen settings, with the in-process numbers."""
+    from piaa_dist.evaluate import search_finetuning, search_items, search_plan, search_user, with_choice
+    from piaa_dist.orchestration.ray_evaluate import evaluation_workers
+
+    base, models0, dataset, _ = eval_setup
+    cfg = with_overrides(base, {"eval.protocol": "per-method", "eval.search_repeats": 2,
+                                "eval.search_params": ["head", "all"], "eval.search_ridge": [0.1, 10.0]})
+    models = {"blg-piaa": models0["blg-piaa"], "giaa-finetune": models0["giaa-finetune"],
+              "giaa-ridge": models0["giaa-finetune"]}
+    users = dataset.users("train")[:3]
+    shots, seed = [4, 10], 5
+    expected = search_finetuning(cfg, dataset, models, users, shots=shots, seed=seed)
+    assert expected.source == "search" and set(expected.chosen) == set(models)
+    # The in-process choice is the plain per-user search averaged over users (the rule).
+    per_user = [search_user(cfg, dataset.load_user(u), models, search_plan(cfg, models, shots), repeats=2,
+                            seed=seed) for u in users]
+    for m, by_k in expected.grid.items():
+        for k, cands in by_k.items():
+            for text, score in cands.items():
+                assert score == float(np.mean([float(np.mean(p[m][k][text])) for p in per_user if k in p[m]]))
+    n_items = len(search_items(search_plan(cfg, models, shots), users))
+    test_users = dataset.users("test")
+    chosen_cfg = with_choice(cfg, expected)
+    assert chosen_cfg.eval.finetune  # the evaluation below really uses searched settings
+    in_process = evaluate(chosen_cfg, dataset, models, users=test_users)
+    for workers in (1, 2):
+        stats: list[dict] = []
+        with evaluation_workers(cfg, dataset, models, workers=workers) as group:
+            got = group.search_finetuning(users, shots=shots, seed=seed)
+            result = group.evaluate(with_choice(cfg, got), users=test_users, stats=stats)
+        assert got.to_dict() == expected.to_dict(), workers
+        assert _numbers(result) == _numbers(in_process), workers
+        # one group did both: every worker that searched also evaluated, none started twice
+        assert len(stats) == workers and sum(s["search_items"] for s in stats) == n_items
+        assert sum(s["users"] for s in stats) == len(test_users)
+        if workers == 2:
+            assert all(s["search_items"] for s in stats), stats

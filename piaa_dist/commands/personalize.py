@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
                           score=args.score, out=args.out, mlflow_uri=args.mlflow_uri, seed=args.seed,
                           score_range=args.score_range, use_gpu=args.use_gpu)
     print(f"ranked {len(ranking)} images for this person -> {ranking.out}")
+    print(f"fine-tuning: {ranking.finetune}")
     if ranking.unreadable:
         print(f"skipped {len(ranking.unreadable)} image(s) that do not decode, e.g. {ranking.unreadable[0][0]}")
     for i, (path, score) in enumerate(ranking.top(5), start=1):

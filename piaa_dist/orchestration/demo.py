@@ -413,6 +413,7 @@ def _personalize_one(champion: str, world: Path, out: Path, mlflow_uri: str,
         f"- the champion adapted to them ranked their {len(ranking)} other rated images: "
         f"`{ranking_csv.relative_to(out)}`",
         f"- SROCC of that ranking against the user's own ratings: **{rho:.3f}**",
+        f"- fine-tuning: {ranking.finetune}",
         f"- command: `piaa-dist personalize --model {champion} --ratings {ratings_csv} "
         f"--images {images_dir} --score <images> --out ranking.csv`",
     ]

@@ -32,7 +32,9 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,6 +264,9 @@ class Ranking:
         out: the ranking CSV (``rank,image,predicted_score``), when one was written.
         unreadable: ``(image, why)`` of images to score that did not decode (not ranked).
         score_range: the person's rating scale (``ranked``'s scores are on it).
+        finetune: the fine-tuning setting the adaptation used and where it came from (the
+            setting chosen for ``blg-piaa`` on validation users and recorded with the registered
+            model, else the shared ``eval.finetune_*`` budget).
     """
 
     ranked: tuple[tuple[Path, float], ...]
@@ -271,6 +276,7 @@ class Ranking:
     out: Path | None = None
     unreadable: tuple[tuple[Path, str], ...] = ()
     score_range: tuple[float, float] = (1.0, 5.0)
+    finetune: str = ""
 
     def top(self, n: int = 5) -> list[tuple[Path, float]]:
         """The ``n`` best images."""
@@ -1113,6 +1119,7 @@ def evaluate(
     from piaa_dist.config import config_from_dict, config_to_dict, parse_overrides
     from piaa_dist.data.stream import Dataset
     from piaa_dist.evaluate import METHODS, standard_models, with_choice
+    from piaa_dist.evaluate import evaluate as evaluate_in_process
     from piaa_dist.model import select_device
 
     folder = resolve_model_ref(model, mlflow_uri=mlflow_uri)
@@ -1154,15 +1161,25 @@ def evaluate(
         from piaa_dist.orchestration.tracking import tracking_uri
 
         cache_uri = tracking_uri(mlflow_uri or cfg.run.mlflow_uri or "")
-    choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
-                              cache_uri=cache_uri, progress=progress)
-    from piaa_dist.orchestration.ray_evaluate import evaluate_distributed
+    if workers > 0:
+        from piaa_dist.orchestration.ray_evaluate import evaluation_workers
 
-    # `workers` Ray workers, or this process (0): the same numbers either way (tested). The
-    # fine-tuning choice travels inside the config every worker receives.
-    result = evaluate_distributed(with_choice(cfg, choice), dataset, models, workers=workers,
-                                  ray_address=ray_address, shots=shots, repeats=repeats, seed=seed,
-                                  progress=progress)
+        # One group of Ray workers for the fine-tuning search and then the test users: Ray and
+        # the workers (dataset, models) start once. The same numbers as in this process
+        # (tested); the fine-tuning choice travels inside the config every worker receives.
+        t0 = time.perf_counter()
+        n_workers = min(int(workers), max(1, len(dataset.users("test"))))
+        with evaluation_workers(cfg, dataset, models, workers=n_workers, ray_address=ray_address) as group:
+            choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
+                                      cache_uri=cache_uri, progress=progress, search=group.search_finetuning)
+            result = group.evaluate(with_choice(cfg, choice), shots=shots, repeats=repeats, seed=seed,
+                                    progress=progress)
+        result = dataclasses.replace(result, seconds=round(time.perf_counter() - t0, 2))
+    else:
+        choice = _finetune_choice(cfg, model_cfg, dataset, models, shots=shots, seed=seed, data=str(data),
+                                  cache_uri=cache_uri, progress=progress)
+        result = evaluate_in_process(with_choice(cfg, choice), dataset, models, shots=shots, repeats=repeats,
+                                     seed=seed, progress=progress)
     result = result.with_finetune(choice)
     result = result.with_sources(model=str(model) if _is_registry_ref(model) else str(folder),
                                  data=str(data), giaa=prior.source,
@@ -1186,7 +1203,77 @@ def evaluate(
             run.log_dict(choice.to_dict(), "eval/finetune_choice.json")
             run.log_evaluation(result)
             log.info("logged the evaluation to MLflow run %s (%s)", run.run_id, run.uri)
+            _record_personal_setting(model, choice, data=str(data), uri=run.uri)
     return result
+
+
+#: Tag of a registered meta-learner's version: the fine-tuning settings chosen for ``blg-piaa``
+#: (JSON: ``settings`` k → ``eval.finetune`` entry, and where they were chosen), which
+#: ``personalize`` adapts with. Set by ``evaluate`` of a ``models:/`` reference.
+TAG_PERSONAL_SETTING = "piaa_dist.finetune.blg-piaa"
+
+_MODELS_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def _registry_version(ref: str | Path, uri: str) -> tuple[str, Any] | None:
+    """``(name, ModelVersion)`` of a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` reference,
+    else None (a folder, a ``runs:/`` URI, an unknown alias)."""
+    from piaa_dist.orchestration import tracking
+
+    m = _MODELS_REF.match(str(ref))
+    if not m:
+        return None
+    if m["alias"]:
+        mv = tracking.alias_version(m["name"], m["alias"], uri=uri)
+        return None if mv is None else (m["name"], mv)
+    return m["name"], tracking.client(uri).get_model_version(m["name"], m["version"])
+
+
+def _record_personal_setting(model: str | Path, choice: FinetuneChoice, *, data: str, uri: str) -> None:
+    """Tag the registered version `model` names with the settings `choice` holds for
+    ``blg-piaa`` (:data:`TAG_PERSONAL_SETTING`), so ``personalize`` adapts as ``evaluate``
+    measured. Nothing for a model folder or a choice without ``blg-piaa`` settings."""
+    from piaa_dist.evaluate import REFERENCE_METHOD
+    from piaa_dist.orchestration import tracking
+
+    chosen = choice.chosen.get(REFERENCE_METHOD)
+    found = _registry_version(model, uri) if chosen else None
+    if not chosen or found is None:
+        return
+    name, mv = found
+    value = {"settings": {str(k): text for k, text in sorted(chosen.items())}, "source": choice.source,
+             "protocol": choice.protocol, "validation_users": choice.validation_users,
+             "search_key": choice.key or "", "data": data}
+    tracking.set_version_tags(name, int(mv.version), {TAG_PERSONAL_SETTING: json.dumps(value, sort_keys=True)},
+                              uri=uri)
+    log.info("recorded the fine-tuning of %s with models:/%s/%s (personalize adapts with it)",
+             REFERENCE_METHOD, name, mv.version)
+
+
+def _personal_setting(model: str | Path, uri: str, ratings: int) -> tuple[str, str] | None:
+    """``(eval.finetune entry, where it came from)`` recorded with the registered version
+    `model` names, at the shot count closest to `ratings`; None when nothing is recorded."""
+    from piaa_dist.personalize import closest_setting
+
+    found = _registry_version(model, uri)
+    if found is None:
+        return None
+    name, mv = found
+    raw = (mv.tags or {}).get(TAG_PERSONAL_SETTING)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+        settings = {int(k): str(t) for k, t in value["settings"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"models:/{name}/{mv.version}: tag {TAG_PERSONAL_SETTING} is not a settings "
+                        f"record: {raw[:200]!r}") from None
+    picked = closest_setting(settings, ratings)
+    if picked is None:
+        return None
+    k, text = picked
+    how = "chosen on validation users" if value.get("source") in ("search", "cache") else "given in the config"
+    return text, (f"the setting for blg-piaa at {k} shots ({how}, recorded with models:/{name}/{mv.version})")
 
 
 #: Tag of the MLflow run that holds a fine-tuning search (its identity, ``search_key``).
@@ -1196,12 +1283,14 @@ _SEARCH_ARTIFACT = "finetune_search.json"
 
 def _finetune_choice(cfg: JobConfig, model_cfg: JobConfig, dataset: Any, models: Mapping[str, Any], *,
                      shots: Sequence[int] | None, seed: int | None, data: str, cache_uri: str | None,
-                     progress: bool) -> FinetuneChoice:
+                     progress: bool, search: Callable[..., FinetuneChoice] | None = None) -> FinetuneChoice:
     """Each method's fine-tuning setting for this evaluation, chosen on validation users.
 
     The validation users are the meta-learner's held-out training users (its config's
     ``data.validation_users`` and ``run.seed``; the GIAA baseline is trained without them too),
-    never test users. With MLflow (``cache_uri``) the search is cached: a run tagged with its
+    never test users. ``search(users, shots=, seed=, progress=)`` runs the search (default:
+    :func:`~piaa_dist.evaluate.search_finetuning` in this process; the Ray workers' one
+    gives the same choice). With MLflow (``cache_uri``) the search is cached: a run tagged with its
     :func:`~piaa_dist.evaluate.search_key` (priors, data version, users, grid, shots, seed)
     holds the choice, and a later evaluation with the same key reuses it. Without validation
     users nothing can be chosen honestly: the shared budget is used, and the result says so.
@@ -1229,8 +1318,13 @@ def _finetune_choice(cfg: JobConfig, model_cfg: JobConfig, dataset: Any, models:
             return dataclasses.replace(found, source="cache", key=key)
     log.info("choosing each method's fine-tuning on %d validation users (%s)", len(users),
              ", ".join(f"{m}@{ks}" for m, ks in plan.items()))
-    choice = dataclasses.replace(search_finetuning(cfg, dataset, models, users, shots=shots_l, seed=seed_v,
-                                          progress=progress), key=key)
+    t0 = time.perf_counter()
+    if search is None:
+        found = search_finetuning(cfg, dataset, models, users, shots=shots_l, seed=seed_v, progress=progress)
+    else:
+        found = search(users, shots=shots_l, seed=seed_v, progress=progress)
+    log.info("fine-tuning search on %d validation users took %.1fs", len(users), time.perf_counter() - t0)
+    choice = dataclasses.replace(found, key=key)
     if cache_uri:
         from piaa_dist.orchestration.tracking import RunLogger
 
@@ -1376,14 +1470,27 @@ def personalize(
     rated = read_ratings(ratings, images, score_range=tuple(score_range) if score_range else None)
     targets = list_images([score] if isinstance(score, (str, Path)) else list(score))
     device = select_device(use_gpu or cfg.run.use_gpu, "personalize")
+    # The fine-tuning setting evaluate chose for blg-piaa on validation users (recorded with the
+    # registered version), at the shot count closest to this person's ratings: what the
+    # protocol measured. Else the shared budget of the model's config.
+    recorded = None
+    if _is_registry_ref(model):
+        from piaa_dist.orchestration.tracking import tracking_uri
+
+        recorded = _personal_setting(model, tracking_uri(mlflow_uri or cfg.run.mlflow_uri or ""), len(rated.images))
+    if recorded is None:
+        log.info("personalize: no fine-tuning setting recorded with %s (run `piaa-dist evaluate` on a models:/ "
+                 "reference to record one): the shared eval.finetune_* budget of its config", model)
     log.info("adapting %s to %d ratings (skipped %s); scoring %d images on %s",
              model, len(rated.images), rated.skipped or "none", len(targets), device)
-    ranked = adapt_and_score(meta, cfg, rated, targets, seed=seed, device=device)
+    ranked = adapt_and_score(meta, cfg, rated, targets, seed=seed, device=device,
+                             setting=recorded[0] if recorded else None)
+    how = recorded[1] if recorded else "the shared eval.finetune_* budget: no setting recorded with the model"
     written = write_ranking(ranked, out) if out is not None else None
     return Ranking(ranked=tuple((Path(p), float(s)) for p, s in ranked), model=str(model),
                    ratings_used=ranked.ratings_used, skipped=dict(ranked.skipped), out=written,
                    unreadable=tuple((Path(p), str(why)) for p, why in ranked.unreadable),
-                   score_range=tuple(ranked.score_range))
+                   score_range=tuple(ranked.score_range), finetune=f"{ranked.finetune}; {how}")
 
 
 __all__ = [
