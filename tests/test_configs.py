@@ -165,7 +165,7 @@ def test_bad_values_in_a_file_name_the_file_line_and_key(tmp_path):
     assert msg.startswith(f"{path}:{line}: meta.flavour: must be one of"), msg
     path.write_text(text.replace("meta_steps: 1500", "meta_steps: -1500"))
     assert "meta.meta_steps: must be >= 1, got -1500" in _error(path)
-    path.write_text(text.replace("  inner_lr: 0.8", "  inner_lr: 0.8\n  inner_lr_typo: 1"))
+    path.write_text(text.replace("  inner_lr: 0.5", "  inner_lr: 0.5\n  inner_lr_typo: 1"))
     assert f"{path}:" in (msg := _error(path)) and "meta.inner_lr_typo" in msg
 
 

@@ -261,19 +261,21 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             with stages.stage(f"Ray Tune sweep ({settings.tune_samples} trials, ASHA), refit of the winner"):
                 # Short trials rank the hyperparameters; the winner is refit to full length and
                 # becomes champion only if it beats the trained one on the same validation users.
+                # A winner that is the config's own values would refit the run just trained:
+                # no refit then, the trained (already registered) run is the winner.
                 sweep = usecases.tune(
                     data=data_url, out=out / "tune", config=settings.config,
                     overrides=[*settings.overrides, *settings.tune_overrides, f"run.register_name={name}"],
                     samples=settings.tune_samples, workers_per_trial=1, alias="champion",
                     s3_endpoint=endpoint or None, mlflow_uri=mlflow_uri, ray_address=ray_address,
-                    progress=False,
+                    progress=False, trained=trained,
                 )
                 print(sweep.trials_table())
                 for line in sweep.summary_lines():
                     print(f"    {line}")
                 summary["tune"] = sweep.to_dict(trials=False)
                 promotion = sweep.promotion
-                if promotion.promoted:
+                if promotion.promoted and not sweep.winner_is_trained:
                     best_from = "tune"
 
         # The alias is where the last promotion left it; its holder's score on these users.

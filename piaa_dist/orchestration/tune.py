@@ -33,7 +33,9 @@ trials × 1 worker × 1 CPU run to the end on a 2-CPU laptop, and a cluster rais
 Trial length: trials are short runs that rank the hyperparameters (``tune.trial_steps``
 meta-steps; 0 = ``meta.meta_steps``); ASHA stops weak ones earlier still. Their meta-learners
 are not what users should get: the caller refits the winning configuration to the full
-``meta.meta_steps`` of the base config (:func:`refit_config`) before registering it.
+``meta.meta_steps`` of the base config (:func:`refit_config`) before registering it, unless
+that refit would repeat a run already trained (:func:`training_differences` is empty: the
+winner is the config's own values).
 
 Search: seeded by ``run.seed`` (the same config samples the same trials), and with
 ``tune.start_from_config`` the first trial runs the config's own values of the searched
@@ -183,6 +185,41 @@ def refit_config(cfg: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     """The winning hyperparameters at full length: ``cfg`` (its own ``meta.meta_steps``, not the
     trials') with the searched values of ``params`` (a trial's config or the best params)."""
     return trial_config(cfg, params)
+
+
+#: Settings that change neither the weights a meta-training run reaches at any step nor the
+#: data it sees: where and how it runs (workers, threads, connections), how often it is
+#: checkpointed, logged or validated (validation runs in a forked RNG: the weights at a step do
+#: not depend on the cadence; only which steps are observed does), what it is registered as,
+#: the sweep's own settings (``tune.*``) and the GIAA baseline (``giaa.*``).
+NOT_TRAINED = frozenset({
+    "data.s3_endpoint", "data.cache_users",
+    "run.workers", "run.cpus_per_worker", "run.use_gpu", "run.threads_per_worker",
+    "run.checkpoint_every", "run.keep_checkpoints", "run.storage_path", "run.max_failures",
+    "run.log_every", "run.validate_every", "run.mlflow_uri", "run.experiment",
+    "run.register_name", "run.alias",
+})
+NOT_TRAINED_SECTIONS = ("tune.", "giaa.")
+
+
+def training_differences(trained: JobConfig, refit: JobConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings in which a refit would train differently from a run already trained.
+
+    Compares every setting but :data:`NOT_TRAINED` and the ``tune``/``giaa`` sections: the
+    model, the meta-learning hyperparameters (the searched ones among them), the length
+    (``meta.meta_steps``), the task sampling, the seed, early stopping and the validation
+    protocol. Empty: the refit would repeat the trained run (the caller can skip it).
+
+    Args:
+        trained: the config of the run already trained.
+        refit: the config the refit would run (:func:`refit_config`).
+
+    Returns:
+        ``{"section.key": (trained's value, refit's value)}`` for each setting that differs.
+    """
+    a, b = flat_params(trained), flat_params(refit)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if k not in NOT_TRAINED and not k.startswith(NOT_TRAINED_SECTIONS) and a.get(k) != b.get(k)}
 
 
 def start_point(cfg: JobConfig) -> dict[str, Any]:
@@ -737,6 +774,8 @@ __all__ = [
     "IN_TRIAL",
     "RAY_TRAIN",
     "METRIC",
+    "NOT_TRAINED",
+    "NOT_TRAINED_SECTIONS",
     "SEARCHED",
     "SweepResult",
     "build_tuner",
@@ -749,5 +788,6 @@ __all__ = [
     "trial_config",
     "trial_runner",
     "trial_steps",
+    "training_differences",
     "warm_dataset",
 ]

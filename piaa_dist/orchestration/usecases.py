@@ -162,6 +162,13 @@ class SweepOutcome:
         refit_val_srocc: the refit's best validation SROCC (None without a refit).
         best_step: the meta-step of the model in ``best-model/`` (the refit's best validation
             checkpoint; the winning trial's best one without a refit).
+        winner_is_trained: the refit would have repeated the run the caller already trained
+            (``trained``: the winner is the config's own values, see
+            :func:`piaa_dist.orchestration.tune.training_differences`), so there was none:
+            ``best-model/`` is that run's model, and when that run was registered (under the
+            sweep's ``run.register_name``) ``registered`` / ``alias`` / ``promotion`` are its
+            existing registration (nothing new registered, the alias where it was left;
+            ``registration_reused``).
         mlflow_run_id / mlflow_uri / registered / alias / promotion / registered_val_srocc:
             as in :class:`TrainOutcome`.
     """
@@ -185,6 +192,8 @@ class SweepOutcome:
     promotion: Promotion | None = None
     registered_val_srocc: float | None = None
     best_step: int = 0
+    winner_is_trained: bool = False
+    registration_reused: bool = False
 
     def summary_lines(self) -> list[str]:
         """What ``piaa-dist tune`` prints after the trials: the winner, the refit, the registry."""
@@ -196,6 +205,14 @@ class SweepOutcome:
             reached = "" if self.refit_val_srocc is None else \
                 f": val SROCC {self.refit_val_srocc:.3f} (best, at step {self.best_step})"
             lines.append(f"refit of its configuration to {self.steps} steps{reached} -> {self.model_dir}")
+        elif self.winner_is_trained:
+            lines.append(f"no refit: its configuration is the one already trained ({self.steps} steps, best "
+                         f"validation checkpoint at step {self.best_step}); that run's model is the winner "
+                         f"-> {self.model_dir}")
+            if self.registration_reused:
+                lines.append(f"already registered as {self.registered}: nothing new registered"
+                             + ("" if self.promotion is None else f"; {self.promotion.message}"))
+                return lines
         else:
             lines.append(f"no refit: {self.model_dir} is the trial's own {self.steps}-step model")
         lines += _registry_lines(self.registered, self.registered_val_srocc, self.promotion)
@@ -845,6 +862,7 @@ def tune(
     alias: str | None = None,
     force_alias: bool = False,
     refit: bool = True,
+    trained: TrainOutcome | None = None,
     s3_endpoint: str | None = None,
     mlflow_uri: str | None = None,
     mlflow: bool = True,
@@ -867,6 +885,12 @@ def tune(
         workers_per_trial: Ray Train workers per trial.
         refit: train the winning configuration to full length before registering it (False:
             register the winning trial's own model, as it stopped).
+        trained: the run the caller already meta-trained (:func:`train`'s outcome, e.g. the
+            demo's). When the refit would train what it trained (the winner is the config's own
+            values: :func:`~piaa_dist.orchestration.tune.training_differences` empty) the refit
+            is skipped and that run is the winner: its model is written to ``best-model/``
+            and, when it was registered, it is not registered again (the sweep's outcome is its
+            registration and promotion; the alias stays where that promotion left it).
         alias / force_alias: as in :func:`train` (the refit model is what is compared).
         progress: an in-process refit (``run.workers`` 0) shows a progress bar.
         Others: as in :func:`train`.
@@ -902,8 +926,22 @@ def tune(
         model, model_cfg, checkpoint, steps, refit_val = sweep.model, sweep.best_config, sweep.best_checkpoint, \
             sweep.trial_length or short, None
         best_step = sweep.best_step or steps
+        reused = None
         if refit and short < cfg.meta.meta_steps:
             full = refit_config(cfg, best_params)
+            reused = _trained_run_if_same(trained, full)
+        if reused is not None:
+            model, model_cfg, trained_info = reused
+            checkpoint = trained_info.get("best_checkpoint") or trained_info.get("checkpoint") or ""
+            steps, best_step = int(trained_info.get("last_step", trained.step)), int(trained.best_step)
+            log.info("no refit: the winning configuration is the one already trained (%s, %d steps, best "
+                     "validation checkpoint at step %d)%s", trained.model_dir, steps, best_step,
+                     f"; it is already registered as {trained.registered}" if trained.registered else "")
+            info.update(refit=False, winner_is_trained=True, trained_model=str(trained.model_dir),
+                        trained_registered=trained.registered, checkpoint=checkpoint,
+                        **{k: trained_info[k] for k in ("selected", "best_step", "best_val_srocc",
+                                                        "stopped_early") if k in trained_info})
+        elif refit and short < cfg.meta.meta_steps:
             result = _refit(full, out, run, ray_address=ray_address, progress=progress)
             # The refit's best validation checkpoint (held-out training users), not its last step.
             model, model_cfg, checkpoint, steps = result.selected_model, full, result.checkpoint, result.step
@@ -924,8 +962,10 @@ def tune(
             model_dir=Path(model_dir), best_score=float(sweep.best_score), best_params=best_params,
             checkpoint=str(checkpoint), trials=tuple(sweep.trials),
             best_config_file=out / BEST_CONFIG_FILE, summary_file=out / SWEEP_FILE,
-            best_trial=sweep.best_trial, trial_steps=short, refit=model is not sweep.model,
+            best_trial=sweep.best_trial, trial_steps=short,
+            refit=reused is None and model is not sweep.model,
             steps=int(steps), refit_val_srocc=refit_val, best_step=int(best_step),
+            winner_is_trained=reused is not None,
         )
         # Written before MLflow is touched, so that the sweep's record survives a registry error.
         outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
@@ -934,13 +974,44 @@ def tune(
                              **({"refit.val_srocc": refit_val} if refit_val is not None else {})})
             run.log_dict(outcome.to_dict(), SWEEP_FILE)
             run.log_text(outcome.trials_table(), "trials.txt")
-            reg = _register(run, Path(model_dir), model_cfg, name=model_cfg.run.register_name,
-                            alias=cfg.run.alias, force=force_alias)
-            outcome = dataclasses.replace(outcome, mlflow_run_id=run.run_id, mlflow_uri=run.uri,
-                                          registered=reg.uri, alias=reg.alias, promotion=reg.promotion,
-                                          registered_val_srocc=reg.val_srocc)
+            name = cfg.run.register_name if reused is not None else model_cfg.run.register_name
+            if reused is not None and (trained.registered or "").startswith(f"models:/{name}/"):
+                # The winner is a version the registry already holds, scored and decided
+                # (champion or challenger) when it was registered: registering the same weights
+                # again would only add a tied duplicate.
+                run.set_tags({"piaa_dist.winner": "trained-run",
+                              "piaa_dist.winner_registered": trained.registered})
+                outcome = dataclasses.replace(outcome, mlflow_run_id=run.run_id, mlflow_uri=run.uri,
+                                              registered=trained.registered, alias=trained.alias,
+                                              promotion=trained.promotion,
+                                              registered_val_srocc=trained.registered_val_srocc,
+                                              registration_reused=True)
+            else:
+                reg = _register(run, Path(model_dir), model_cfg, name=name, alias=cfg.run.alias,
+                                force=force_alias)
+                outcome = dataclasses.replace(outcome, mlflow_run_id=run.run_id, mlflow_uri=run.uri,
+                                              registered=reg.uri, alias=reg.alias, promotion=reg.promotion,
+                                              registered_val_srocc=reg.val_srocc)
             outcome.summary_file.write_text(json.dumps(outcome.to_dict(), indent=2))
     return outcome
+
+
+def _trained_run_if_same(trained: TrainOutcome | None,
+                         full: JobConfig) -> tuple[Any, JobConfig, dict[str, Any]] | None:
+    """The trained run's ``(model, config, info)`` when the refit (``full``) would repeat it,
+    else None (no trained run, or the settings it trains differently, which are logged)."""
+    from piaa_dist.checkpoint import load_model
+    from piaa_dist.orchestration.tune import training_differences
+
+    if trained is None:
+        return None
+    model, trained_cfg, trained_info = load_model(trained.model_dir)
+    differ = training_differences(trained_cfg, full)
+    if differ:
+        log.info("refit: the winning configuration trains differently from %s (%s)", trained.model_dir,
+                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items()))
+        return None
+    return model, trained_cfg, dict(trained_info)
 
 
 def _refit(cfg: JobConfig, out: Path, sweep_run: RunLogger | None, *, ray_address: str | None,
