@@ -120,10 +120,11 @@ def run_world(name: str, work: Path, steps: int, giaa_steps: int, repeats: int,
         "meta.meta_steps": steps, "giaa.steps": giaa_steps, "run.workers": 0, "run.validate_every": 0,
         "run.patience": 0,
         # The meta-training settings every world of the README table was run with (cpu.yaml's
-        # before issue 15 moved it to a cosine schedule with early stopping), pinned so that
+        # before issue 15 moved it to a cosine schedule with early stopping and a 5-step inner loop
+        # at 0.5), pinned so that
         # worlds run later stay comparable with the earlier ones.
         "meta.meta_lr": 0.003, "meta.lr_schedule": "step", "meta.warmup_steps": 0, "meta.lr_decay": 1.0,
-        "meta.decay_every": 100,
+        "meta.decay_every": 100, "meta.inner_steps": 3, "meta.inner_lr": 0.8,
         "eval.repeats": repeats, "eval.shots": [10, 100], "eval.methods": list(METHODS),
         "eval.protocol": "per-method", "eval.search_params": list(params)})
     ds = Dataset.open(url)
