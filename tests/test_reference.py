@@ -57,13 +57,18 @@ def _steps(model, opt, batch, n):
         opt.step()
 
 
-def test_tasks_move_the_weights_one_after_the_other_with_one_persistent_adam():
+def _trainer_and_twin(steps_per_epoch: int):
+    """A seeded reference trainer, its settings, and an untouched copy of its starting model."""
     torch.manual_seed(0)
-    cfg = _cfg()
-    settings = ReferenceSettings()
+    cfg, settings = _cfg(), ReferenceSettings()
     model = build_model(cfg.model)
     twin = copy.deepcopy(model)
-    trainer = ReferenceTrainer(cfg, model, steps_per_epoch=100, settings=settings)
+    trainer = ReferenceTrainer(cfg, model, steps_per_epoch=steps_per_epoch, settings=settings)
+    return trainer, model, twin, settings
+
+
+def test_tasks_move_the_weights_one_after_the_other_with_one_persistent_adam():
+    trainer, model, twin, settings = _trainer_and_twin(steps_per_epoch=100)
     tasks = [_task(1), _task(2), _task(3)]
     trainer.step(tasks)
 
@@ -88,12 +93,7 @@ def test_tasks_move_the_weights_one_after_the_other_with_one_persistent_adam():
 
 
 def test_one_task_moves_the_whole_way_and_learning_rates_fall_per_epoch():
-    torch.manual_seed(0)
-    cfg = _cfg()
-    settings = ReferenceSettings()
-    model = build_model(cfg.model)
-    twin = copy.deepcopy(model)
-    trainer = ReferenceTrainer(cfg, model, steps_per_epoch=2, settings=settings)
+    trainer, model, twin, settings = _trainer_and_twin(steps_per_epoch=2)
     task = _task(5)
     trainer.step([task])
     twin.train()
